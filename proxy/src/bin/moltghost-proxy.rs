@@ -1,0 +1,52 @@
+//! `moltghost-proxy`: the MoltGhost edge server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use moltghost::config::Config;
+
+/// The MoltGhost edge: authenticates, limits and forwards requests to AI agents.
+///
+/// Serves every agent at http://<endpoint-id>.<agents_domain>:<port>/v1/... (OpenAI-compatible
+/// routes, the native /v1/chat, /v1/tools, /v1/models and /v1/health).
+///
+/// Examples:
+///   moltghost-proxy                          # the embedded default config
+///   moltghost-proxy --config conf/fleet.toml
+///   moltghost-proxy --config my.toml --check # validate and exit
+///
+/// Logs are JSON lines on stdout (RUST_LOG=debug for more). SIGTERM or Ctrl-C stops gracefully.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Configuration file (TOML); the embedded default when absent.
+    #[arg(long, short, env = "MOLTGHOST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print a summary and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("moltghost-proxy: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!(
+            "configuration OK: {} listener(s), agents domain {}, {} plan(s), {} agent(s)",
+            cfg.http_listen.len(),
+            cfg.agents_domain,
+            cfg.plans.len(),
+            cfg.agents.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    moltghost::init_tracing();
+    moltghost::server::run(cfg)
+}

@@ -1,0 +1,343 @@
+//! The native `/v1/chat` format: requests translated to the runtime's chat completions, answers
+//! and streams translated back. The streamed payload is the same one the WebSocket sends.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::error::EdgeError;
+
+/// A native chat request, as the spec writes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeChatRequest {
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Stream the answer as server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Sampling temperature, 0 to 2.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Cap on completion tokens.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Skill names, offered to the runtime as function tools.
+    #[serde(default)]
+    pub tools: Option<Vec<String>>,
+    /// The edge's deadline for the whole answer, in seconds.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    /// Model to ask the runtime for; the runtime's default when absent.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// One message of the conversation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Text, or OpenAI content parts.
+    pub content: Value,
+    /// Optional participant name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// For `tool` messages: the call answered.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+fn invalid(msg: impl Into<String>) -> EdgeError {
+    EdgeError::InvalidRequest(msg.into().into())
+}
+
+/// Checks a list of OpenAI-style messages: non-empty, known roles, text or parts as content.
+pub fn validate_messages(messages: &[Message]) -> Result<(), EdgeError> {
+    if messages.is_empty() {
+        return Err(invalid("`messages` must contain at least one message"));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "tool" | "developer"
+        ) {
+            return Err(invalid(format!(
+                "messages[{i}].role: expected system, user, assistant or tool, got {:?}",
+                m.role
+            )));
+        }
+        if !(m.content.is_string() || m.content.is_array()) {
+            return Err(invalid(format!(
+                "messages[{i}].content: expected a string or an array of parts"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl NativeChatRequest {
+    /// Parses and checks a body; every message names the field at fault.
+    pub fn parse(body: &[u8]) -> Result<Self, EdgeError> {
+        let req: Self =
+            serde_json::from_slice(body).map_err(|e| invalid(format!("invalid JSON body: {e}")))?;
+        validate_messages(&req.messages)?;
+        if let Some(t) = req.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(invalid("`temperature` must be between 0 and 2"));
+            }
+        }
+        if req.max_tokens == Some(0) {
+            return Err(invalid("`max_tokens` must be at least 1"));
+        }
+        if let Some(t) = req.timeout_seconds {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(invalid("`timeout_seconds` must be a positive number"));
+            }
+        }
+        for (i, t) in req.tools.iter().flatten().enumerate() {
+            let ok = !t.is_empty()
+                && t.len() <= 64
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok {
+                return Err(invalid(format!(
+                    "tools[{i}]: a skill name is 1-64 of A-Z, a-z, 0-9, _ and -"
+                )));
+            }
+        }
+        Ok(req)
+    }
+
+    /// The runtime's chat-completions request for this one. Streams always ask for usage, which
+    /// the native answer reports.
+    pub fn to_openai(&self) -> Vec<u8> {
+        let mut o = Map::new();
+        if let Some(m) = &self.model {
+            o.insert("model".into(), json!(m));
+        }
+        let messages: Vec<Value> = self
+            .messages
+            .iter()
+            .map(|m| {
+                let mut v = json!({"role": m.role, "content": m.content});
+                if let Some(n) = &m.name {
+                    v["name"] = json!(n);
+                }
+                if let Some(id) = &m.tool_call_id {
+                    v["tool_call_id"] = json!(id);
+                }
+                v
+            })
+            .collect();
+        o.insert("messages".into(), Value::Array(messages));
+        o.insert("stream".into(), json!(self.stream));
+        if self.stream {
+            o.insert("stream_options".into(), json!({"include_usage": true}));
+        }
+        if let Some(t) = self.temperature {
+            o.insert("temperature".into(), json!(t));
+        }
+        if let Some(m) = self.max_tokens {
+            o.insert("max_tokens".into(), json!(m));
+        }
+        if let Some(tools) = &self.tools {
+            let tools: Vec<Value> = tools
+                .iter()
+                .map(|name| {
+                    json!({"type": "function", "function": {
+                        "name": name, "parameters": {"type": "object", "properties": {}}
+                    }})
+                })
+                .collect();
+            o.insert("tools".into(), Value::Array(tools));
+        }
+        serde_json::to_vec(&Value::Object(o)).expect("a JSON value always serializes")
+    }
+}
+
+/// Token counts as the native format reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// Their sum.
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+fn native_id(upstream_id: Option<&str>, request_id: &str) -> String {
+    let raw = upstream_id.unwrap_or(request_id);
+    let raw = raw.strip_prefix("chatcmpl-").unwrap_or(raw);
+    format!("msg_{raw}")
+}
+
+/// Translates a runtime's chat completion into the native answer.
+pub fn answer_from_openai(body: &[u8], request_id: &str) -> Result<Bytes, EdgeError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        EdgeError::UpstreamUnavailable(
+            format!("the runtime answered with invalid JSON: {e}").into(),
+        )
+    })?;
+    let choice = v.pointer("/choices/0");
+    let message = choice.and_then(|c| c.get("message"));
+    let mut out = json!({
+        "id": native_id(v.get("id").and_then(Value::as_str), request_id),
+        "object": "chat.completion",
+        "created": v.get("created").cloned().unwrap_or(json!(0)),
+        "model": v.get("model").cloned().unwrap_or(Value::Null),
+        "finish_reason": choice.and_then(|c| c.get("finish_reason")).cloned().unwrap_or(Value::Null),
+        "content": message.and_then(|m| m.get("content")).cloned().unwrap_or(json!("")),
+        "usage": v.get("usage").cloned().unwrap_or_else(|| json!(Usage::default())),
+    });
+    if let Some(calls) = message
+        .and_then(|m| m.get("tool_calls"))
+        .filter(|c| !c.is_null())
+    {
+        out["tool_calls"] = calls.clone();
+    }
+    Ok(Bytes::from(out.to_string()))
+}
+
+/// Turns the runtime's chat-completion chunks into native stream events, one at a time.
+#[derive(Debug, Default)]
+pub struct NativeStream {
+    id: Option<String>,
+    model: Option<Value>,
+    finish_reason: Option<Value>,
+    usage: Option<Value>,
+}
+
+impl NativeStream {
+    /// A translator for one stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The native event for one upstream `data:` payload, if it carries text. Usage and finish
+    /// reason are kept for [`NativeStream::finish`].
+    pub fn on_data(&mut self, data: &[u8]) -> Option<Value> {
+        if data == b"[DONE]" {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(data).ok()?;
+        if self.id.is_none() {
+            self.id = v.get("id").and_then(Value::as_str).map(str::to_owned);
+            self.model = v.get("model").cloned();
+        }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(u.clone());
+        }
+        let choice = v.pointer("/choices/0")?;
+        if let Some(f) = choice.get("finish_reason").filter(|f| !f.is_null()) {
+            self.finish_reason = Some(f.clone());
+        }
+        let content = choice
+            .pointer("/delta/content")
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty())?;
+        Some(json!({"content": content, "done": false}))
+    }
+
+    /// The last event: `done`, finish reason and usage.
+    pub fn finish(&self, request_id: &str) -> Value {
+        json!({
+            "done": true,
+            "id": native_id(self.id.as_deref(), request_id),
+            "model": self.model.clone().unwrap_or(Value::Null),
+            "finish_reason": self.finish_reason.clone().unwrap_or(json!("stop")),
+            "usage": self.usage.clone().unwrap_or_else(|| json!(Usage::default())),
+        })
+    }
+
+    /// Whether the runtime reported a finish reason (a stream without one was cut short).
+    pub fn finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+}
+
+/// One native event as a server-sent event.
+pub fn sse_event(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_request_translates() {
+        let body = br#"{"messages":[{"role":"system","content":"You are a sales analyst"},{"role":"user","content":"Analyze this deal"}],
+            "stream":true,"temperature":0.7,"max_tokens":2048,"tools":["crm_query","slack_notify"],"timeout_seconds":300}"#;
+        let req = NativeChatRequest::parse(body).unwrap();
+        let out: Value = serde_json::from_slice(&req.to_openai()).unwrap();
+        assert_eq!(out["stream_options"]["include_usage"], true);
+        assert_eq!(out["tools"][1]["function"]["name"], "slack_notify");
+        assert_eq!(out["max_tokens"], 2048);
+        assert_eq!(req.timeout_seconds, Some(300.0));
+    }
+
+    #[test]
+    fn bad_requests_say_what() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"{", "invalid JSON"),
+            (br#"{"messages":[]}"#, "at least one"),
+            (
+                br#"{"messages":[{"role":"robot","content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"temperature":9}"#,
+                "temperature",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"tools":["a b"]}"#,
+                "tools[0]",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"bogus":1}"#,
+                "bogus",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = NativeChatRequest::parse(body).unwrap_err();
+            assert_eq!(e.status(), 400);
+            assert!(e.message().contains(want), "{} !~ {want}", e.message());
+        }
+    }
+
+    #[test]
+    fn answer_and_stream_translate() {
+        let up = br#"{"id":"chatcmpl-7","created":5,"model":"m","choices":[{"message":{"content":"Hi"},"finish_reason":"stop"}],
+            "usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
+        let a: Value = serde_json::from_slice(&answer_from_openai(up, "r").unwrap()).unwrap();
+        assert_eq!(a["id"], "msg_7");
+        assert_eq!(a["content"], "Hi");
+        assert_eq!(a["usage"]["total_tokens"], 5);
+
+        let mut s = NativeStream::new();
+        assert!(s
+            .on_data(
+                br#"{"id":"chatcmpl-7","choices":[{"delta":{"role":"assistant","content":""}}]}"#
+            )
+            .is_none());
+        assert_eq!(
+            s.on_data(br#"{"choices":[{"delta":{"content":"Hi"}}]}"#)
+                .unwrap()["content"],
+            "Hi"
+        );
+        assert!(s
+            .on_data(br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#)
+            .is_none());
+        assert!(s.on_data(br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#).is_none());
+        let last = s.finish("r");
+        assert_eq!(last["done"], true);
+        assert_eq!(last["usage"]["total_tokens"], 2);
+        assert_eq!(last["finish_reason"], "stop");
+    }
+}

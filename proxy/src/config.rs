@@ -1,0 +1,495 @@
+//! Configuration: the TOML file format ([`FileConfig`]) and the one internal [`Config`] the edge
+//! runs on, validated once at load. Every error names the key and what is wrong with it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::registry::AgentState;
+use crate::upstream::UpstreamTarget;
+
+/// The embedded default configuration, used when no `--config` is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../../conf/moltghost.toml");
+
+/// A configuration that failed to load: the key and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(key: impl std::fmt::Display, what: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("config key `{key}`: {what}"))
+}
+
+// ---------------------------------------------------------------- file format
+
+/// The file as written: strings where the operator writes durations and URLs.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    listen: FileListen,
+    #[serde(default)]
+    edge: FileEdge,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    store: FileStore,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    plans: Vec<FilePlan>,
+    #[serde(default)]
+    agents: Vec<FileAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListen {
+    #[serde(default = "default_http")]
+    http: Vec<String>,
+    #[serde(default = "default_admin_listen")]
+    admin: String,
+}
+
+impl Default for FileListen {
+    fn default() -> Self {
+        Self {
+            http: default_http(),
+            admin: default_admin_listen(),
+        }
+    }
+}
+
+fn default_http() -> Vec<String> {
+    vec!["127.0.0.1:8080".into()]
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".into()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileEdge {
+    agents_domain: Option<String>,
+    public_url: Option<String>,
+    data_dir: Option<String>,
+    threads: Option<usize>,
+    grace_period: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_body_bytes: Option<usize>,
+    request_timeout: Option<String>,
+    max_timeout: Option<String>,
+    stream_idle_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    upstream_keepalive: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    url: Option<String>,
+    poll_interval: Option<String>,
+    last_used_flush: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    jwt_secret: Option<String>,
+    key_secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePlan {
+    name: String,
+    requests_per_minute: u32,
+    tokens_per_month: u64,
+    #[serde(default = "default_streams")]
+    concurrent_streams: u32,
+}
+
+fn default_streams() -> u32 {
+    16
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    id: String,
+    name: Option<String>,
+    upstream: String,
+    #[serde(default)]
+    state: Option<String>,
+    account: Option<String>,
+}
+
+// ---------------------------------------------------------------- the internal config
+
+/// The configuration the edge runs on. Built only by [`Config::load`] / [`Config::from_toml`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public listeners (plain HTTP).
+    pub http_listen: Vec<SocketAddr>,
+    /// The admin API listener.
+    pub admin_listen: SocketAddr,
+    /// `Host: <endpoint-id>.<agents_domain>` selects the agent.
+    pub agents_domain: String,
+    /// How endpoints are printed, with `{id}` for the endpoint id.
+    pub public_url: String,
+    /// Where the embedded store and generated secrets live.
+    pub data_dir: PathBuf,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Pingora's grace period before a graceful stop begins.
+    pub grace_period: Duration,
+    /// How long a graceful stop waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Deadline of a whole request when the client sets none (504 after).
+    pub request_timeout: Duration,
+    /// Largest `timeout_seconds` a client may ask for.
+    pub max_timeout: Duration,
+    /// Longest silence between two reads from the runtime.
+    pub stream_idle_timeout: Duration,
+    /// Timeout of connecting to an upstream.
+    pub connect_timeout: Duration,
+    /// How long an idle upstream connection stays pooled.
+    pub upstream_keepalive: Duration,
+    /// The store: `sqlite://PATH` or `postgres://...`.
+    pub store_url: String,
+    /// How often the edge checks the store for changes it was not notified of.
+    pub store_poll_interval: Duration,
+    /// How often key last-used times are written.
+    pub last_used_flush: Duration,
+    /// Secret that signs admin JWTs (HS256); from config or `MOLTGHOST_ADMIN_SECRET`, else
+    /// generated in the data directory.
+    pub admin_jwt_secret: Option<String>,
+    /// Secret that keys the API-key HMAC; from config or `MOLTGHOST_KEY_SECRET`, else generated
+    /// in the data directory. Every edge of a fleet must share it.
+    pub key_secret: Option<String>,
+    /// Plans by name.
+    pub plans: Vec<Plan>,
+    /// Agents declared in the file, seeded into the store at start.
+    pub agents: Vec<AgentSeed>,
+}
+
+/// A plan: what an account may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Name accounts refer to.
+    pub name: String,
+    /// Requests per minute per key.
+    pub requests_per_minute: u32,
+    /// Tokens per calendar month per account.
+    pub tokens_per_month: u64,
+    /// Concurrent streams per key.
+    pub concurrent_streams: u32,
+}
+
+/// An agent declared in the config file.
+#[derive(Debug, Clone)]
+pub struct AgentSeed {
+    /// Endpoint id (the host label).
+    pub endpoint_id: String,
+    /// Human name.
+    pub name: String,
+    /// Owning account.
+    pub account: String,
+    /// Where its runtime is.
+    pub upstream: UpstreamTarget,
+    /// Lifecycle state at first start.
+    pub state: AgentState,
+}
+
+fn duration(key: &str, v: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => {
+            let d = humantime::parse_duration(s).map_err(|e| {
+                bad(
+                    key,
+                    format!("expected a duration like \"30s\" or \"5m\", got {s:?} ({e})"),
+                )
+            })?;
+            if d.is_zero() {
+                return Err(bad(key, "must be greater than zero"));
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        bad(
+            key,
+            format!("expected an address like \"127.0.0.1:8080\", got {s:?}"),
+        )
+    })
+}
+
+/// True for a valid endpoint id or name label: 1–63 of `a-z0-9-`, not starting or ending in `-`.
+pub fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::from_toml(DEFAULT_CONFIG),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError(format!("cannot read {}: {e}", p.display())))?;
+                Self::from_toml(&text).map_err(|e| ConfigError(format!("{}: {}", p.display(), e.0)))
+            }
+        }
+    }
+
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        Self::validate(file)
+    }
+
+    fn validate(f: FileConfig) -> Result<Self, ConfigError> {
+        if f.listen.http.is_empty() {
+            return Err(bad("listen.http", "needs at least one address"));
+        }
+        let http_listen = f
+            .listen
+            .http
+            .iter()
+            .enumerate()
+            .map(|(i, s)| addr(&format!("listen.http[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin_listen = addr("listen.admin", &f.listen.admin)?;
+
+        let agents_domain = f
+            .edge
+            .agents_domain
+            .unwrap_or_else(|| "agent.localhost".into())
+            .to_ascii_lowercase();
+        if agents_domain.is_empty() || !agents_domain.split('.').all(is_label) {
+            return Err(bad(
+                "edge.agents_domain",
+                format!("not a valid domain: {agents_domain:?}"),
+            ));
+        }
+        let port = http_listen[0].port();
+        let public_url = f
+            .edge
+            .public_url
+            .unwrap_or_else(|| format!("http://{{id}}.{agents_domain}:{port}"));
+        if !public_url.contains("{id}") {
+            return Err(bad(
+                "edge.public_url",
+                "must contain {id}, where the endpoint id goes",
+            ));
+        }
+        let threads = f.edge.threads.unwrap_or(2);
+        if threads == 0 || threads > 512 {
+            return Err(bad("edge.threads", "must be between 1 and 512"));
+        }
+
+        let max_body_bytes = f.limits.max_body_bytes.unwrap_or(8 * 1024 * 1024);
+        if max_body_bytes == 0 {
+            return Err(bad("limits.max_body_bytes", "must be greater than zero"));
+        }
+
+        let store_url = f
+            .store
+            .url
+            .unwrap_or_else(|| "sqlite://moltghost.db".into());
+        if !(store_url.starts_with("sqlite:")
+            || store_url.starts_with("postgres://")
+            || store_url.starts_with("postgresql://"))
+        {
+            return Err(bad(
+                "store.url",
+                format!("expected sqlite://PATH or postgres://..., got {store_url:?}"),
+            ));
+        }
+
+        let mut plans = Vec::new();
+        for (i, p) in f.plans.into_iter().enumerate() {
+            if !is_label(&p.name) {
+                return Err(bad(
+                    format!("plans[{i}].name"),
+                    "use 1-63 of a-z, 0-9 and -",
+                ));
+            }
+            if plans.iter().any(|q: &Plan| q.name == p.name) {
+                return Err(bad(
+                    format!("plans[{i}].name"),
+                    format!("plan {:?} is declared twice", p.name),
+                ));
+            }
+            if p.requests_per_minute == 0 || p.concurrent_streams == 0 {
+                return Err(bad(
+                    format!("plans[{i}]"),
+                    "requests_per_minute and concurrent_streams must be > 0",
+                ));
+            }
+            plans.push(Plan {
+                name: p.name,
+                requests_per_minute: p.requests_per_minute,
+                tokens_per_month: p.tokens_per_month,
+                concurrent_streams: p.concurrent_streams,
+            });
+        }
+        if plans.is_empty() {
+            plans.push(Plan {
+                name: "default".into(),
+                requests_per_minute: 600,
+                tokens_per_month: 10_000_000,
+                concurrent_streams: 16,
+            });
+        }
+
+        let mut agents: Vec<AgentSeed> = Vec::new();
+        for (i, a) in f.agents.into_iter().enumerate() {
+            if !is_label(&a.id) {
+                return Err(bad(
+                    format!("agents[{i}].id"),
+                    format!("{:?}: use 1-63 of a-z, 0-9 and -", a.id),
+                ));
+            }
+            if agents.iter().any(|b| b.endpoint_id == a.id) {
+                return Err(bad(
+                    format!("agents[{i}].id"),
+                    format!("agent {:?} is declared twice", a.id),
+                ));
+            }
+            let upstream = UpstreamTarget::parse(&a.upstream)
+                .map_err(|e| bad(format!("agents[{i}].upstream"), e))?;
+            let state = match a.state.as_deref() {
+                None => AgentState::Running,
+                Some(s) => s
+                    .parse()
+                    .map_err(|e| bad(format!("agents[{i}].state"), e))?,
+            };
+            agents.push(AgentSeed {
+                name: a.name.unwrap_or_else(|| a.id.clone()),
+                endpoint_id: a.id,
+                account: a.account.unwrap_or_else(|| "default".into()),
+                upstream,
+                state,
+            });
+        }
+
+        Ok(Self {
+            http_listen,
+            admin_listen,
+            agents_domain,
+            public_url,
+            data_dir: PathBuf::from(f.edge.data_dir.unwrap_or_else(|| ".moltghost".into())),
+            threads,
+            grace_period: duration(
+                "edge.grace_period",
+                &f.edge.grace_period,
+                Duration::from_secs(1),
+            )?,
+            shutdown_timeout: duration(
+                "edge.shutdown_timeout",
+                &f.edge.shutdown_timeout,
+                Duration::from_secs(10),
+            )?,
+            max_body_bytes,
+            request_timeout: duration(
+                "limits.request_timeout",
+                &f.limits.request_timeout,
+                Duration::from_secs(600),
+            )?,
+            max_timeout: duration(
+                "limits.max_timeout",
+                &f.limits.max_timeout,
+                Duration::from_secs(3600),
+            )?,
+            stream_idle_timeout: duration(
+                "limits.stream_idle_timeout",
+                &f.limits.stream_idle_timeout,
+                Duration::from_secs(120),
+            )?,
+            connect_timeout: duration(
+                "limits.connect_timeout",
+                &f.limits.connect_timeout,
+                Duration::from_secs(5),
+            )?,
+            upstream_keepalive: duration(
+                "limits.upstream_keepalive",
+                &f.limits.upstream_keepalive,
+                Duration::from_secs(60),
+            )?,
+            store_url,
+            store_poll_interval: duration(
+                "store.poll_interval",
+                &f.store.poll_interval,
+                Duration::from_millis(500),
+            )?,
+            last_used_flush: duration(
+                "store.last_used_flush",
+                &f.store.last_used_flush,
+                Duration::from_secs(10),
+            )?,
+            admin_jwt_secret: f.admin.jwt_secret,
+            key_secret: f.admin.key_secret,
+            plans,
+            agents,
+        })
+    }
+
+    /// The plan called `name`.
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.name == name)
+    }
+
+    /// The public URL of an agent's endpoint.
+    pub fn endpoint_url(&self, endpoint_id: &str) -> String {
+        self.public_url.replace("{id}", endpoint_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::from_toml(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.agents_domain, "agent.localhost");
+        assert_eq!(c.max_body_bytes, 8 * 1024 * 1024);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[limits]\nrequest_timeout = \"soon\"").unwrap_err();
+        assert!(e.0.contains("limits.request_timeout"), "{e}");
+        let e = Config::from_toml("[[agents]]\nid = \"a\"\nupstream = \"ftp://x\"").unwrap_err();
+        assert!(e.0.contains("agents[0].upstream"), "{e}");
+        let e = Config::from_toml("[[agents]]\nid = \"A_B\"\nupstream = \"http://127.0.0.1:1\"")
+            .unwrap_err();
+        assert!(e.0.contains("agents[0].id"), "{e}");
+        let e = Config::from_toml("[edge]\nnope = 1").unwrap_err();
+        assert!(e.0.contains("nope"), "{e}");
+        let e = Config::from_toml(
+            "[[agents]]\nid = \"a\"\nupstream = \"http://127.0.0.1:1\"\nstate = \"dancing\"",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("agents[0].state"), "{e}");
+    }
+}

@@ -1,0 +1,616 @@
+//! The edge as a Pingora [`ProxyHttp`]: one method per phase of a request, each calling into the
+//! module that owns that concern.
+//!
+//! | phase | where |
+//! |---|---|
+//! | request id, timers | [`Edge::early_request_filter`] |
+//! | routing (host → agent, path → route) | [`crate::routing`] |
+//! | lifecycle | [`crate::lifecycle`] |
+//! | body | [`crate::body`] |
+//! | translation to the runtime's request | [`Edge::outbound`], [`crate::chat`] |
+//! | upstream exchange | [`crate::forward`] |
+//! | answer (pass-through, native, stream errors) | [`Edge::relay`] |
+//! | access log | [`Edge::logging`] |
+
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::Method;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use tokio::time::Instant;
+
+use crate::chat::{self, NativeChatRequest, NativeStream};
+use crate::config::Config;
+use crate::error::EdgeError;
+use crate::forward::{self, Forwarder, Inbound, Outbound};
+use crate::ids::RequestIds;
+use crate::registry::{Agent, AgentState, Registry};
+use crate::routing::{self, Route};
+use crate::sse::SseScanner;
+use crate::{body, lifecycle, response};
+
+/// The largest non-streamed answer the edge translates (native `/v1/chat`).
+const MAX_TRANSLATED_ANSWER: usize = 16 * 1024 * 1024;
+
+/// The edge service.
+pub struct Edge {
+    cfg: Arc<Config>,
+    registry: Arc<Registry>,
+    forwarder: Forwarder,
+    ids: RequestIds,
+}
+
+/// What one request carries through its phases, and what the access log reports.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The request's id (the client's, or a fresh one).
+    pub request_id: String,
+    /// When the request arrived.
+    pub started: StdInstant,
+    /// Its route, once known.
+    pub route: Option<Route>,
+    /// Its agent's endpoint id, once known.
+    pub agent: Option<String>,
+    /// The status sent (or the error's, for a refusal).
+    pub status: u16,
+    /// The error code, if the request was refused or failed.
+    pub error: Option<&'static str>,
+    /// Whether a response header was written.
+    pub responded: bool,
+    /// When the first response byte from the runtime arrived.
+    pub first_byte: Option<StdInstant>,
+}
+
+/// How the runtime's answer is turned into the client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// OpenAI routes: status, headers and body as they are.
+    Passthrough,
+    /// Native chat, whole answer.
+    NativeAnswer,
+    /// Native chat, streamed.
+    NativeStream,
+}
+
+/// The runtime request a route turns into.
+struct Prepared {
+    outbound: Outbound,
+    relay: Relay,
+    deadline: Instant,
+}
+
+impl Edge {
+    /// An edge over `registry` configured by `cfg`.
+    pub fn new(cfg: Arc<Config>, registry: Arc<Registry>) -> Self {
+        Self {
+            cfg,
+            registry,
+            forwarder: Forwarder::new(1024),
+            ids: RequestIds::default(),
+        }
+    }
+
+    /// Routing: the agent the `Host` names.
+    fn agent(&self, session: &Session) -> Result<Arc<Agent>, EdgeError> {
+        let host = session
+            .req_header()
+            .headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| session.req_header().uri.host())
+            .unwrap_or("");
+        let snapshot = self.registry.load();
+        routing::endpoint_from_host(host, &self.cfg.agents_domain)
+            .and_then(|id| snapshot.agent(&id.to_ascii_lowercase()).cloned())
+            .ok_or_else(|| EdgeError::NotFound("No agent at this endpoint".into()))
+    }
+
+    /// Translation: the runtime request for a route, with its deadline.
+    fn outbound(
+        &self,
+        route: Route,
+        agent: &Agent,
+        session: &Session,
+        body: Bytes,
+        now: Instant,
+    ) -> Result<Prepared, EdgeError> {
+        let mut deadline = now + self.cfg.request_timeout;
+        let query = session
+            .req_header()
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let (method, path, body, content_type, relay) = match route {
+            Route::Chat => {
+                let req = NativeChatRequest::parse(&body)?;
+                if let Some(t) = req.timeout_seconds {
+                    let t = Duration::from_secs_f64(t);
+                    if t > self.cfg.max_timeout {
+                        return Err(EdgeError::InvalidRequest(
+                            format!(
+                                "`timeout_seconds` may be at most {}",
+                                self.cfg.max_timeout.as_secs()
+                            )
+                            .into(),
+                        ));
+                    }
+                    deadline = now + t;
+                }
+                let relay = if req.stream {
+                    Relay::NativeStream
+                } else {
+                    Relay::NativeAnswer
+                };
+                let path = agent.upstream.path(Route::ChatCompletions.path());
+                (
+                    Method::POST,
+                    path,
+                    Bytes::from(req.to_openai()),
+                    Some("application/json"),
+                    relay,
+                )
+            }
+            Route::ChatCompletions | Route::Completions | Route::Tools => {
+                check_json_object(&body)?;
+                (
+                    Method::POST,
+                    agent.upstream.path(route.path()) + &query,
+                    body,
+                    None,
+                    Relay::Passthrough,
+                )
+            }
+            Route::Models | Route::Health => (
+                Method::GET,
+                agent.upstream.path(route.path()) + &query,
+                Bytes::new(),
+                None,
+                Relay::Passthrough,
+            ),
+        };
+        let outbound = Outbound {
+            method,
+            path,
+            authority: agent.upstream.authority().to_owned(),
+            body,
+            content_type,
+        };
+        Ok(Prepared {
+            outbound,
+            relay,
+            deadline,
+        })
+    }
+
+    /// The whole request after the request id: every phase in order.
+    async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), EdgeError> {
+        let now = Instant::now();
+        let route = routing::route(
+            &session.req_header().method,
+            session.req_header().uri.path(),
+        )?;
+        ctx.route = Some(route);
+        let agent = self.agent(session)?;
+        ctx.agent = Some(agent.endpoint_id.clone());
+
+        if route == Route::Health {
+            return self.health(session, ctx, &agent).await;
+        }
+        lifecycle::admit(agent.state)?;
+        let body = body::read(session, self.cfg.max_body_bytes).await?;
+        let prepared = self.outbound(route, &agent, session, body, now)?;
+
+        let peer = agent
+            .upstream
+            .peer()
+            .map_err(|e| EdgeError::UpstreamUnavailable(e.to_owned().into()))?;
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let header = forward::upstream_header(
+            session.req_header(),
+            &prepared.outbound,
+            &ctx.request_id,
+            client_ip,
+        )?;
+        let mut inbound = self
+            .forwarder
+            .open(
+                session,
+                peer,
+                &header,
+                &prepared.outbound.body,
+                prepared.deadline,
+            )
+            .await?;
+        ctx.first_byte = Some(StdInstant::now());
+        inbound.set_idle_timeout(self.cfg.stream_idle_timeout);
+        let result = self
+            .relay(
+                session,
+                ctx,
+                &mut inbound,
+                prepared.relay,
+                prepared.deadline,
+            )
+            .await;
+        self.forwarder
+            .close(inbound, peer, self.cfg.upstream_keepalive)
+            .await;
+        result
+    }
+
+    /// The answer: the runtime's response turned into the client's, by relay mode.
+    async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        inbound: &mut Inbound,
+        relay: Relay,
+        deadline: Instant,
+    ) -> Result<(), EdgeError> {
+        let status = inbound.header.status.as_u16();
+        if status >= 500 {
+            return Err(EdgeError::UpstreamUnavailable(
+                format!("the agent runtime failed with status {status}").into(),
+            ));
+        }
+        if relay != Relay::Passthrough && status >= 300 {
+            let body = inbound
+                .read_to_end(session, deadline, MAX_TRANSLATED_ANSWER)
+                .await?;
+            return Err(runtime_refusal(status, &body));
+        }
+        match relay {
+            Relay::Passthrough => {
+                self.relay_passthrough(session, ctx, inbound, deadline)
+                    .await
+            }
+            Relay::NativeAnswer => {
+                let body = inbound
+                    .read_to_end(session, deadline, MAX_TRANSLATED_ANSWER)
+                    .await?;
+                let answer = chat::answer_from_openai(&body, &ctx.request_id)?;
+                ctx.responded = true;
+                ctx.status = 200;
+                response::write_json(
+                    session,
+                    response::header(200, "application/json", &ctx.request_id),
+                    answer,
+                )
+                .await
+            }
+            Relay::NativeStream => {
+                self.relay_native_stream(session, ctx, inbound, deadline)
+                    .await
+            }
+        }
+    }
+
+    /// OpenAI routes: the runtime's bytes, chunk by chunk, untouched.
+    async fn relay_passthrough(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        inbound: &mut Inbound,
+        deadline: Instant,
+    ) -> Result<(), EdgeError> {
+        let event_stream = inbound.is_event_stream();
+        let mut h = pingora_http::ResponseHeader::build_no_case(
+            inbound.header.status,
+            Some(inbound.header.headers.len() + 2),
+        )
+        .expect("status from a parsed response");
+        for (name, value) in inbound.header.headers.iter() {
+            if !forward::dropped_downstream(name.as_str()) {
+                h.append_header(name.clone(), value.clone())
+                    .expect("parsed header");
+            }
+        }
+        h.insert_header("x-request-id", &ctx.request_id)
+            .expect("request ids are visible ASCII");
+        if event_stream || !h.headers.contains_key("content-length") {
+            response::streaming(session, &mut h);
+        }
+        ctx.status = h.status.as_u16();
+        ctx.responded = true;
+        session
+            .write_response_header(Box::new(h), false)
+            .await
+            .map_err(|_| EdgeError::ClientClosed)?;
+        loop {
+            match inbound.next_chunk(session, deadline).await {
+                Ok(Some(chunk)) => {
+                    session
+                        .write_response_body(Some(chunk), false)
+                        .await
+                        .map_err(|_| EdgeError::ClientClosed)?;
+                }
+                Ok(None) => break,
+                Err(e) if event_stream => return end_stream_with_error(session, e).await,
+                Err(e) => return Err(e),
+            }
+        }
+        session
+            .write_response_body(None, true)
+            .await
+            .map_err(|_| EdgeError::ClientClosed)
+    }
+
+    /// Native chat, streamed: the runtime's chunks as native events, then `done` and `[DONE]`.
+    async fn relay_native_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        inbound: &mut Inbound,
+        deadline: Instant,
+    ) -> Result<(), EdgeError> {
+        let mut h = response::header(200, "text/event-stream", &ctx.request_id);
+        h.insert_header("cache-control", "no-cache")
+            .expect("static value");
+        response::streaming(session, &mut h);
+        ctx.status = 200;
+        ctx.responded = true;
+        session
+            .write_response_header(Box::new(h), false)
+            .await
+            .map_err(|_| EdgeError::ClientClosed)?;
+        let mut scanner = SseScanner::new();
+        let mut native = NativeStream::new();
+        let mut saw_done = false;
+        loop {
+            let chunk = match inbound.next_chunk(session, deadline).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => return end_stream_with_error(session, e).await,
+            };
+            scanner.push(&chunk);
+            loop {
+                let ev = match scanner.next_event() {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let err = EdgeError::UpstreamUnavailable(
+                            format!("the agent broke its stream: {e}").into(),
+                        );
+                        return end_stream_with_error(session, err).await;
+                    }
+                };
+                if ev.data == b"[DONE]" {
+                    saw_done = true;
+                }
+                if let Some(out) = native.on_data(&ev.data) {
+                    session
+                        .write_response_body(Some(chat::sse_event(&out)), false)
+                        .await
+                        .map_err(|_| EdgeError::ClientClosed)?;
+                }
+            }
+        }
+        if !saw_done && !native.finished() {
+            let err = EdgeError::UpstreamUnavailable("the agent ended its stream early".into());
+            return end_stream_with_error(session, err).await;
+        }
+        let mut tail = chat::sse_event(&native.finish(&ctx.request_id)).to_vec();
+        tail.extend_from_slice(b"data: [DONE]\n\n");
+        session
+            .write_response_body(Some(Bytes::from(tail)), true)
+            .await
+            .map_err(|_| EdgeError::ClientClosed)
+    }
+
+    /// `/v1/health`: answered by the edge: the agent's state and whether its runtime answers.
+    async fn health(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        agent: &Agent,
+    ) -> Result<(), EdgeError> {
+        if agent.state == AgentState::Terminated {
+            return Err(EdgeError::AgentTerminated);
+        }
+        let pod = match agent.upstream.peer() {
+            Ok(peer) => self.probe(session, peer, agent).await,
+            Err(e) => serde_json::json!({"reachable": false, "error": e}),
+        };
+        let body = serde_json::json!({
+            "agent": agent.endpoint_id,
+            "name": agent.name,
+            "state": agent.state.as_str(),
+            "pod": pod,
+        });
+        ctx.status = 200;
+        ctx.responded = true;
+        response::write_json(
+            session,
+            response::header(200, "application/json", &ctx.request_id),
+            Bytes::from(body.to_string()),
+        )
+        .await
+    }
+
+    /// Asks the runtime's `/health`, within a second.
+    async fn probe(
+        &self,
+        session: &mut Session,
+        peer: &HttpPeer,
+        agent: &Agent,
+    ) -> serde_json::Value {
+        let out = Outbound {
+            method: Method::GET,
+            path: agent.upstream.path("/health"),
+            authority: agent.upstream.authority().to_owned(),
+            body: Bytes::new(),
+            content_type: None,
+        };
+        let started = StdInstant::now();
+        let header =
+            match forward::upstream_header(session.req_header(), &out, "health-probe", None) {
+                Ok(h) => h,
+                Err(e) => return serde_json::json!({"reachable": false, "error": e.message()}),
+            };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        match self
+            .forwarder
+            .open(session, peer, &header, &out.body, deadline)
+            .await
+        {
+            Ok(mut inbound) => {
+                let ok = inbound.header.status.is_success();
+                let _ = inbound.read_to_end(session, deadline, 64 * 1024).await;
+                self.forwarder
+                    .close(inbound, peer, self.cfg.upstream_keepalive)
+                    .await;
+                serde_json::json!({
+                    "reachable": ok,
+                    "latency_ms": (started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+                })
+            }
+            Err(e) => serde_json::json!({"reachable": false, "error": e.message()}),
+        }
+    }
+}
+
+/// Checks that a pass-through body is a JSON object (the OpenAI routes take nothing else).
+fn check_json_object(body: &[u8]) -> Result<(), EdgeError> {
+    match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        Ok(_) if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') => Ok(()),
+        Ok(_) => Err(EdgeError::InvalidRequest(
+            "the request body must be a JSON object".into(),
+        )),
+        Err(e) => Err(EdgeError::InvalidRequest(
+            format!("invalid JSON body: {e}").into(),
+        )),
+    }
+}
+
+/// The runtime's own 4xx, with its message when it gave one.
+fn runtime_refusal(status: u16, body: &[u8]) -> EdgeError {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("the agent runtime refused the request with status {status}"));
+    EdgeError::Upstream { status, message }
+}
+
+/// Ends a stream whose headers were sent: the error as an SSE event, then the end. The client
+/// connection is not reused.
+async fn end_stream_with_error(session: &mut Session, err: EdgeError) -> Result<(), EdgeError> {
+    if err == EdgeError::ClientClosed {
+        return Err(err);
+    }
+    tracing::debug!(error = %err, "stream ended with an error event");
+    session.set_keepalive(None);
+    session
+        .write_response_body(Some(err.to_sse_event()), true)
+        .await
+        .map_err(|_| EdgeError::ClientClosed)?;
+    Err(err)
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: String::new(),
+            started: StdInstant::now(),
+            route: None,
+            agent: None,
+            status: 0,
+            error: None,
+            responded: false,
+            first_byte: None,
+        }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora_error::Result<()> {
+        ctx.started = StdInstant::now();
+        ctx.request_id = self.ids.for_request(
+            session
+                .req_header()
+                .headers
+                .get("x-request-id")
+                .map(|v| v.as_bytes()),
+        );
+        Ok(())
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora_error::Result<bool> {
+        let Err(err) = self.serve(session, ctx).await else {
+            return Ok(true);
+        };
+        ctx.error = Some(err.code());
+        if !ctx.responded {
+            ctx.status = err.status();
+            if err != EdgeError::ClientClosed
+                && response::write_error(session, &err, &ctx.request_id)
+                    .await
+                    .is_ok()
+            {
+                return Ok(true);
+            }
+        }
+        // Headers are out (or nobody is listening): drop the connection so a cut body is never
+        // mistaken for a whole one.
+        Error::e_explain(ErrorType::ConnectionClosed, err.to_string())
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora_error::Result<Box<HttpPeer>> {
+        // Every request is answered in `request_filter`; Pingora's own proxy path is never used.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "the edge forwards requests itself",
+        )
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        if session.response_written().is_none() && !ctx.responded {
+            let err =
+                EdgeError::InvalidRequest(format!("bad request: {}", e.etype().as_str()).into());
+            ctx.status = err.status();
+            let _ = response::write_error(session, &err, &ctx.request_id).await;
+        }
+        FailToProxy {
+            error_code: ctx.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        // Broken streams and disconnects are reported once, by the access log.
+        ctx.error.is_some()
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        crate::logging::access(session, ctx);
+    }
+}

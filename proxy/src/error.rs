@@ -1,0 +1,240 @@
+//! The edge's one error type and the one place it maps to the spec's status/code/type table.
+//!
+//! Every refusal the edge makes, from any phase or from the WebSocket bridge, is an [`EdgeError`];
+//! [`EdgeError::status`], [`EdgeError::code`], [`EdgeError::kind`] and [`EdgeError::headers`]
+//! are the table, and [`EdgeError::to_json`] is the body clients see:
+//! `{"error":{"message","code","type"}}`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// Everything the edge can refuse a request with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeError {
+    /// Missing, malformed, unknown, revoked, expired or out-of-scope key. One message for all,
+    /// so the answer never says which.
+    InvalidApiKey,
+    /// The plan's request rate is exceeded; `retry_after` in seconds.
+    RateLimited {
+        /// Seconds until a request would be admitted again.
+        retry_after: u64,
+    },
+    /// The key's concurrent-stream cap is reached.
+    TooManyStreams {
+        /// The plan's cap.
+        limit: u32,
+    },
+    /// The account's monthly token quota is used up.
+    QuotaExceeded,
+    /// The agent is paused.
+    AgentPaused,
+    /// The agent is starting.
+    AgentInitializing,
+    /// The agent is gone for good.
+    AgentTerminated,
+    /// `timeout_seconds` or the route deadline passed.
+    Timeout,
+    /// The request is malformed; the message says what is wrong.
+    InvalidRequest(Cow<'static, str>),
+    /// The body is larger than the configured maximum.
+    BodyTooLarge {
+        /// The configured maximum in bytes.
+        limit: usize,
+    },
+    /// No agent at this host, or no such route.
+    NotFound(Cow<'static, str>),
+    /// The route exists but not for this method; `allow` lists the methods it takes.
+    MethodNotAllowed {
+        /// Methods the route accepts, for the `allow` header.
+        allow: &'static str,
+    },
+    /// The pod or runtime could not be reached or broke its response.
+    UpstreamUnavailable(Cow<'static, str>),
+    /// The runtime refused the request with a 4xx of its own; status and its message.
+    Upstream {
+        /// The runtime's status (4xx).
+        status: u16,
+        /// The runtime's message, or a summary.
+        message: String,
+    },
+    /// The client went away before the answer was complete. Never written (there is nobody to
+    /// write to); logged with nginx's 499.
+    ClientClosed,
+    /// A policy plugin denied the request.
+    Denied {
+        /// Status chosen by the plugin.
+        status: u16,
+        /// Message chosen by the plugin.
+        message: String,
+    },
+}
+
+impl EdgeError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::InvalidApiKey => 401,
+            Self::RateLimited { .. } => 403,
+            Self::TooManyStreams { .. } => 403,
+            Self::QuotaExceeded => 429,
+            Self::AgentPaused => 503,
+            Self::AgentInitializing => 202,
+            Self::AgentTerminated => 410,
+            Self::Timeout => 504,
+            Self::InvalidRequest(_) => 400,
+            Self::BodyTooLarge { .. } => 413,
+            Self::NotFound(_) => 404,
+            Self::MethodNotAllowed { .. } => 405,
+            Self::UpstreamUnavailable(_) => 502,
+            Self::Upstream { status, .. } | Self::Denied { status, .. } => *status,
+            Self::ClientClosed => 499,
+        }
+    }
+
+    /// The machine-readable `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::RateLimited { .. } | Self::TooManyStreams { .. } => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
+            Self::AgentPaused => "agent_paused",
+            Self::AgentInitializing => "agent_initializing",
+            Self::AgentTerminated => "agent_terminated",
+            Self::Timeout => "timeout",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::UpstreamUnavailable(_) => "upstream_unavailable",
+            Self::Upstream { status, .. } => match status {
+                404 => "not_found",
+                _ => "invalid_request",
+            },
+            Self::Denied { .. } => "policy_denied",
+            Self::ClientClosed => "client_closed",
+        }
+    }
+
+    /// The error's `type`, the class a client can branch on.
+    pub fn kind(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 | 429 => "rate_limit_error",
+            202 | 503 => "service_unavailable",
+            410 => "gone",
+            504 => "timeout_error",
+            502 => "upstream_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The human-readable message.
+    pub fn message(&self) -> Cow<'_, str> {
+        match self {
+            Self::InvalidApiKey => {
+                "Invalid API key: check the key in the Authorization header".into()
+            }
+            Self::RateLimited { retry_after } => {
+                format!("Rate limit exceeded: retry in {retry_after}s or upgrade the plan").into()
+            }
+            Self::TooManyStreams { limit } => {
+                format!("Too many concurrent streams for this key (limit {limit})").into()
+            }
+            Self::QuotaExceeded => "Monthly token quota exceeded".into(),
+            Self::AgentPaused => "Agent is paused".into(),
+            Self::AgentInitializing => "Agent is initializing: retry in 60s".into(),
+            Self::AgentTerminated => {
+                "Agent is terminated: this endpoint is permanently gone".into()
+            }
+            Self::Timeout => {
+                "The request timed out: increase timeout_seconds or reduce the prompt".into()
+            }
+            Self::InvalidRequest(m) | Self::NotFound(m) | Self::UpstreamUnavailable(m) => {
+                m.as_ref().into()
+            }
+            Self::BodyTooLarge { limit } => {
+                format!("Request body exceeds the limit of {limit} bytes").into()
+            }
+            Self::MethodNotAllowed { allow } => format!("Method not allowed: use {allow}").into(),
+            Self::Upstream { message, .. } | Self::Denied { message, .. } => {
+                message.as_str().into()
+            }
+            Self::ClientClosed => "The client closed the connection".into(),
+        }
+    }
+
+    /// Extra response headers this error carries (beyond content type and request id).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::RateLimited { retry_after } => vec![("retry-after", retry_after.to_string())],
+            Self::TooManyStreams { .. } => vec![("retry-after", "1".into())],
+            Self::QuotaExceeded | Self::AgentTerminated => vec![("x-should-retry", "false".into())],
+            Self::AgentPaused => vec![("retry-after", "60".into())],
+            Self::AgentInitializing => vec![("retry-after", "60".into())],
+            Self::MethodNotAllowed { allow } => vec![("allow", (*allow).into())],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The JSON body: `{"error":{"message","code","type"}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {"message": self.message(), "code": self.code(), "type": self.kind()}
+        })
+    }
+
+    /// The body as bytes, ready to write.
+    pub fn body(&self) -> bytes::Bytes {
+        bytes::Bytes::from(self.to_json().to_string())
+    }
+
+    /// The same error as a server-sent event, for a stream whose headers were already sent.
+    pub fn to_sse_event(&self) -> bytes::Bytes {
+        bytes::Bytes::from(format!("event: error\ndata: {}\n\n", self.to_json()))
+    }
+}
+
+impl fmt::Display for EdgeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.code(), self.status(), self.message())
+    }
+}
+
+impl std::error::Error for EdgeError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_matches_the_spec() {
+        let rows = [
+            (EdgeError::InvalidApiKey, 401, "invalid_api_key"),
+            (
+                EdgeError::RateLimited { retry_after: 60 },
+                403,
+                "rate_limited",
+            ),
+            (EdgeError::QuotaExceeded, 429, "quota_exceeded"),
+            (EdgeError::AgentPaused, 503, "agent_paused"),
+            (EdgeError::AgentInitializing, 202, "agent_initializing"),
+            (EdgeError::AgentTerminated, 410, "agent_terminated"),
+            (EdgeError::Timeout, 504, "timeout"),
+            (
+                EdgeError::UpstreamUnavailable("x".into()),
+                502,
+                "upstream_unavailable",
+            ),
+        ];
+        for (e, status, code) in rows {
+            assert_eq!(e.status(), status);
+            assert_eq!(e.code(), code);
+            assert_eq!(e.to_json()["error"]["code"], code);
+        }
+        assert_eq!(EdgeError::AgentPaused.kind(), "service_unavailable");
+        assert_eq!(EdgeError::AgentPaused.message(), "Agent is paused");
+        assert!(EdgeError::QuotaExceeded
+            .headers()
+            .contains(&("x-should-retry", "false".into())));
+    }
+}

@@ -1,0 +1,33 @@
+//! MoltGhost edge: the access layer for deployed AI agents.
+//!
+//! A request passes through these modules in order (see [`edge`] for the Pingora phases):
+//! [`config`] → [`routing`] → [`lifecycle`] → [`body`] → [`chat`] (native translation) →
+//! [`forward`] (upstream exchange over [`upstream`]) → [`response`] and [`sse`] → [`logging`].
+//! Errors from any of them are one type, [`error::EdgeError`].
+
+pub mod body;
+pub mod chat;
+pub mod config;
+pub mod edge;
+pub mod error;
+pub mod forward;
+pub mod ids;
+pub mod lifecycle;
+pub mod logging;
+pub mod registry;
+pub mod response;
+pub mod routing;
+pub mod server;
+pub mod sse;
+pub mod upstream;
+
+/// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,pingora=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .try_init();
+}
