@@ -19,16 +19,21 @@ pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, EdgeErro
         ),
         None => None,
     };
-    if declared.is_some_and(|n| n > limit) {
-        // The unread body makes the connection unusable for another request.
-        session.set_keepalive(None);
-        return Err(EdgeError::BodyTooLarge { limit });
-    }
     let expects_continue = session
         .req_header()
         .headers
         .get("expect")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if declared.is_some_and(|n| n > limit) {
+        // A client that waits for 100-continue never sends the body; one that does not is
+        // still sending it, and must be able to read the 413.
+        if !expects_continue {
+            refuse_oversized(session, declared.unwrap_or(0), limit).await;
+        } else {
+            session.set_keepalive(None);
+        }
+        return Err(EdgeError::BodyTooLarge { limit });
+    }
     if expects_continue {
         session
             .write_continue_response()
@@ -46,7 +51,7 @@ pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, EdgeErro
     {
         total += chunk.len();
         if total > limit {
-            session.set_keepalive(None);
+            refuse_oversized(session, total, limit).await;
             return Err(EdgeError::BodyTooLarge { limit });
         }
         match (&mut first, &mut buf) {
@@ -66,6 +71,34 @@ pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, EdgeErro
         (None, None) => Bytes::new(),
     })
 }
+
+/// Like nginx's lingering close: reads and discards what is left of an oversized body (at most
+/// [`DRAIN_FACTOR`] times the limit, for at most [`DRAIN_TIME`]) so that the client, still
+/// sending, gets to read the 413 instead of a broken pipe. Past those bounds the connection is
+/// closed.
+async fn refuse_oversized(session: &mut Session, seen: usize, limit: usize) {
+    let drained = seen <= limit.saturating_mul(DRAIN_FACTOR)
+        && tokio::time::timeout(DRAIN_TIME, async {
+            let mut total = seen;
+            while let Ok(Some(chunk)) = session.read_request_body().await {
+                total += chunk.len();
+                if total > limit.saturating_mul(DRAIN_FACTOR) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false);
+    if !drained {
+        session.set_keepalive(None);
+    }
+}
+
+/// How many times the limit an oversized body may be drained.
+const DRAIN_FACTOR: usize = 4;
+/// How long an oversized body may be drained.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn read_error(e: &pingora_error::Error) -> EdgeError {
     match e.etype() {

@@ -333,7 +333,7 @@ impl Edge {
                         .map_err(|_| EdgeError::ClientClosed)?;
                 }
                 Ok(None) => break,
-                Err(e) if event_stream => return end_stream_with_error(session, e).await,
+                Err(e) if event_stream => return end_stream_with_error(session, ctx, e).await,
                 Err(e) => return Err(e),
             }
         }
@@ -368,7 +368,7 @@ impl Edge {
             let chunk = match inbound.next_chunk(session, deadline).await {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
-                Err(e) => return end_stream_with_error(session, e).await,
+                Err(e) => return end_stream_with_error(session, ctx, e).await,
             };
             scanner.push(&chunk);
             loop {
@@ -379,7 +379,7 @@ impl Edge {
                         let err = EdgeError::UpstreamUnavailable(
                             format!("the agent broke its stream: {e}").into(),
                         );
-                        return end_stream_with_error(session, err).await;
+                        return end_stream_with_error(session, ctx, err).await;
                     }
                 };
                 if ev.data == b"[DONE]" {
@@ -395,7 +395,7 @@ impl Edge {
         }
         if !saw_done && !native.finished() {
             let err = EdgeError::UpstreamUnavailable("the agent ended its stream early".into());
-            return end_stream_with_error(session, err).await;
+            return end_stream_with_error(session, ctx, err).await;
         }
         let mut tail = chat::sse_event(&native.finish(&ctx.request_id)).to_vec();
         tail.extend_from_slice(b"data: [DONE]\n\n");
@@ -503,19 +503,21 @@ fn runtime_refusal(status: u16, body: &[u8]) -> EdgeError {
     EdgeError::Upstream { status, message }
 }
 
-/// Ends a stream whose headers were sent: the error as an SSE event, then the end. The client
-/// connection is not reused.
-async fn end_stream_with_error(session: &mut Session, err: EdgeError) -> Result<(), EdgeError> {
+/// Ends a stream whose headers were sent: the error as an SSE event, then the end of the body.
+/// The body is complete, so the connection stays usable; the error goes to the access log.
+async fn end_stream_with_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    err: EdgeError,
+) -> Result<(), EdgeError> {
     if err == EdgeError::ClientClosed {
         return Err(err);
     }
-    tracing::debug!(error = %err, "stream ended with an error event");
-    session.set_keepalive(None);
+    ctx.error = Some(err.code());
     session
         .write_response_body(Some(err.to_sse_event()), true)
         .await
-        .map_err(|_| EdgeError::ClientClosed)?;
-    Err(err)
+        .map_err(|_| EdgeError::ClientClosed)
 }
 
 #[async_trait]
