@@ -156,7 +156,7 @@ impl Edge {
                 )
             }
             Route::ChatCompletions | Route::Completions | Route::Tools => {
-                check_json_object(&body)?;
+                chat::check_json_object(&body)?;
                 (
                     Method::POST,
                     agent.upstream.path(route.path()) + &query,
@@ -474,19 +474,6 @@ impl Edge {
             }
             Err(e) => serde_json::json!({"reachable": false, "error": e.message()}),
         }
-    }
-}
-
-/// Checks that a pass-through body is a JSON object (the OpenAI routes take nothing else).
-fn check_json_object(body: &[u8]) -> Result<(), EdgeError> {
-    match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-        Ok(_) if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') => Ok(()),
-        Ok(_) => Err(EdgeError::InvalidRequest(
-            "the request body must be a JSON object".into(),
-        )),
-        Err(e) => Err(EdgeError::InvalidRequest(
-            format!("invalid JSON body: {e}").into(),
-        )),
     }
 }
 

@@ -5,20 +5,18 @@
 //! [`forward`] (upstream exchange over [`upstream`]) → [`response`] and [`sse`] → [`logging`].
 //! Errors from any of them are one type, [`error::EdgeError`].
 
+pub use moltghost_protocol::{chat, error, routing, sse};
+
 pub mod body;
-pub mod chat;
 pub mod config;
 pub mod edge;
-pub mod error;
 pub mod forward;
 pub mod ids;
 pub mod lifecycle;
 pub mod logging;
 pub mod registry;
 pub mod response;
-pub mod routing;
 pub mod server;
-pub mod sse;
 pub mod upstream;
 
 /// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`).

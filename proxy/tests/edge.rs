@@ -10,7 +10,8 @@ use common::{run, sse_data, Stack};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-const HELLO: &str = r#"{"messages": [{"role": "user", "content": "Hello, agent!"}], "stream": false}"#;
+const HELLO: &str =
+    r#"{"messages": [{"role": "user", "content": "Hello, agent!"}], "stream": false}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spec_curl_examples_work_as_printed() {
@@ -18,32 +19,65 @@ async fn spec_curl_examples_work_as_printed() {
     let url = s.url("abc123", "/v1/chat");
     // "Test Connection"
     let (code, out, err) = run(Command::new("curl").args([
-        "-sS", "-X", "POST", &url, "-H", "Authorization: Bearer YOUR_API_KEY", "-H", "Content-Type: application/json", "-d", HELLO,
+        "-sS",
+        "-X",
+        "POST",
+        &url,
+        "-H",
+        "Authorization: Bearer YOUR_API_KEY",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        HELLO,
     ]));
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["object"], "chat.completion");
-    assert!(v["content"].as_str().unwrap().starts_with("Hello! I'm ready to help"), "{v}");
+    assert!(
+        v["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Hello! I'm ready to help"),
+        "{v}"
+    );
     assert_eq!(v["model"], "llama3.1-70b");
     assert!(v["id"].as_str().unwrap().starts_with("msg_"));
     assert_eq!(v["finish_reason"], "stop");
-    assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"].as_u64().unwrap() + 16);
+    assert_eq!(
+        v["usage"]["total_tokens"],
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + 16
+    );
 
     // "Streaming response (SSE)" with --no-buffer.
     let (code, out, err) = run(Command::new("curl").args([
-        "-sS", "-X", "POST", &url, "-H", "Authorization: Bearer molti_xxxxx", "-d",
-        r#"{"messages": [{"role": "user", "content": "..."}], "stream": true}"#, "--no-buffer",
+        "-sS",
+        "-X",
+        "POST",
+        &url,
+        "-H",
+        "Authorization: Bearer molti_xxxxx",
+        "-d",
+        r#"{"messages": [{"role": "user", "content": "..."}], "stream": true}"#,
+        "--no-buffer",
     ]));
     assert_eq!(code, 0, "{err}");
     let data = sse_data(&out);
     assert_eq!(data.last().unwrap(), "[DONE]");
-    let events: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    let text: String = events.iter().filter_map(|e| e["content"].as_str()).collect();
+    let events: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["content"].as_str())
+        .collect();
     assert!(text.starts_with("Hello! I'm ready to help"), "{text}");
     let last = events.last().unwrap();
     assert_eq!(last["done"], true);
     assert_eq!(last["usage"]["completion_tokens"], 16);
-    assert!(events[..events.len() - 1].iter().all(|e| e["done"] == false));
+    assert!(events[..events.len() - 1]
+        .iter()
+        .all(|e| e["done"] == false));
 }
 
 /// Arrival time of each `content` event of a native stream.
@@ -53,7 +87,9 @@ async fn token_arrivals(resp: reqwest::Response) -> Vec<Duration> {
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.unwrap();
-        let n = String::from_utf8_lossy(&chunk).matches("\"content\"").count();
+        let n = String::from_utf8_lossy(&chunk)
+            .matches("\"content\"")
+            .count();
         arrivals.extend(std::iter::repeat_n(start.elapsed(), n));
     }
     arrivals
@@ -63,8 +99,14 @@ async fn token_arrivals(resp: reqwest::Response) -> Vec<Duration> {
 async fn streamed_tokens_arrive_as_the_runtime_sends_them() {
     let s = Stack::start("").await;
     for (path, body) in [
-        ("/v1/chat", json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "stream": true})),
+        (
+            "/v1/chat",
+            json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}),
+        ),
     ] {
         let resp = s
             .client()
@@ -79,7 +121,11 @@ async fn streamed_tokens_arrive_as_the_runtime_sends_them() {
         let t = token_arrivals(resp).await;
         assert!(t.len() >= 6, "{path}: {t:?}");
         // Each token is its own arrival, spaced by the runtime's interval: not bunched at the end.
-        let gaps: Vec<_> = t.windows(2).map(|w| w[1] - w[0]).filter(|g| *g > Duration::from_millis(75)).collect();
+        let gaps: Vec<_> = t
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .filter(|g| *g > Duration::from_millis(75))
+            .collect();
         assert!(gaps.len() >= 4, "{path}: tokens bunched: {t:?}");
     }
 }
@@ -101,7 +147,10 @@ async fn client_disconnect_cancels_the_upstream_request() {
     drop(body);
     let t0 = Instant::now();
     while s.stats.streams_cancelled.load(Ordering::Relaxed) == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(3), "the runtime never saw the cancel");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "the runtime never saw the cancel"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!("cancel reached the runtime in {:?}", t0.elapsed());
@@ -125,10 +174,18 @@ async fn one_mib_bodies_pass_on_every_route_and_large_ones_get_413() {
         assert_eq!(resp.status(), 200, "{path}");
         let v: Value = resp.json().await.unwrap();
         let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
-        assert!(prompt > 200_000, "{path}: the runtime saw only {prompt} words");
+        assert!(
+            prompt > 200_000,
+            "{path}: the runtime saw only {prompt} words"
+        );
     }
     let big = "x".repeat(9 * 1024 * 1024);
-    let resp = c.post(s.url("abc123", "/v1/chat")).body(big).send().await.unwrap();
+    let resp = c
+        .post(s.url("abc123", "/v1/chat"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 413);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "request_too_large");
@@ -145,14 +202,26 @@ async fn expect_error(
     let _ = c;
     let resp = req.send().await.unwrap();
     assert_eq!(resp.status().as_u16(), status, "for {code}");
-    assert!(resp.headers().contains_key("x-request-id"), "{code}: no x-request-id");
+    assert!(
+        resp.headers().contains_key("x-request-id"),
+        "{code}: no x-request-id"
+    );
     assert_eq!(resp.headers()["content-type"], "application/json", "{code}");
     for (k, v) in headers {
-        assert_eq!(resp.headers().get(*k).map(|v| v.to_str().unwrap()), Some(*v), "{code}: header {k}");
+        assert_eq!(
+            resp.headers().get(*k).map(|v| v.to_str().unwrap()),
+            Some(*v),
+            "{code}: header {k}"
+        );
     }
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
     assert!(v["error"]["type"].is_string(), "{v}");
     v
 }
@@ -162,25 +231,82 @@ async fn every_error_of_the_table_is_json_with_its_headers() {
     let s = Stack::start("").await;
     let c = s.client();
     let chat = |agent: &str| c.post(s.url(agent, "/v1/chat")).body(HELLO);
-    let v = expect_error(&c, chat("paused1"), 503, "agent_paused", &[("retry-after", "60")]).await;
-    assert_eq!(v, json!({"error": {"message": "Agent is paused", "code": "agent_paused", "type": "service_unavailable"}}));
-    expect_error(&c, chat("init1"), 202, "agent_initializing", &[("retry-after", "60")]).await;
-    expect_error(&c, chat("gone1"), 410, "agent_terminated", &[("x-should-retry", "false")]).await;
-    expect_error(&c, chat("down1"), 502, "upstream_unavailable", &[]).await;
-    expect_error(&c, chat("nosuch"), 404, "not_found", &[]).await;
-    expect_error(&c, c.post(s.url("abc123", "/v2/nothing")), 404, "not_found", &[]).await;
-    expect_error(&c, c.get(s.url("abc123", "/v1/chat")), 405, "method_not_allowed", &[("allow", "POST")]).await;
-    expect_error(&c, c.post(s.url("abc123", "/v1/chat")).body("{not json"), 400, "invalid_request", &[]).await;
-    expect_error(&c, c.post(s.url("abc123", "/v1/chat/completions")).body("[1,2]"), 400, "invalid_request", &[]).await;
     let v = expect_error(
         &c,
-        c.post(s.url("abc123", "/v1/chat")).body(r#"{"messages":[{"role":"user","content":"x"}],"temperature":7}"#),
+        chat("paused1"),
+        503,
+        "agent_paused",
+        &[("retry-after", "60")],
+    )
+    .await;
+    assert_eq!(
+        v,
+        json!({"error": {"message": "Agent is paused", "code": "agent_paused", "type": "service_unavailable"}})
+    );
+    expect_error(
+        &c,
+        chat("init1"),
+        202,
+        "agent_initializing",
+        &[("retry-after", "60")],
+    )
+    .await;
+    expect_error(
+        &c,
+        chat("gone1"),
+        410,
+        "agent_terminated",
+        &[("x-should-retry", "false")],
+    )
+    .await;
+    expect_error(&c, chat("down1"), 502, "upstream_unavailable", &[]).await;
+    expect_error(&c, chat("nosuch"), 404, "not_found", &[]).await;
+    expect_error(
+        &c,
+        c.post(s.url("abc123", "/v2/nothing")),
+        404,
+        "not_found",
+        &[],
+    )
+    .await;
+    expect_error(
+        &c,
+        c.get(s.url("abc123", "/v1/chat")),
+        405,
+        "method_not_allowed",
+        &[("allow", "POST")],
+    )
+    .await;
+    expect_error(
+        &c,
+        c.post(s.url("abc123", "/v1/chat")).body("{not json"),
         400,
         "invalid_request",
         &[],
     )
     .await;
-    assert!(v["error"]["message"].as_str().unwrap().contains("temperature"));
+    expect_error(
+        &c,
+        c.post(s.url("abc123", "/v1/chat/completions"))
+            .body("[1,2]"),
+        400,
+        "invalid_request",
+        &[],
+    )
+    .await;
+    let v = expect_error(
+        &c,
+        c.post(s.url("abc123", "/v1/chat"))
+            .body(r#"{"messages":[{"role":"user","content":"x"}],"temperature":7}"#),
+        400,
+        "invalid_request",
+        &[],
+    )
+    .await;
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("temperature"));
     // timeout_seconds is the edge's deadline: 504, not Pingora's 502.
     let slow = c
         .post(s.url("abc123", "/v1/chat"))
@@ -211,7 +337,10 @@ async fn a_stream_broken_after_its_headers_ends_with_an_error_event() {
             .text()
             .await
             .unwrap();
-        assert!(body.contains("event: error\ndata: {\"error\""), "{path}: {body}");
+        assert!(
+            body.contains("event: error\ndata: {\"error\""),
+            "{path}: {body}"
+        );
         assert!(body.contains("upstream_unavailable"), "{path}: {body}");
         assert_eq!(body.matches("Hello!").count(), 1, "{path}: {body}");
     }
@@ -226,14 +355,22 @@ async fn a_stream_broken_after_its_headers_ends_with_an_error_event() {
         .text()
         .await
         .unwrap();
-    assert!(body.contains("event: error") && body.contains("\"timeout\""), "{body}");
+    assert!(
+        body.contains("event: error") && body.contains("\"timeout\""),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_tools_models_health_and_request_ids() {
     let s = Stack::start("").await;
     let c = s.client();
-    let r = c.post(s.url("abc123", "/v1/tools")).json(&json!({"tool": "crm_query", "arguments": {"q": "top"}})).send().await.unwrap();
+    let r = c
+        .post(s.url("abc123", "/v1/tools"))
+        .json(&json!({"tool": "crm_query", "arguments": {"q": "top"}}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["result"]["echo"]["q"], "top");
@@ -244,11 +381,24 @@ async fn routes_tools_models_health_and_request_ids() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["state"], "running");
     assert_eq!(v["pod"]["reachable"], true);
-    let v: Value = c.get(s.url("down1", "/v1/health")).send().await.unwrap().json().await.unwrap();
+    let v: Value = c
+        .get(s.url("down1", "/v1/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["pod"]["reachable"], false);
     // The client's request id is kept, on success and on error.
     for agent in ["abc123", "paused1"] {
-        let r = c.post(s.url(agent, "/v1/chat")).header("x-request-id", "my-trace-42").body(HELLO).send().await.unwrap();
+        let r = c
+            .post(s.url(agent, "/v1/chat"))
+            .header("x-request-id", "my-trace-42")
+            .body(HELLO)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.headers()["x-request-id"], "my-trace-42");
     }
     // Skill names reach the runtime as function tools.
@@ -261,7 +411,13 @@ async fn routes_tools_models_health_and_request_ids() {
         .json()
         .await
         .unwrap();
-    assert!(v["content"].as_str().unwrap().starts_with("[tools: crm_query,slack_notify]"), "{v}");
+    assert!(
+        v["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("[tools: crm_query,slack_notify]"),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,10 +426,12 @@ async fn the_official_openai_python_client_works() {
         return;
     }
     let s = Stack::start("").await;
-    let (code, out, err) = run(Command::new("python3").arg(common::client_script("openai_client.py")).args([
-        &format!("http://127.0.0.1:{}/v1", s.port),
-        &format!("abc123.agent.localhost:{}", s.port),
-    ]));
+    let (code, out, err) = run(Command::new("python3")
+        .arg(common::client_script("openai_client.py"))
+        .args([
+            &format!("http://127.0.0.1:{}/v1", s.port),
+            &format!("abc123.agent.localhost:{}", s.port),
+        ]));
     println!("{out}");
     assert_eq!(code, 0, "openai client failed:\n{out}\n{err}");
     assert!(out.contains("all openai checks passed"));
@@ -284,7 +442,10 @@ fn check_refuses_a_bad_config_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
     std::fs::write(&p, "[limits]\nmax_body_bytes = 0\n").unwrap();
-    let (code, _, err) = run(Command::new(env!("CARGO_BIN_EXE_moltghost-proxy")).arg("--config").arg(&p).arg("--check"));
+    let (code, _, err) = run(Command::new(env!("CARGO_BIN_EXE_moltghost-proxy"))
+        .arg("--config")
+        .arg(&p)
+        .arg("--check"));
     assert_eq!(code, 2);
     assert!(err.contains("limits.max_body_bytes"), "{err}");
     let (code, out, _) = run(Command::new(env!("CARGO_BIN_EXE_moltghost-proxy")).arg("--check"));

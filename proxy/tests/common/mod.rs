@@ -13,7 +13,11 @@ use moltghost_loadtest::runtime::{self, RuntimeConfig, Stats};
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until something listens on `port`.
@@ -65,15 +69,26 @@ impl Stack {
             dir.path().display()
         );
         for (id, state) in AGENTS {
-            cfg += &format!("[[agents]]\nid = \"{id}\"\nupstream = \"http://{runtime}\"\nstate = \"{state}\"\n");
+            cfg += &format!(
+                "[[agents]]\nid = \"{id}\"\nupstream = \"http://{runtime}\"\nstate = \"{state}\"\n"
+            );
         }
-        cfg += &format!("[[agents]]\nid = \"down1\"\nupstream = \"http://127.0.0.1:{dead_port}\"\n");
+        cfg +=
+            &format!("[[agents]]\nid = \"down1\"\nupstream = \"http://127.0.0.1:{dead_port}\"\n");
         let conf_path = dir.path().join("edge.toml");
         std::fs::write(&conf_path, cfg).unwrap();
         let log = dir.path().join("edge.log");
         let child = spawn_edge(&conf_path, &log);
         wait_port(port, Duration::from_secs(20));
-        Self { port, admin_port, runtime, stats, child, dir, log }
+        Self {
+            port,
+            admin_port,
+            runtime,
+            stats,
+            child,
+            dir,
+            log,
+        }
     }
 
     /// URL of `path` on agent `agent`'s endpoint.
@@ -120,7 +135,9 @@ pub fn spawn_edge(conf: &Path, log: &Path) -> Child {
 
 /// Runs a command and returns (status, stdout, stderr).
 pub fn run(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -131,15 +148,25 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
 /// The `data:` payloads of an SSE body.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned))
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_owned)
+        })
         .collect()
 }
 
 /// Whether python3 can import the official `openai` package. In CI it must.
 pub fn have_openai_python() -> bool {
-    let ok = Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    let ok = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
     if !ok {
-        assert!(std::env::var("CI").is_err(), "CI must have the openai Python package (run scripts/setup.sh)");
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must have the openai Python package (run scripts/setup.sh)"
+        );
         eprintln!("skipping: python3 cannot import openai (run scripts/setup.sh)");
     }
     ok
@@ -147,5 +174,7 @@ pub fn have_openai_python() -> bool {
 
 /// The path of a client script in tests/clients.
 pub fn client_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(name)
 }

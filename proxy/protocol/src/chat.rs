@@ -157,6 +157,19 @@ impl NativeChatRequest {
     }
 }
 
+/// Checks that a pass-through body is a JSON object (the OpenAI routes take nothing else).
+pub fn check_json_object(body: &[u8]) -> Result<(), EdgeError> {
+    match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        Ok(_) if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') => Ok(()),
+        Ok(_) => Err(EdgeError::InvalidRequest(
+            "the request body must be a JSON object".into(),
+        )),
+        Err(e) => Err(EdgeError::InvalidRequest(
+            format!("invalid JSON body: {e}").into(),
+        )),
+    }
+}
+
 /// Token counts as the native format reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct Usage {

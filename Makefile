@@ -1,0 +1,19 @@
+# The two commands of the README. Both install what a fresh machine lacks first.
+.PHONY: dev test setup lint fuzz
+
+# The whole local stack: the edge, the reference runtime, an agent and a key.
+dev: setup
+	cargo run --release --bin moltghost -- dev
+
+# Everything CI runs: formatting, lints, the test suites, and a fuzz smoke run.
+test: setup lint
+	cargo test --workspace --all-targets
+	WITH_FUZZ=1 ./scripts/setup.sh
+	./scripts/fuzz-smoke.sh
+
+setup:
+	@./scripts/setup.sh
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,8 @@
+//! The edge's wire formats, free of I/O so they can be fuzzed and reused (HTTP path, WebSocket
+//! bridge, tools): the error table ([`error`]), the SSE scanner ([`sse`]), the native chat format
+//! ([`chat`]) and routing ([`routing`]).
+
+pub mod chat;
+pub mod error;
+pub mod routing;
+pub mod sse;

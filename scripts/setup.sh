@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the README's two commands need on a fresh machine that has only the Rust
+# toolchain: cmake (pingora-core builds zlib-ng with it), the official `openai` Python package
+# (integration tests), and cargo-fuzz (the fuzz smoke run). Idempotent; quiet when all is there.
+set -euo pipefail
+
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+if ((${#need_apt[@]})); then
+  echo "setup: apt-get install ${need_apt[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import openai' 2>/dev/null; then
+  echo "setup: pip install openai" >&2
+  python3 -m pip install -q openai 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi
+
+if [ "${WITH_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: cargo install cargo-fuzz" >&2
+  cargo install -q cargo-fuzz --locked
+fi
+
+# The toolchain file names the wasm32-wasip1 target; make sure it is present.
+rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
