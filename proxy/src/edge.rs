@@ -25,11 +25,14 @@ use tokio::time::Instant;
 
 use crate::chat::{self, NativeChatRequest, NativeStream};
 use crate::config::Config;
+use crate::control::StoreStatus;
 use crate::error::EdgeError;
-use crate::forward::{self, Forwarder, Inbound, Outbound};
+use crate::forward::{self, Forwarder, Guard, Inbound, Outbound};
 use crate::ids::RequestIds;
+use crate::policy::{self, Admission, AdmissionWatch, RequestView};
 use crate::registry::{Agent, AgentState, Registry};
 use crate::routing::{self, Route};
+use crate::secrets::KeyHasher;
 use crate::sse::SseScanner;
 use crate::{body, lifecycle, response};
 
@@ -40,6 +43,8 @@ const MAX_TRANSLATED_ANSWER: usize = 16 * 1024 * 1024;
 pub struct Edge {
     cfg: Arc<Config>,
     registry: Arc<Registry>,
+    hasher: KeyHasher,
+    store_status: Arc<StoreStatus>,
     forwarder: Forwarder,
     ids: RequestIds,
 }
@@ -55,6 +60,10 @@ pub struct RequestCtx {
     pub route: Option<Route>,
     /// Its agent's endpoint id, once known.
     pub agent: Option<String>,
+    /// The caller's account id, once admitted.
+    pub account: Option<String>,
+    /// The caller's key id (never the key), once admitted.
+    pub key_id: Option<String>,
     /// The status sent (or the error's, for a refusal).
     pub status: u16,
     /// The error code, if the request was refused or failed.
@@ -84,29 +93,43 @@ struct Prepared {
 }
 
 impl Edge {
-    /// An edge over `registry` configured by `cfg`.
-    pub fn new(cfg: Arc<Config>, registry: Arc<Registry>) -> Self {
+    /// An edge serving from `registry`, configured by `cfg`.
+    pub fn new(
+        cfg: Arc<Config>,
+        registry: Arc<Registry>,
+        hasher: KeyHasher,
+        store_status: Arc<StoreStatus>,
+    ) -> Self {
         Self {
             cfg,
             registry,
+            hasher,
+            store_status,
             forwarder: Forwarder::new(1024),
             ids: RequestIds::default(),
         }
     }
 
-    /// Routing: the agent the `Host` names.
-    fn agent(&self, session: &Session) -> Result<Arc<Agent>, EdgeError> {
-        let host = session
-            .req_header()
+    /// Admission: the caller's key and the agent it reaches (see [`policy::admit`]).
+    fn admit(&self, session: &Session) -> Result<Admission, EdgeError> {
+        let req = session.req_header();
+        let host = req
             .headers
             .get("host")
             .and_then(|h| h.to_str().ok())
-            .or_else(|| session.req_header().uri.host())
+            .or_else(|| req.uri.host())
             .unwrap_or("");
-        let snapshot = self.registry.load();
-        routing::endpoint_from_host(host, &self.cfg.agents_domain)
-            .and_then(|id| snapshot.agent(&id.to_ascii_lowercase()).cloned())
-            .ok_or_else(|| EdgeError::NotFound("No agent at this endpoint".into()))
+        let view = RequestView {
+            host,
+            authorization: req.headers.get("authorization").map(|v| v.as_bytes()),
+            now: crate::store::now(),
+        };
+        policy::admit(
+            &self.registry.load(),
+            &self.hasher,
+            &self.cfg.agents_domain,
+            &view,
+        )
     }
 
     /// Translation: the runtime request for a route, with its deadline.
@@ -195,8 +218,11 @@ impl Edge {
             session.req_header().uri.path(),
         )?;
         ctx.route = Some(route);
-        let agent = self.agent(session)?;
+        let admission = self.admit(session)?;
+        let agent = admission.agent.clone();
         ctx.agent = Some(agent.endpoint_id.clone());
+        ctx.account = Some(admission.account.id.clone());
+        ctx.key_id = Some(admission.key.id.clone());
 
         if route == Route::Health {
             return self.health(session, ctx, &agent).await;
@@ -219,26 +245,18 @@ impl Edge {
             &ctx.request_id,
             client_ip,
         )?;
+        let mut guard = Guard {
+            deadline: prepared.deadline,
+            watch: Some(AdmissionWatch::new(self.registry.clone(), admission)),
+        };
         let mut inbound = self
             .forwarder
-            .open(
-                session,
-                peer,
-                &header,
-                &prepared.outbound.body,
-                prepared.deadline,
-            )
+            .open(session, peer, &header, &prepared.outbound.body, &mut guard)
             .await?;
         ctx.first_byte = Some(StdInstant::now());
         inbound.set_idle_timeout(self.cfg.stream_idle_timeout);
         let result = self
-            .relay(
-                session,
-                ctx,
-                &mut inbound,
-                prepared.relay,
-                prepared.deadline,
-            )
+            .relay(session, ctx, &mut inbound, prepared.relay, &mut guard)
             .await;
         self.forwarder
             .close(inbound, peer, self.cfg.upstream_keepalive)
@@ -253,7 +271,7 @@ impl Edge {
         ctx: &mut RequestCtx,
         inbound: &mut Inbound,
         relay: Relay,
-        deadline: Instant,
+        guard: &mut Guard,
     ) -> Result<(), EdgeError> {
         let status = inbound.header.status.as_u16();
         if status >= 500 {
@@ -263,18 +281,15 @@ impl Edge {
         }
         if relay != Relay::Passthrough && status >= 300 {
             let body = inbound
-                .read_to_end(session, deadline, MAX_TRANSLATED_ANSWER)
+                .read_to_end(session, guard, MAX_TRANSLATED_ANSWER)
                 .await?;
             return Err(runtime_refusal(status, &body));
         }
         match relay {
-            Relay::Passthrough => {
-                self.relay_passthrough(session, ctx, inbound, deadline)
-                    .await
-            }
+            Relay::Passthrough => self.relay_passthrough(session, ctx, inbound, guard).await,
             Relay::NativeAnswer => {
                 let body = inbound
-                    .read_to_end(session, deadline, MAX_TRANSLATED_ANSWER)
+                    .read_to_end(session, guard, MAX_TRANSLATED_ANSWER)
                     .await?;
                 let answer = chat::answer_from_openai(&body, &ctx.request_id)?;
                 ctx.responded = true;
@@ -286,10 +301,7 @@ impl Edge {
                 )
                 .await
             }
-            Relay::NativeStream => {
-                self.relay_native_stream(session, ctx, inbound, deadline)
-                    .await
-            }
+            Relay::NativeStream => self.relay_native_stream(session, ctx, inbound, guard).await,
         }
     }
 
@@ -299,7 +311,7 @@ impl Edge {
         session: &mut Session,
         ctx: &mut RequestCtx,
         inbound: &mut Inbound,
-        deadline: Instant,
+        guard: &mut Guard,
     ) -> Result<(), EdgeError> {
         let event_stream = inbound.is_event_stream();
         let mut h = pingora_http::ResponseHeader::build_no_case(
@@ -325,7 +337,7 @@ impl Edge {
             .await
             .map_err(|_| EdgeError::ClientClosed)?;
         loop {
-            match inbound.next_chunk(session, deadline).await {
+            match inbound.next_chunk(session, guard).await {
                 Ok(Some(chunk)) => {
                     session
                         .write_response_body(Some(chunk), false)
@@ -349,7 +361,7 @@ impl Edge {
         session: &mut Session,
         ctx: &mut RequestCtx,
         inbound: &mut Inbound,
-        deadline: Instant,
+        guard: &mut Guard,
     ) -> Result<(), EdgeError> {
         let mut h = response::header(200, "text/event-stream", &ctx.request_id);
         h.insert_header("cache-control", "no-cache")
@@ -365,7 +377,7 @@ impl Edge {
         let mut native = NativeStream::new();
         let mut saw_done = false;
         loop {
-            let chunk = match inbound.next_chunk(session, deadline).await {
+            let chunk = match inbound.next_chunk(session, guard).await {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => return end_stream_with_error(session, ctx, e).await,
@@ -424,6 +436,11 @@ impl Edge {
             "name": agent.name,
             "state": agent.state.as_str(),
             "pod": pod,
+            "edge": {
+                "store": if self.store_status.healthy() { "ok" } else { "unreachable" },
+                "store_stale_seconds": self.store_status.stale_for(),
+                "generation": self.registry.load().generation,
+            },
         });
         ctx.status = 200;
         ctx.responded = true;
@@ -455,15 +472,18 @@ impl Edge {
                 Ok(h) => h,
                 Err(e) => return serde_json::json!({"reachable": false, "error": e.message()}),
             };
-        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut guard = Guard {
+            deadline: Instant::now() + Duration::from_secs(1),
+            watch: None,
+        };
         match self
             .forwarder
-            .open(session, peer, &header, &out.body, deadline)
+            .open(session, peer, &header, &out.body, &mut guard)
             .await
         {
             Ok(mut inbound) => {
                 let ok = inbound.header.status.is_success();
-                let _ = inbound.read_to_end(session, deadline, 64 * 1024).await;
+                let _ = inbound.read_to_end(session, &mut guard, 64 * 1024).await;
                 self.forwarder
                     .close(inbound, peer, self.cfg.upstream_keepalive)
                     .await;
@@ -517,6 +537,8 @@ impl ProxyHttp for Edge {
             started: StdInstant::now(),
             route: None,
             agent: None,
+            account: None,
+            key_id: None,
             status: 0,
             error: None,
             responded: false,

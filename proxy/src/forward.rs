@@ -19,6 +19,7 @@ use pingora_proxy::Session;
 use tokio::time::Instant;
 
 use crate::error::EdgeError;
+use crate::policy::AdmissionWatch;
 
 /// Headers that belong to one hop and are never forwarded, in either direction.
 const HOP_BY_HOP: &[&str] = &[
@@ -155,16 +156,33 @@ fn upstream_error(e: &Error) -> EdgeError {
     }
 }
 
-/// Races `fut` against the client going away and the deadline.
+/// What every wait on the runtime races: the request's deadline and, for admitted requests,
+/// a change that revokes them (key revoked, agent paused).
+pub struct Guard {
+    /// When the request times out (504, or an error event once streaming).
+    pub deadline: Instant,
+    /// Ends the request when its admission no longer holds.
+    pub watch: Option<AdmissionWatch>,
+}
+
+/// Races `fut` against the client going away, the deadline and revocation.
 pub async fn guarded<T>(
     down: &mut Session,
-    deadline: Instant,
+    guard: &mut Guard,
     fut: impl Future<Output = Result<T, EdgeError>>,
 ) -> Result<T, EdgeError> {
+    let deadline = guard.deadline;
+    let revoked = async {
+        match guard.watch.as_mut() {
+            Some(w) => w.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
         r = fut => r,
         _ = tokio::time::sleep_until(deadline) => Err(EdgeError::Timeout),
+        e = revoked => Err(e),
         // With the body fully read, this only returns when the client closes (or misbehaves).
         _ = down.downstream_session.read_body_or_idle(true) => Err(EdgeError::ClientClosed),
     }
@@ -240,9 +258,9 @@ impl Forwarder {
         peer: &HttpPeer,
         header: &RequestHeader,
         body: &Bytes,
-        deadline: Instant,
+        guard: &mut Guard,
     ) -> Result<Inbound, EdgeError> {
-        guarded(down, deadline, self.exchange(peer, header, body)).await
+        guarded(down, guard, self.exchange(peer, header, body)).await
     }
 
     /// Returns the connection to the pool if its response was read to the end, else closes it.
@@ -262,7 +280,7 @@ impl Inbound {
     pub async fn next_chunk(
         &mut self,
         down: &mut Session,
-        deadline: Instant,
+        guard: &mut Guard,
     ) -> Result<Option<Bytes>, EdgeError> {
         let read = async {
             match self.session.read_response_body().await {
@@ -273,18 +291,18 @@ impl Inbound {
                 )),
             }
         };
-        guarded(down, deadline, read).await
+        guarded(down, guard, read).await
     }
 
     /// Reads the rest of the body, up to `limit` bytes.
     pub async fn read_to_end(
         &mut self,
         down: &mut Session,
-        deadline: Instant,
+        guard: &mut Guard,
         limit: usize,
     ) -> Result<Bytes, EdgeError> {
         let mut buf = bytes::BytesMut::new();
-        while let Some(chunk) = self.next_chunk(down, deadline).await? {
+        while let Some(chunk) = self.next_chunk(down, guard).await? {
             if buf.len() + chunk.len() > limit {
                 return Err(EdgeError::UpstreamUnavailable(
                     "the agent's answer is too large".into(),

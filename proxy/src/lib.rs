@@ -5,18 +5,24 @@
 //! [`forward`] (upstream exchange over [`upstream`]) → [`response`] and [`sse`] → [`logging`].
 //! Errors from any of them are one type, [`error::EdgeError`].
 
-pub use moltghost_protocol::{chat, error, routing, sse};
+pub use moltghost_protocol::{chat, error, keys, routing, sse};
 
+pub mod admin;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod edge;
 pub mod forward;
+pub mod identity;
 pub mod ids;
 pub mod lifecycle;
 pub mod logging;
+pub mod policy;
 pub mod registry;
 pub mod response;
+pub mod secrets;
 pub mod server;
+pub mod store;
 pub mod upstream;
 
 /// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`).

@@ -16,6 +16,8 @@ pub fn access(session: &Session, ctx: &RequestCtx) {
         method = %session.req_header().method,
         route = ctx.route.map(|r| r.path()).unwrap_or("-"),
         agent = ctx.agent.as_deref().unwrap_or("-"),
+        account = ctx.account.as_deref().unwrap_or("-"),
+        key_id = ctx.key_id.as_deref().unwrap_or("-"),
         status = ctx.status,
         error = ctx.error.unwrap_or(""),
         bytes_sent = session.body_bytes_sent() as u64,

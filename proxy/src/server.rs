@@ -1,15 +1,20 @@
-//! Assembles the Pingora server from a [`Config`]: the edge service on its listeners.
+//! Assembles the Pingora server from a [`Config`]: the edge service on its listeners and the
+//! control plane (store follower and admin API) beside it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
 
 use crate::config::Config;
+use crate::control::{self, Control, ControlPlane, StoreStatus};
 use crate::edge::Edge;
-use crate::registry::{Agent, Registry, Snapshot};
-use crate::upstream::{PeerSettings, Upstream};
+use crate::identity::IdentityKey;
+use crate::registry::{LastUsed, Registry};
+use crate::secrets::{self, KeyHasher};
+use crate::store::Store;
+use crate::upstream::PeerSettings;
 
 /// Connection settings for upstream peers, from the config.
 pub fn peer_settings(cfg: &Config) -> PeerSettings {
@@ -20,33 +25,62 @@ pub fn peer_settings(cfg: &Config) -> PeerSettings {
     }
 }
 
-/// The snapshot of the agents declared in the config file.
-pub fn snapshot_from_config(cfg: &Config) -> Snapshot {
-    let settings = peer_settings(cfg);
-    let agents: HashMap<_, _> = cfg
-        .agents
-        .iter()
-        .map(|a| {
-            let agent = Agent {
-                endpoint_id: a.endpoint_id.clone(),
-                name: a.name.clone(),
-                account_id: a.account.clone(),
-                state: a.state,
-                upstream: Upstream::resolve(a.upstream.clone(), settings),
-            };
-            (a.endpoint_id.clone(), Arc::new(agent))
+/// A failure to start, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(String);
+
+/// Everything the edge needs before it serves: secrets, the store brought up to date and seeded,
+/// and the first snapshot. Done before listening, so the first request already sees the store.
+fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
+    let dir = &cfg.data_dir;
+    let key_secret = secrets::load_or_create(
+        cfg.key_secret.as_deref(),
+        "MOLTGHOST_KEY_SECRET",
+        dir,
+        "key_secret",
+    )
+    .map_err(|e| StartError(format!("key secret in {}: {e}", dir.display())))?;
+    let admin_secret = secrets::load_or_create(
+        cfg.admin_jwt_secret.as_deref(),
+        "MOLTGHOST_ADMIN_SECRET",
+        dir,
+        "admin_secret",
+    )
+    .map_err(|e| StartError(format!("admin secret in {}: {e}", dir.display())))?;
+    let identity = IdentityKey::load(dir).map_err(|e| StartError(format!("identity key: {e}")))?;
+    let last_used = Arc::new(LastUsed::default());
+
+    // The store's pool belongs to this short-lived runtime; the control plane opens its own.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let snapshot = rt
+        .block_on(async {
+            let store = Store::open(&cfg.store_url, dir).await?;
+            control::seed(&store, cfg).await?;
+            let contents = store.contents().await?;
+            Ok::<_, crate::store::StoreError>(control::build_snapshot(&contents, cfg, &last_used))
         })
-        .collect();
-    Snapshot {
-        agents,
-        generation: 1,
-    }
+        .map_err(|e| StartError(format!("cannot open the store at {}: {e}", cfg.store_url)))?;
+    let status = Arc::new(StoreStatus::default());
+    Ok(Arc::new(Control {
+        cfg: cfg.clone(),
+        registry: Arc::new(Registry::new(snapshot)),
+        last_used,
+        hasher: KeyHasher::new(&key_secret),
+        admin_secret,
+        identity: Arc::new(identity),
+        status,
+        reload: tokio::sync::Mutex::new(()),
+    }))
 }
 
 /// Runs the edge until it is told to stop (SIGTERM/SIGINT: graceful; SIGQUIT: hand-over).
-pub fn run(cfg: Config) -> ! {
+pub fn run(cfg: Config) -> Result<std::convert::Infallible, StartError> {
     let cfg = Arc::new(cfg);
-    let registry = Arc::new(Registry::new(snapshot_from_config(&cfg)));
+    let control = prepare(&cfg)?;
 
     let conf = ServerConf {
         threads: cfg.threads,
@@ -57,15 +91,22 @@ pub fn run(cfg: Config) -> ! {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
-    let mut edge = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Edge::new(cfg.clone(), registry),
-        "moltghost-edge",
+    let edge = Edge::new(
+        cfg.clone(),
+        control.registry.clone(),
+        control.hasher.clone(),
+        control.status.clone(),
     );
+    let mut service =
+        pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "moltghost-edge");
     for addr in &cfg.http_listen {
-        edge.add_tcp(&addr.to_string());
+        service.add_tcp(&addr.to_string());
     }
-    server.add_service(edge);
-    tracing::info!(listen = ?cfg.http_listen, agents_domain = %cfg.agents_domain, "moltghost edge starting");
+    server.add_service(service);
+    server.add_service(background_service(
+        "control-plane",
+        ControlPlane { control },
+    ));
+    tracing::info!(listen = ?cfg.http_listen, admin = %cfg.admin_listen, agents_domain = %cfg.agents_domain, "moltghost edge starting");
     server.run_forever()
 }

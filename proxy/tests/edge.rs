@@ -17,6 +17,7 @@ const HELLO: &str =
 async fn spec_curl_examples_work_as_printed() {
     let s = Stack::start("").await;
     let url = s.url("abc123", "/v1/chat");
+    let auth = format!("Authorization: Bearer {}", s.key);
     // "Test Connection"
     let (code, out, err) = run(Command::new("curl").args([
         "-sS",
@@ -24,7 +25,7 @@ async fn spec_curl_examples_work_as_printed() {
         "POST",
         &url,
         "-H",
-        "Authorization: Bearer YOUR_API_KEY",
+        &auth,
         "-H",
         "Content-Type: application/json",
         "-d",
@@ -55,7 +56,7 @@ async fn spec_curl_examples_work_as_printed() {
         "POST",
         &url,
         "-H",
-        "Authorization: Bearer molti_xxxxx",
+        &auth,
         "-d",
         r#"{"messages": [{"role": "user", "content": "..."}], "stream": true}"#,
         "--no-buffer",
@@ -426,11 +427,20 @@ async fn the_official_openai_python_client_works() {
         return;
     }
     let s = Stack::start("").await;
+    // A key scoped to one agent reaches it without a Host naming it, as the README's snippet does.
+    let scoped = s
+        .admin_post(
+            "/v1/admin/keys",
+            json!({"name": "python", "agents": ["abc123"]}),
+        )
+        .await;
     let (code, out, err) = run(Command::new("python3")
         .arg(common::client_script("openai_client.py"))
         .args([
             &format!("http://127.0.0.1:{}/v1", s.port),
             &format!("abc123.agent.localhost:{}", s.port),
+            &s.key,
+            scoped["key"].as_str().unwrap(),
         ]));
     println!("{out}");
     assert_eq!(code, 0, "openai client failed:\n{out}\n{err}");

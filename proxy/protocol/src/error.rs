@@ -57,6 +57,12 @@ pub enum EdgeError {
         /// The runtime's message, or a summary.
         message: String,
     },
+    /// An admin request without a valid token.
+    Unauthenticated(Cow<'static, str>),
+    /// An admin token without the scope the call needs.
+    Forbidden(Cow<'static, str>),
+    /// The change conflicts with the current state (a taken name, a terminated agent).
+    Conflict(Cow<'static, str>),
     /// The client went away before the answer was complete. Never written (there is nobody to
     /// write to); logged with nginx's 499.
     ClientClosed,
@@ -88,6 +94,9 @@ impl EdgeError {
             Self::UpstreamUnavailable(_) => 502,
             Self::Upstream { status, .. } | Self::Denied { status, .. } => *status,
             Self::ClientClosed => 499,
+            Self::Unauthenticated(_) => 401,
+            Self::Forbidden(_) => 403,
+            Self::Conflict(_) => 409,
         }
     }
 
@@ -112,6 +121,9 @@ impl EdgeError {
             },
             Self::Denied { .. } => "policy_denied",
             Self::ClientClosed => "client_closed",
+            Self::Unauthenticated(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::Conflict(_) => "conflict",
         }
     }
 
@@ -119,7 +131,9 @@ impl EdgeError {
     pub fn kind(&self) -> &'static str {
         match self.status() {
             401 => "authentication_error",
+            403 if matches!(self, Self::Forbidden(_)) => "permission_error",
             403 | 429 => "rate_limit_error",
+            409 => "conflict_error",
             202 | 503 => "service_unavailable",
             410 => "gone",
             504 => "timeout_error",
@@ -149,9 +163,12 @@ impl EdgeError {
             Self::Timeout => {
                 "The request timed out: increase timeout_seconds or reduce the prompt".into()
             }
-            Self::InvalidRequest(m) | Self::NotFound(m) | Self::UpstreamUnavailable(m) => {
-                m.as_ref().into()
-            }
+            Self::InvalidRequest(m)
+            | Self::NotFound(m)
+            | Self::UpstreamUnavailable(m)
+            | Self::Unauthenticated(m)
+            | Self::Forbidden(m)
+            | Self::Conflict(m) => m.as_ref().into(),
             Self::BodyTooLarge { limit } => {
                 format!("Request body exceeds the limit of {limit} bytes").into()
             }

@@ -4,5 +4,6 @@
 
 pub mod chat;
 pub mod error;
+pub mod keys;
 pub mod routing;
 pub mod sse;

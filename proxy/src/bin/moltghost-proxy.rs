@@ -48,5 +48,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     moltghost::init_tracing();
-    moltghost::server::run(cfg)
+    match moltghost::server::run(cfg) {
+        Err(e) => {
+            eprintln!("moltghost-proxy: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,6 +1,9 @@
 """Drives the edge with the official `openai` Python package, as a user would.
 
-Usage: openai_client.py BASE_URL HOST [API_KEY]
+Usage: openai_client.py BASE_URL HOST API_KEY [SCOPED_KEY]
+
+HOST names the agent for API_KEY (an account-wide key); SCOPED_KEY, a key scoped to that one
+agent, is used without any Host, as the README's snippet does.
 Prints one line per check and exits non-zero on the first failure.
 """
 import sys
@@ -9,7 +12,8 @@ import openai
 from openai import OpenAI
 
 base_url, host = sys.argv[1], sys.argv[2]
-api_key = sys.argv[3] if len(sys.argv) > 3 else "molti_test_key"
+api_key = sys.argv[3]
+scoped_key = sys.argv[4] if len(sys.argv) > 4 else None
 
 
 def client(agent_host):
@@ -85,4 +89,21 @@ except openai.APIError as e:
     print("ok broken stream raises:", type(e).__name__, e.message)
 else:
     raise AssertionError("a broken stream did not raise")
+if scoped_key:
+    plain = OpenAI(api_key=scoped_key, base_url=base_url, max_retries=0)
+    text = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in plain.chat.completions.create(model="llama3.1-70b", messages=messages, stream=True)
+        if ch.choices
+    )
+    assert text.startswith("Hello!"), text
+    print("ok scoped key without Host:", text[:20])
+
+try:
+    OpenAI(api_key="molti_nobody_" + "x" * 40, base_url=base_url, max_retries=0).models.list()
+except openai.AuthenticationError as e:
+    assert e.body["code"] == "invalid_api_key", e.body
+    print("ok bad key: AuthenticationError 401")
+else:
+    raise AssertionError("a bad key was accepted")
 print("all openai checks passed")

@@ -37,8 +37,33 @@ pub const AGENTS: &[(&str, &str)] = &[
     ("gone1", "terminated"),
 ];
 
+/// Shared by every test edge (a fleet must share these).
+pub const ADMIN_SECRET: &str = "test-admin-secret-0123456789abcdef";
+/// Keys the API-key HMAC of every test edge.
+pub const KEY_SECRET: &str = "test-key-secret-0123456789abcdef";
+
+/// A write-scope admin token for the test edges.
+pub fn admin_token() -> String {
+    moltghost::admin::mint_token(ADMIN_SECRET, "tests", "write", 3600).unwrap()
+}
+
+/// How to start a stack.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Appended to the config.
+    pub extra: String,
+    /// Store URL (SQLite in the data directory when `None`).
+    pub store_url: Option<String>,
+    /// Do not declare the test agents (a fleet's later edges find them in the store).
+    pub no_agents: bool,
+    /// Use this runtime instead of starting one.
+    pub runtime: Option<(SocketAddr, Arc<Stats>)>,
+}
+
 /// A running edge and runtime.
 pub struct Stack {
+    /// An account-wide API key for the test agents.
+    pub key: String,
     /// The edge's public port.
     pub port: u16,
     /// The edge's admin port.
@@ -56,31 +81,50 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts a runtime and an edge with `extra` appended to the config.
+    /// Starts a runtime and an edge with `extra` appended to the config, and makes a key.
     pub async fn start(extra: &str) -> Self {
-        let (runtime, stats) = runtime::spawn(RuntimeConfig::default()).await.unwrap();
+        Self::start_with(Options {
+            extra: extra.into(),
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// Starts a stack as `opts` says.
+    pub async fn start_with(opts: Options) -> Self {
+        let (runtime, stats) = match opts.runtime {
+            Some(r) => r,
+            None => runtime::spawn(RuntimeConfig::default()).await.unwrap(),
+        };
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
         let dead_port = free_port();
+        let store = opts
+            .store_url
+            .clone()
+            .unwrap_or_else(|| "sqlite://moltghost.db".into());
         let mut cfg = format!(
             "[listen]\nhttp = [\"127.0.0.1:{port}\"]\nadmin = \"127.0.0.1:{admin_port}\"\n\
-             [edge]\ndata_dir = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n{extra}\n",
-            dir.path().display()
+             [edge]\ndata_dir = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n\
+             [store]\nurl = \"{store}\"\npoll_interval = \"200ms\"\nlast_used_flush = \"200ms\"\n{}\n",
+            dir.path().display(),
+            opts.extra
         );
-        for (id, state) in AGENTS {
+        if !opts.no_agents {
+            for (id, state) in AGENTS {
+                cfg += &format!("[[agents]]\nid = \"{id}\"\nupstream = \"http://{runtime}\"\nstate = \"{state}\"\n");
+            }
             cfg += &format!(
-                "[[agents]]\nid = \"{id}\"\nupstream = \"http://{runtime}\"\nstate = \"{state}\"\n"
+                "[[agents]]\nid = \"down1\"\nupstream = \"http://127.0.0.1:{dead_port}\"\n"
             );
         }
-        cfg +=
-            &format!("[[agents]]\nid = \"down1\"\nupstream = \"http://127.0.0.1:{dead_port}\"\n");
         let conf_path = dir.path().join("edge.toml");
         std::fs::write(&conf_path, cfg).unwrap();
         let log = dir.path().join("edge.log");
         let child = spawn_edge(&conf_path, &log);
-        wait_port(port, Duration::from_secs(20));
-        Self {
+        let mut s = Self {
+            key: String::new(),
             port,
             admin_port,
             runtime,
@@ -88,7 +132,58 @@ impl Stack {
             child,
             dir,
             log,
+        };
+        s.wait_ready();
+        if !opts.no_agents {
+            let k = s
+                .admin_post(
+                    "/v1/admin/keys",
+                    serde_json::json!({"name": "tests", "account": "default"}),
+                )
+                .await;
+            s.key = k["key"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no key: {k}"))
+                .to_owned();
         }
+        s
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || TcpStream::connect(("127.0.0.1", self.admin_port)).is_err()
+        {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the edge exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the edge did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The admin API's base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// Calls the admin API and returns the JSON answer, panicking on a non-2xx.
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.admin_url()))
+            .bearer_auth(admin_token())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {v}");
+        v
     }
 
     /// URL of `path` on agent `agent`'s endpoint.
@@ -99,7 +194,16 @@ impl Stack {
     /// An HTTP client that resolves every test agent's host to loopback (glibc does not).
     pub fn client(&self) -> reqwest::Client {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let mut b = reqwest::Client::builder().no_proxy();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if !self.key.is_empty() {
+            headers.insert(
+                "authorization",
+                format!("Bearer {}", self.key).parse().unwrap(),
+            );
+        }
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .default_headers(headers);
         for (id, _) in AGENTS.iter().chain([("down1", ""), ("nosuch", "")].iter()) {
             b = b.resolve(&format!("{id}.agent.localhost"), addr);
         }
@@ -126,6 +230,8 @@ pub fn spawn_edge(conf: &Path, log: &Path) -> Child {
         .arg("--config")
         .arg(conf)
         .env("RUST_LOG", "info")
+        .env("MOLTGHOST_ADMIN_SECRET", ADMIN_SECRET)
+        .env("MOLTGHOST_KEY_SECRET", KEY_SECRET)
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .stdin(Stdio::null())
@@ -177,4 +283,59 @@ pub fn client_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/clients")
         .join(name)
+}
+
+/// A fresh PostgreSQL database for one test, dropped with it. `None` (and a printed reason) where
+/// there is no PostgreSQL, except in CI, which must have one.
+pub struct PgDb {
+    /// Its URL.
+    pub url: String,
+    name: String,
+    admin: String,
+}
+
+impl PgDb {
+    /// Creates the database, or skips.
+    pub async fn create() -> Option<Self> {
+        use sqlx::Connection;
+        let admin = std::env::var("MOLTGHOST_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let mut conn = match sqlx::PgConnection::connect(&admin).await {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "CI must reach PostgreSQL at {admin}: {e}"
+                );
+                eprintln!("skipping: no PostgreSQL at {admin} ({e})");
+                return None;
+            }
+        };
+        let name = format!("mg_test_{}", moltghost::secrets::short_id(10));
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').unwrap().0;
+        Some(Self {
+            url: format!("{base}/{name}"),
+            name,
+            admin,
+        })
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                self.admin.as_str(),
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }

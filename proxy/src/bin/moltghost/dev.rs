@@ -1,0 +1,297 @@
+//! `moltghost dev`: the whole local stack in one command. Starts the reference runtime and the
+//! edge (the real binaries, beside this one), makes sure an agent `demo` exists, creates a key,
+//! prints how to call it, and stops everything on Ctrl-C.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use crate::client::{seg, Admin, Failure, DEV_FILE};
+
+/// Options of `moltghost dev`.
+#[derive(Args)]
+pub struct DevArgs {
+    /// Public port of the edge.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Port of the admin API.
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// Port of the reference runtime.
+    #[arg(long, default_value_t = 9100)]
+    runtime_port: u16,
+    /// Print one JSON line (endpoint, agent, api_key, admin_url) once the stack answers.
+    #[arg(long)]
+    json: bool,
+}
+
+fn sibling(name: &str) -> Result<PathBuf, Failure> {
+    let exe = std::env::current_exe().map_err(|e| Failure::Unreachable(e.to_string()))?;
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(Failure::Unreachable(format!(
+            "{} is missing: build everything with `cargo build --release --workspace --bins` (or run `make dev`)",
+            path.display()
+        )))
+    }
+}
+
+fn free(port: u16) -> Result<(), Failure> {
+    if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        return Err(Failure::Unreachable(format!(
+            "port {port} is taken: choose another with the matching --*port flag"
+        )));
+    }
+    Ok(())
+}
+
+async fn wait_for(port: u16, what: &str, child: &mut Child, log: &Path) -> Result<(), Failure> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            return Err(Failure::Unreachable(format!(
+                "{what} exited ({status}):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::Unreachable(format!(
+                "{what} did not start listening on port {port}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn spawn(program: &Path, args: &[&str], log: &Path) -> Result<Child, Failure> {
+    let out = std::fs::File::create(log)
+        .map_err(|e| Failure::Unreachable(format!("{}: {e}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Failure::Unreachable(format!("cannot start {}: {e}", program.display())))
+}
+
+/// Asks a child to stop (SIGTERM), then insists.
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        // A graceful stop first: both binaries drain on SIGTERM. A stale pid only fails quietly.
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+/// Runs the stack until Ctrl-C.
+pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
+    let edge_bin = sibling("moltghost-proxy")?;
+    let runtime_bin = sibling("agent-runtime")?;
+    for p in [args.port, args.admin_port, args.runtime_port] {
+        free(p)?;
+    }
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Failure::Unreachable(format!("{}: {e}", data_dir.display())))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+    let secret = moltghost::secrets::load_or_create(
+        None,
+        "MOLTGHOST_ADMIN_SECRET",
+        &data_dir,
+        "admin_secret",
+    )
+    .map_err(|e| Failure::Unreachable(format!("admin secret: {e}")))?;
+
+    let config = format!(
+        "# Written by `moltghost dev`.\n[listen]\nhttp = [\"127.0.0.1:{}\"]\nadmin = \"127.0.0.1:{}\"\n\n\
+         [edge]\ndata_dir = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"2s\"\n\n\
+         [store]\nurl = \"sqlite://moltghost.db\"\n\n\
+         [[plans]]\nname = \"dev\"\nrequests_per_minute = 6000\ntokens_per_month = 100000000\nconcurrent_streams = 64\n",
+        args.port,
+        args.admin_port,
+        data_dir.display()
+    );
+    let conf_path = data_dir.join("dev.toml");
+    std::fs::write(&conf_path, config).map_err(|e| Failure::Unreachable(e.to_string()))?;
+
+    let runtime_listen = format!("127.0.0.1:{}", args.runtime_port);
+    let runtime_log = data_dir.join("runtime.log");
+    let mut runtime = spawn(
+        &runtime_bin,
+        &[
+            "--listen",
+            &runtime_listen,
+            "--ttft-ms",
+            "150",
+            "--interval-ms",
+            "60",
+            "--tokens",
+            "24",
+        ],
+        &runtime_log,
+    )?;
+    let edge_log = data_dir.join("edge.log");
+    let mut edge = spawn(
+        &edge_bin,
+        &["--config", &conf_path.to_string_lossy()],
+        &edge_log,
+    )?;
+    let started = async {
+        wait_for(
+            args.runtime_port,
+            "the reference runtime",
+            &mut runtime,
+            &runtime_log,
+        )
+        .await?;
+        wait_for(args.admin_port, "the edge", &mut edge, &edge_log).await?;
+        wait_for(args.port, "the edge", &mut edge, &edge_log).await?;
+        setup(&args, &data_dir, &secret, &runtime_listen).await
+    };
+    let info = match started.await {
+        Ok(info) => info,
+        Err(e) => {
+            stop(&mut edge).await;
+            stop(&mut runtime).await;
+            return Err(e);
+        }
+    };
+    announce(&args, &info);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+    let why = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "stopping".to_string(),
+        _ = term.recv() => "stopping".to_string(),
+        s = edge.wait() => format!("the edge exited ({s:?}); see {}", edge_log.display()),
+        s = runtime.wait() => format!("the runtime exited ({s:?}); see {}", runtime_log.display()),
+    };
+    eprintln!("moltghost dev: {why}");
+    stop(&mut edge).await;
+    stop(&mut runtime).await;
+    Ok(())
+}
+
+/// Makes sure the demo agent exists and points at this runtime, creates a key, and writes the
+/// file the CLI reads.
+async fn setup(
+    args: &DevArgs,
+    data_dir: &Path,
+    secret: &str,
+    runtime_listen: &str,
+) -> Result<Value, Failure> {
+    let admin_url = format!("http://127.0.0.1:{}", args.admin_port);
+    let token = moltghost::admin::mint_token(secret, "moltghost-dev", "write", 30 * 24 * 3600)
+        .map_err(Failure::Unreachable)?;
+    let admin = Admin::locate(Some(admin_url.clone()), Some(token.clone()), data_dir)?;
+    let upstream = format!("http://{runtime_listen}");
+    let agent = match admin.get("/v1/admin/agents/demo").await {
+        Ok(a) if a["upstream"] == upstream.as_str() => a,
+        Ok(_) => {
+            admin
+                .patch("/v1/admin/agents/demo", json!({"upstream": upstream}))
+                .await?
+        }
+        // The edge seeds one account, `default`: the demo agent and its key live there.
+        Err(Failure::Refused(_)) => {
+            admin
+                .post(
+                    "/v1/admin/agents",
+                    json!({"name": "demo", "upstream": upstream}),
+                )
+                .await?
+        }
+        Err(e) => return Err(e),
+    };
+    if agent["state"] != "running" {
+        admin
+            .post(
+                &format!("/v1/admin/agents/{}/start", seg("demo")),
+                json!({}),
+            )
+            .await?;
+    }
+    let key = admin
+        .post(
+            "/v1/admin/keys",
+            json!({"name": "moltghost dev", "agents": ["demo"]}),
+        )
+        .await?;
+    let info = json!({
+        "endpoint": agent["url"],
+        "agent": agent["endpoint_id"],
+        "api_key": key["key"],
+        "admin_url": admin_url,
+        "admin_token": token,
+        "port": args.port,
+    });
+    let path = data_dir.join(DEV_FILE);
+    moltghost::secrets::write_private(&path, &info.to_string())
+        .map_err(|e| Failure::Unreachable(format!("{}: {e}", path.display())))?;
+    Ok(info)
+}
+
+fn announce(args: &DevArgs, info: &Value) {
+    let (endpoint, key, agent) = (
+        info["endpoint"].as_str().unwrap_or(""),
+        info["api_key"].as_str().unwrap_or(""),
+        info["agent"].as_str().unwrap_or(""),
+    );
+    if args.json {
+        let line = json!({"endpoint": endpoint, "agent": agent, "api_key": key, "admin_url": info["admin_url"]});
+        println!("{line}");
+        return;
+    }
+    let port = args.port;
+    println!(
+        r#"
+MoltGhost dev stack is up.
+
+  endpoint   {endpoint}
+  agent      demo ({agent})
+  API key    {key}
+  admin API  {admin}   (the CLI finds it by itself: try `moltghost auth list-keys`)
+
+Try it (streams tokens as they are generated):
+
+  curl -N -X POST {endpoint}/v1/chat \
+    -H "Authorization: Bearer {key}" \
+    -H "Content-Type: application/json" \
+    -d '{{"messages": [{{"role": "user", "content": "Hello, agent!"}}], "stream": true}}'
+
+Or with the openai Python package (the key is scoped to demo, so no Host is needed):
+
+  from openai import OpenAI
+  client = OpenAI(api_key="{key}", base_url="http://127.0.0.1:{port}/v1")
+  for chunk in client.chat.completions.create(model="llama3.1-70b", stream=True,
+          messages=[{{"role": "user", "content": "Analyze Q4 sales"}}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Ctrl-C stops everything. Logs: .moltghost/edge.log, .moltghost/runtime.log"#,
+        admin = info["admin_url"].as_str().unwrap_or(""),
+    );
+}

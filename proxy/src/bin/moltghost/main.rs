@@ -1,0 +1,573 @@
+//! `moltghost`: the command line for the MoltGhost edge (a client of its admin API), and
+//! `moltghost dev`, the whole local stack in one command.
+
+mod client;
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use client::{seg, Admin, Failure};
+use serde_json::{json, Value};
+
+/// Manage MoltGhost agents, API keys and accounts, or run the local stack.
+///
+/// Quick start:
+///   moltghost dev                                   # edge + runtime + agent + key, on loopback
+///   moltghost status demo --url                     # the agent's endpoint
+///   moltghost auth create-key --agent demo --name "Production API"
+///   moltghost auth list-keys
+///   moltghost auth revoke-key molti_abc123_xyz789   # or the key id, key_...
+///   moltghost agent pause demo && moltghost agent start demo
+///
+/// The admin API is found from --admin-url/--token, then MOLTGHOST_ADMIN_URL and
+/// MOLTGHOST_ADMIN_TOKEN, then the file that `moltghost dev` writes in the data directory.
+///
+/// Exit codes: 0 success, 1 refused by the API (bad input, not found, conflict), 2 usage error,
+/// 3 the admin API could not be reached or used.
+#[derive(Parser)]
+#[command(name = "moltghost", version, verbatim_doc_comment)]
+struct Cli {
+    /// Admin API URL, e.g. http://127.0.0.1:9901.
+    #[arg(long, global = true, env = "MOLTGHOST_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// Admin token (a JWT; see `moltghost token`).
+    #[arg(
+        long,
+        global = true,
+        env = "MOLTGHOST_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Data directory of the local stack.
+    #[arg(
+        long,
+        global = true,
+        default_value = ".moltghost",
+        env = "MOLTGHOST_DATA_DIR"
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole local stack: edge, reference runtime, agent `demo` and a key.
+    Dev(dev::DevArgs),
+    /// Show an agent (by name or endpoint id); --url prints just its endpoint.
+    Status {
+        /// Agent name or endpoint id.
+        agent: String,
+        /// Print only the endpoint URL.
+        #[arg(long)]
+        url: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// API keys.
+    #[command(subcommand)]
+    Auth(AuthCmd),
+    /// Agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Plans (declared in the edge's config).
+    #[command(subcommand)]
+    Plan(PlanCmd),
+    /// Mint an admin token from the admin secret (MOLTGHOST_ADMIN_SECRET or the data directory).
+    Token {
+        /// `read` or `write`.
+        #[arg(long, default_value = "write")]
+        scope: String,
+        /// Lifetime, e.g. 1h, 30d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Who the token is for.
+        #[arg(long, default_value = "operator")]
+        subject: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// Create a key; prints the key alone (it is shown only once).
+    CreateKey {
+        /// Agent(s) the key may call (name or endpoint id); none: every agent of the account.
+        #[arg(long = "agent")]
+        agents: Vec<String>,
+        /// A name for the key.
+        #[arg(long)]
+        name: String,
+        /// Account (when no agent is given and there are several).
+        #[arg(long)]
+        account: Option<String>,
+        /// Expire after this long, e.g. 30d.
+        #[arg(long)]
+        expires_in: Option<String>,
+        /// Print JSON (includes the key).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (never the keys themselves).
+    ListKeys {
+        /// Only this account's.
+        #[arg(long)]
+        account: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key, given the key or its id. Safe for rotation: create the new one first.
+    RevokeKey {
+        /// The key (molti_...) or its id (key_...).
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Register an agent.
+    Create {
+        /// Unique name.
+        name: String,
+        /// Where its runtime is: http://host:port.
+        #[arg(long)]
+        upstream: String,
+        /// Owning account (name or id).
+        #[arg(long)]
+        account: Option<String>,
+        /// Endpoint id (random when absent).
+        #[arg(long)]
+        id: Option<String>,
+        /// Initial state.
+        #[arg(long, default_value = "running")]
+        state: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start (or resume) an agent.
+    Start(AgentRef),
+    /// Pause an agent: its endpoint answers 503 until started.
+    Pause(AgentRef),
+    /// Terminate an agent: its endpoint answers 410 for good.
+    Terminate(AgentRef),
+    /// Change an agent's upstream.
+    SetUpstream {
+        /// Agent name or endpoint id.
+        agent: String,
+        /// New upstream URL.
+        upstream: String,
+    },
+    /// List agents.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct AgentRef {
+    /// Agent name or endpoint id.
+    agent: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum AccountCmd {
+    /// Create an account.
+    Create {
+        /// Unique name.
+        name: String,
+        /// Plan (see `moltghost plan list`).
+        #[arg(long)]
+        plan: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List accounts.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move an account to another plan.
+    SetPlan {
+        /// Account name or id.
+        account: String,
+        /// Plan name.
+        plan: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    /// List plans.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Prints rows as aligned columns under a header.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn text(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) if a.is_empty() => "(all)".into(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    }
+}
+
+fn when(v: &Value, k: &str) -> String {
+    v[k].as_i64().map_or("-".into(), |t| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
+        )
+        .to_string()
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+}
+
+fn seconds(s: &str) -> Result<i64, Failure> {
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs() as i64)
+        .map_err(|e| Failure::Refused(format!("invalid duration {s:?}: {e}")))
+}
+
+fn print_agent(a: &Value, json_out: bool) {
+    if json_out {
+        print_json(a);
+    } else {
+        println!(
+            "{} ({}) {} -> {}\n  {}",
+            text(a, "name"),
+            text(a, "endpoint_id"),
+            text(a, "state"),
+            text(a, "upstream"),
+            text(a, "url")
+        );
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let admin = || Admin::locate(cli.admin_url.clone(), cli.token.clone(), &cli.data_dir);
+    match cli.command {
+        Command::Dev(args) => dev::run(args, &cli.data_dir).await,
+        Command::Token {
+            scope,
+            ttl,
+            subject,
+        } => {
+            let secret = moltghost::secrets::load_or_create(
+                None,
+                "MOLTGHOST_ADMIN_SECRET",
+                &cli.data_dir,
+                "admin_secret",
+            )
+            .map_err(|e| Failure::Unreachable(format!("admin secret: {e}")))?;
+            if !matches!(scope.as_str(), "read" | "write") {
+                return Err(Failure::Refused("--scope is read or write".into()));
+            }
+            let token = moltghost::admin::mint_token(&secret, &subject, &scope, seconds(&ttl)?)
+                .map_err(Failure::Unreachable)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Status {
+            agent,
+            url,
+            json: json_out,
+        } => {
+            let a = admin()?
+                .get(&format!("/v1/admin/agents/{}", seg(&agent)))
+                .await?;
+            if url {
+                println!("{}", text(&a, "url"));
+            } else {
+                print_agent(&a, json_out);
+            }
+            Ok(())
+        }
+        Command::Auth(AuthCmd::CreateKey {
+            agents,
+            name,
+            account,
+            expires_in,
+            json: json_out,
+        }) => {
+            let mut body = json!({"name": name, "agents": agents});
+            if let Some(a) = account {
+                body["account"] = json!(a);
+            }
+            if let Some(e) = expires_in {
+                body["expires_in_seconds"] = json!(seconds(&e)?);
+            }
+            let k = admin()?.post("/v1/admin/keys", body).await?;
+            if json_out {
+                print_json(&k);
+            } else {
+                println!("{}", text(&k, "key"));
+            }
+            Ok(())
+        }
+        Command::Auth(AuthCmd::ListKeys {
+            account,
+            json: json_out,
+        }) => {
+            let path = match account {
+                Some(a) => format!("/v1/admin/keys?account={}", seg(&a)),
+                None => "/v1/admin/keys".into(),
+            };
+            let v = admin()?.get(&path).await?;
+            if json_out {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows = v["keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|k| {
+                    let status = if !k["revoked_at"].is_null() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    vec![
+                        text(k, "id"),
+                        text(k, "name"),
+                        text(k, "prefix"),
+                        text(k, "agents"),
+                        when(k, "created_at"),
+                        when(k, "last_used_at"),
+                        status.into(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "ID",
+                    "NAME",
+                    "KEY",
+                    "AGENTS",
+                    "CREATED",
+                    "LAST USED",
+                    "STATUS",
+                ],
+                rows,
+            );
+            Ok(())
+        }
+        Command::Auth(AuthCmd::RevokeKey { key }) => {
+            let body = if key.starts_with(moltghost::keys::KEY_PREFIX) {
+                json!({"key": key})
+            } else {
+                json!({"id": key})
+            };
+            let v = admin()?.post("/v1/admin/keys/revoke", body).await?;
+            println!("revoked {}", text(&v, "id"));
+            Ok(())
+        }
+        Command::Agent(cmd) => agent(admin()?, cmd).await,
+        Command::Account(cmd) => account(admin()?, cmd).await,
+        Command::Plan(PlanCmd::List { json: json_out }) => {
+            let v = admin()?.get("/v1/admin/plans").await?;
+            if json_out {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows = v["plans"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    vec![
+                        text(p, "name"),
+                        text(p, "requests_per_minute"),
+                        text(p, "tokens_per_month"),
+                        text(p, "concurrent_streams"),
+                    ]
+                })
+                .collect();
+            table(&["PLAN", "REQUESTS/MIN", "TOKENS/MONTH", "STREAMS"], rows);
+            Ok(())
+        }
+    }
+}
+
+async fn agent(admin: Admin, cmd: AgentCmd) -> Result<(), Failure> {
+    let (r, action, json_out) = match cmd {
+        AgentCmd::Create {
+            name,
+            upstream,
+            account,
+            id,
+            state,
+            json: json_out,
+        } => {
+            let mut body = json!({"name": name, "upstream": upstream, "state": state});
+            if let Some(a) = account {
+                body["account"] = json!(a);
+            }
+            if let Some(i) = id {
+                body["endpoint_id"] = json!(i);
+            }
+            print_agent(&admin.post("/v1/admin/agents", body).await?, json_out);
+            return Ok(());
+        }
+        AgentCmd::List { json: json_out } => {
+            let v = admin.get("/v1/admin/agents").await?;
+            if json_out {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows = v["agents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    vec![
+                        text(a, "name"),
+                        text(a, "endpoint_id"),
+                        text(a, "state"),
+                        text(a, "upstream"),
+                        text(a, "url"),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "ENDPOINT", "STATE", "UPSTREAM", "URL"], rows);
+            return Ok(());
+        }
+        AgentCmd::SetUpstream { agent, upstream } => {
+            let a = admin
+                .patch(
+                    &format!("/v1/admin/agents/{}", seg(&agent)),
+                    json!({"upstream": upstream}),
+                )
+                .await?;
+            print_agent(&a, false);
+            return Ok(());
+        }
+        AgentCmd::Start(a) => (a.agent, "start", a.json),
+        AgentCmd::Pause(a) => (a.agent, "pause", a.json),
+        AgentCmd::Terminate(a) => (a.agent, "terminate", a.json),
+    };
+    let a = admin
+        .post(&format!("/v1/admin/agents/{}/{action}", seg(&r)), json!({}))
+        .await?;
+    print_agent(&a, json_out);
+    Ok(())
+}
+
+async fn account(admin: Admin, cmd: AccountCmd) -> Result<(), Failure> {
+    match cmd {
+        AccountCmd::Create {
+            name,
+            plan,
+            json: json_out,
+        } => {
+            let mut body = json!({"name": name});
+            if let Some(p) = plan {
+                body["plan"] = json!(p);
+            }
+            let a = admin.post("/v1/admin/accounts", body).await?;
+            if json_out {
+                print_json(&a);
+            } else {
+                println!(
+                    "{} ({}) on plan {}",
+                    text(&a, "name"),
+                    text(&a, "id"),
+                    text(&a, "plan")
+                );
+            }
+        }
+        AccountCmd::List { json: json_out } => {
+            let v = admin.get("/v1/admin/accounts").await?;
+            if json_out {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows = v["accounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    vec![
+                        text(a, "name"),
+                        text(a, "id"),
+                        text(a, "plan"),
+                        when(a, "created_at"),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "ID", "PLAN", "CREATED"], rows);
+        }
+        AccountCmd::SetPlan { account, plan } => {
+            let a = admin
+                .patch(
+                    &format!("/v1/admin/accounts/{}", seg(&account)),
+                    json!({"plan": plan}),
+                )
+                .await?;
+            println!("{} is on plan {}", text(&a, "name"), text(&a, "plan"));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moltghost: {e}");
+            ExitCode::from(e.code())
+        }
+    }
+}

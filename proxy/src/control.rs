@@ -1,0 +1,287 @@
+//! The control plane inside each edge: keeps the snapshot in step with the store, flushes key
+//! last-used times, and serves the admin API. It runs beside the request path, never in it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::config::Config;
+use crate::registry::{Account, Agent, AgentState, ApiKey, LastUsed, Registry, Snapshot};
+use crate::secrets::KeyHasher;
+use crate::store::{self, AccountRow, AgentRow, Contents, Store, StoreError};
+use crate::upstream::{Upstream, UpstreamTarget};
+
+/// Health of the edge's link to the store, for `/v1/health`, the admin API and the log.
+#[derive(Debug, Default)]
+pub struct StoreStatus {
+    healthy: AtomicBool,
+    /// Unix seconds of the last successful contact.
+    last_ok: AtomicI64,
+}
+
+impl StoreStatus {
+    /// Whether the last contact succeeded.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the last successful contact.
+    pub fn stale_for(&self) -> i64 {
+        store::now() - self.last_ok.load(Ordering::Relaxed)
+    }
+
+    fn ok(&self) {
+        self.last_ok.store(store::now(), Ordering::Relaxed);
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!("store reachable; snapshot follows the store again");
+        }
+    }
+
+    fn failed(&self, e: &StoreError) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::error!(error = %e, "store unreachable; serving from the last snapshot");
+        }
+    }
+}
+
+/// Builds the snapshot from the store's contents. Agents whose upstream does not parse, and
+/// accounts on a plan the config does not declare, are logged and served as unreachable or
+/// refused: one bad row never stops the edge.
+pub fn build_snapshot(c: &Contents, cfg: &Config, last_used: &LastUsed) -> Snapshot {
+    let settings = crate::server::peer_settings(cfg);
+    let accounts: HashMap<String, Arc<Account>> = c
+        .accounts
+        .iter()
+        .filter_map(|a| {
+            let Some(plan) = cfg.plan(&a.plan) else {
+                tracing::error!(account = %a.id, plan = %a.plan, "account on an undeclared plan: its keys are refused");
+                return None;
+            };
+            Some((a.id.clone(), Arc::new(Account { id: a.id.clone(), name: a.name.clone(), plan: plan.clone() })))
+        })
+        .collect();
+    let agents = c
+        .agents
+        .iter()
+        .map(|a| {
+            let state = a.state.parse().unwrap_or(AgentState::Paused);
+            let target = UpstreamTarget::parse(&a.upstream).unwrap_or_else(|e| {
+                tracing::error!(agent = %a.endpoint_id, error = %e, "bad upstream");
+                UpstreamTarget::Http {
+                    host: "invalid.".into(),
+                    port: 9,
+                    base_path: String::new(),
+                }
+            });
+            let agent = Agent {
+                endpoint_id: a.endpoint_id.clone(),
+                name: a.name.clone(),
+                account_id: a.account_id.clone(),
+                state,
+                upstream: Upstream::resolve(target, settings),
+            };
+            (a.endpoint_id.clone(), Arc::new(agent))
+        })
+        .collect();
+    let mut keys = HashMap::with_capacity(c.keys.len());
+    let mut key_ids = HashSet::with_capacity(c.keys.len());
+    for k in &c.keys {
+        let Some(hash) = hex::decode(&k.hash)
+            .ok()
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+        else {
+            tracing::error!(key = %k.id, "key with a malformed hash: ignored");
+            continue;
+        };
+        key_ids.insert(k.id.clone());
+        let key = ApiKey {
+            id: k.id.clone(),
+            account_id: k.account_id.clone(),
+            name: k.name.clone(),
+            hash,
+            agents: k.agents.clone(),
+            expires_at: k.expires_at,
+            last_used: last_used.slot(&k.id, k.last_used_at.unwrap_or(0)),
+        };
+        keys.insert(hash, Arc::new(key));
+    }
+    Snapshot {
+        agents,
+        accounts,
+        keys,
+        key_ids,
+        generation: c.revision as u64,
+    }
+}
+
+/// Creates what the config declares and the store lacks: the accounts of declared agents, the
+/// agents themselves, and a `default` account.
+pub async fn seed(store: &Store, cfg: &Config) -> Result<(), StoreError> {
+    let mut accounts = store.accounts().await?;
+    let default_plan = cfg.plans[0].name.clone();
+    let mut wanted: Vec<&str> = cfg.agents.iter().map(|a| a.account.as_str()).collect();
+    if accounts.is_empty() {
+        wanted.push("default");
+    }
+    for name in wanted {
+        if !accounts.iter().any(|a| a.name == name || a.id == name) {
+            let id = if moltghost_protocol::keys::is_account_id(name) {
+                name.to_owned()
+            } else {
+                crate::secrets::short_id(8)
+            };
+            let row = AccountRow {
+                id,
+                name: name.to_owned(),
+                plan: default_plan.clone(),
+                created_at: store::now(),
+            };
+            accounts.push(store.create_account(row).await?);
+        }
+    }
+    let agents = store.agents().await?;
+    for a in &cfg.agents {
+        if agents.iter().any(|b| b.endpoint_id == a.endpoint_id) {
+            continue;
+        }
+        let account = accounts
+            .iter()
+            .find(|x| x.name == a.account || x.id == a.account)
+            .expect("seeded above");
+        let now = store::now();
+        store
+            .create_agent(AgentRow {
+                endpoint_id: a.endpoint_id.clone(),
+                name: a.name.clone(),
+                account_id: account.id.clone(),
+                upstream: a.upstream.to_string(),
+                state: a.state.as_str().into(),
+                created_at: now,
+                updated_at: now,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Everything the control plane shares with the admin API.
+pub struct Control {
+    /// The validated config.
+    pub cfg: Arc<Config>,
+    /// The snapshot the edge serves from.
+    pub registry: Arc<Registry>,
+    /// Key last-used slots.
+    pub last_used: Arc<LastUsed>,
+    /// The API-key hasher.
+    pub hasher: KeyHasher,
+    /// Admin JWT secret.
+    pub admin_secret: String,
+    /// Identity signing key (Ed25519).
+    pub identity: Arc<crate::identity::IdentityKey>,
+    /// The store link's health.
+    pub status: Arc<StoreStatus>,
+    /// Serializes reloads, so an older snapshot never replaces a newer one.
+    pub reload: tokio::sync::Mutex<()>,
+}
+
+impl Control {
+    /// Reloads the snapshot if the store moved past it. The admin API calls this after each
+    /// change, so a change made through an edge is in force there when the call returns.
+    pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reload.lock().await;
+        let revision = store.revision().await?;
+        if revision as u64 != self.registry.load().generation {
+            let contents = store.contents().await?;
+            let next = build_snapshot(&contents, &self.cfg, &self.last_used);
+            tracing::debug!(generation = next.generation, "snapshot reloaded");
+            self.registry.publish(next);
+        }
+        self.status.ok();
+        Ok(())
+    }
+
+    /// Follows the store: on every notification or poll tick, reload if needed.
+    async fn watch(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
+        let mut listener: Option<sqlx::postgres::PgListener> = None;
+        let mut tick = tokio::time::interval(self.cfg.store_poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if store.is_postgres() && listener.is_none() {
+                listener = connect_listener(store.url()).await;
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()).map_err(|e| e.to_string()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = notified => if let Err(e) = r {
+                    tracing::warn!(error = %e, "change notifications lost; reconnecting");
+                    listener = None;
+                },
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.refresh(&store).await {
+                self.status.failed(&e);
+            }
+        }
+    }
+
+    /// Writes key last-used times every `last_used_flush`, and once more at shutdown.
+    async fn flush(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.cfg.last_used_flush);
+        loop {
+            let stop = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.changed() => true,
+            };
+            let dirty = self.last_used.take_dirty();
+            if let Err(e) = store.touch_keys(&dirty).await {
+                tracing::warn!(error = %e, keys = dirty.len(), "could not record key last-used times");
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+async fn connect_listener(url: &str) -> Option<sqlx::postgres::PgListener> {
+    let mut l = sqlx::postgres::PgListener::connect(url).await.ok()?;
+    l.listen(store::CHANNEL).await.ok()?;
+    Some(l)
+}
+
+/// The control plane as a Pingora background service.
+pub struct ControlPlane {
+    /// Shared state.
+    pub control: Arc<Control>,
+}
+
+#[async_trait]
+impl BackgroundService for ControlPlane {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let control = self.control.clone();
+        let store = loop {
+            match Store::open(&control.cfg.store_url, &control.cfg.data_dir).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    control.status.failed(&e);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        control.status.ok();
+        let watcher = tokio::spawn(control.clone().watch(store.clone(), shutdown.clone()));
+        let flusher = tokio::spawn(control.clone().flush(store.clone(), shutdown.clone()));
+        let admin = tokio::spawn(crate::admin::serve(control.clone(), store, shutdown));
+        let _ = tokio::join!(watcher, flusher, admin);
+    }
+}

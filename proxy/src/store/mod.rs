@@ -1,0 +1,526 @@
+//! The control-plane store: one schema behind one interface, on SQLite (a file in the data
+//! directory, the default) or PostgreSQL (a fleet). Every change bumps a revision in the same
+//! transaction, and on PostgreSQL notifies every edge (`LISTEN moltghost_changes`).
+//!
+//! Only the control plane calls this module; requests are served from the snapshot.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+/// The notification channel on PostgreSQL.
+pub const CHANNEL: &str = "moltghost_changes";
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A store error, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row asked for does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A unique name or id is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database failed.
+    #[error("store: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// An account row.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AccountRow {
+    /// Id, part of every key: `molti_<id>_…`.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Plan name (declared in config).
+    pub plan: String,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// An agent row.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AgentRow {
+    /// Endpoint id: the host label.
+    pub endpoint_id: String,
+    /// Unique name.
+    pub name: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Upstream as configured (`http://…`).
+    pub upstream: String,
+    /// Lifecycle state.
+    pub state: String,
+    /// Creation time.
+    pub created_at: i64,
+    /// Last change.
+    pub updated_at: i64,
+}
+
+/// An API key row. The key itself is never stored.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KeyRow {
+    /// Key id (`key_…`), safe to show and log.
+    pub id: String,
+    /// Owning account.
+    pub account_id: String,
+    /// Human name.
+    pub name: String,
+    /// HMAC-SHA-256 of the key, hex.
+    #[serde(skip)]
+    pub hash: String,
+    /// Recognisable start of the key (`molti_acct_AbCdEf…`).
+    pub prefix: String,
+    /// Endpoint ids in scope; empty means every agent of the account.
+    pub agents: Vec<String>,
+    /// Creation time.
+    pub created_at: i64,
+    /// Last use (written in batches).
+    pub last_used_at: Option<i64>,
+    /// Expiry, if any.
+    pub expires_at: Option<i64>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// Everything the snapshot is built from, read in one transaction.
+#[derive(Debug, Default)]
+pub struct Contents {
+    /// The revision these rows are at.
+    pub revision: i64,
+    /// All accounts.
+    pub accounts: Vec<AccountRow>,
+    /// All agents.
+    pub agents: Vec<AgentRow>,
+    /// Keys not revoked.
+    pub keys: Vec<KeyRow>,
+}
+
+/// The store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    postgres: bool,
+    url: String,
+}
+
+fn account(r: &AnyRow) -> Result<AccountRow, sqlx::Error> {
+    Ok(AccountRow {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        plan: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+    })
+}
+
+fn agent(r: &AnyRow) -> Result<AgentRow, sqlx::Error> {
+    Ok(AgentRow {
+        endpoint_id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        account_id: r.try_get(2)?,
+        upstream: r.try_get(3)?,
+        state: r.try_get(4)?,
+        created_at: r.try_get(5)?,
+        updated_at: r.try_get(6)?,
+    })
+}
+
+fn key(r: &AnyRow) -> Result<KeyRow, sqlx::Error> {
+    let agents: String = r.try_get(5)?;
+    Ok(KeyRow {
+        id: r.try_get(0)?,
+        account_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        hash: r.try_get(3)?,
+        prefix: r.try_get(4)?,
+        agents: agents
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        created_at: r.try_get(6)?,
+        last_used_at: r.try_get(7)?,
+        expires_at: r.try_get(8)?,
+        revoked_at: r.try_get(9)?,
+    })
+}
+
+const ACCOUNT_COLS: &str = "id, name, plan, created_at";
+const AGENT_COLS: &str = "endpoint_id, name, account_id, upstream, state, created_at, updated_at";
+const KEY_COLS: &str =
+    "id, account_id, name, hash, prefix, agents, created_at, last_used_at, expires_at, revoked_at";
+
+fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(what()),
+        _ => StoreError::Db(e),
+    }
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://PATH`, relative to `data_dir`, or `postgres://…`) and brings
+    /// the schema up to date.
+    pub async fn open(url: &str, data_dir: &Path) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres");
+        let url = if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let (path, _) = path.split_once('?').unwrap_or((path, ""));
+            let path = if Path::new(path).is_absolute() {
+                path.into()
+            } else {
+                data_dir.join(path)
+            };
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+            }
+            format!("sqlite://{}?mode=rwc", path.display())
+        } else {
+            url.to_owned()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if postgres { 8 } else { 4 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if !postgres {
+                        // WAL lets several edges (and the CLI) read while one writes.
+                        sqlx::query("PRAGMA journal_mode=WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout=5000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA foreign_keys=ON")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous=NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        let store = Self {
+            pool,
+            postgres,
+            url,
+        };
+        // One portable schema serves both backends.
+        sqlx::migrate!().run(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Whether this is PostgreSQL (changes are notified).
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    /// The connection URL (for the change listener).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The current revision.
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query("SELECT value FROM revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
+    }
+
+    /// Everything, consistently.
+    pub async fn contents(&self) -> Result<Contents, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let revision: i64 = sqlx::query("SELECT value FROM revision WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        let accounts = sqlx::query(&format!("SELECT {ACCOUNT_COLS} FROM accounts"))
+            .fetch_all(&mut *tx)
+            .await?;
+        let agents = sqlx::query(&format!("SELECT {AGENT_COLS} FROM agents"))
+            .fetch_all(&mut *tx)
+            .await?;
+        let keys = sqlx::query(&format!(
+            "SELECT {KEY_COLS} FROM api_keys WHERE revoked_at IS NULL"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Contents {
+            revision,
+            accounts: accounts.iter().map(account).collect::<Result<_, _>>()?,
+            agents: agents.iter().map(agent).collect::<Result<_, _>>()?,
+            keys: keys.iter().map(key).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Runs `change` in a transaction that also bumps the revision and notifies the fleet.
+    async fn change<T>(
+        &self,
+        change: impl for<'c> FnOnce(
+            &'c mut sqlx::AnyConnection,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
+        >,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let out = change(&mut tx).await?;
+        let rev: i64 =
+            sqlx::query("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+        if self.postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(rev.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------------ accounts
+
+    /// All accounts.
+    pub async fn accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLS} FROM accounts ORDER BY created_at, name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(account).collect::<Result<_, _>>()?)
+    }
+
+    /// Creates an account.
+    pub async fn create_account(&self, row: AccountRow) -> Result<AccountRow, StoreError> {
+        let r = row.clone();
+        self.change(move |c| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO accounts (id, name, plan, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&r.id)
+                .bind(&r.name)
+                .bind(&r.plan)
+                .bind(r.created_at)
+                .execute(&mut *c)
+                .await
+                .map_err(|e| conflict(e, || format!("an account named {:?} exists", r.name)))?;
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(row)
+    }
+
+    /// Changes an account's plan.
+    pub async fn set_account_plan(&self, id: &str, plan: &str) -> Result<(), StoreError> {
+        let (id, plan) = (id.to_owned(), plan.to_owned());
+        self.change(move |c| {
+            Box::pin(async move {
+                let n = sqlx::query("UPDATE accounts SET plan = $1 WHERE id = $2")
+                    .bind(&plan)
+                    .bind(&id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::NotFound(format!("account {id}")));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------------ agents
+
+    /// All agents.
+    pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents ORDER BY created_at, name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(agent).collect::<Result<_, _>>()?)
+    }
+
+    /// Creates an agent.
+    pub async fn create_agent(&self, row: AgentRow) -> Result<AgentRow, StoreError> {
+        let r = row.clone();
+        self.change(move |c| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO agents (endpoint_id, name, account_id, upstream, state, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&r.endpoint_id)
+                .bind(&r.name)
+                .bind(&r.account_id)
+                .bind(&r.upstream)
+                .bind(&r.state)
+                .bind(r.created_at)
+                .bind(r.updated_at)
+                .execute(&mut *c)
+                .await
+                .map_err(|e| conflict(e, || format!("an agent named {:?} or at endpoint {:?} exists", r.name, r.endpoint_id)))?;
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(row)
+    }
+
+    /// Sets an agent's state (the caller has checked the transition).
+    pub async fn set_agent_state(&self, endpoint_id: &str, state: &str) -> Result<(), StoreError> {
+        let (id, state) = (endpoint_id.to_owned(), state.to_owned());
+        self.change(move |c| {
+            Box::pin(async move {
+                let n = sqlx::query(
+                    "UPDATE agents SET state = $1, updated_at = $2 WHERE endpoint_id = $3",
+                )
+                .bind(&state)
+                .bind(now())
+                .bind(&id)
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::NotFound(format!("agent {id}")));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Points an agent at another upstream.
+    pub async fn set_agent_upstream(
+        &self,
+        endpoint_id: &str,
+        upstream: &str,
+    ) -> Result<(), StoreError> {
+        let (id, upstream) = (endpoint_id.to_owned(), upstream.to_owned());
+        self.change(move |c| {
+            Box::pin(async move {
+                let n = sqlx::query(
+                    "UPDATE agents SET upstream = $1, updated_at = $2 WHERE endpoint_id = $3",
+                )
+                .bind(&upstream)
+                .bind(now())
+                .bind(&id)
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::NotFound(format!("agent {id}")));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------------ keys
+
+    /// All keys, revoked ones included.
+    pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLS} FROM api_keys ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(key).collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a new key (its hash only).
+    pub async fn create_key(&self, row: KeyRow) -> Result<KeyRow, StoreError> {
+        let r = row.clone();
+        self.change(move |c| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO api_keys (id, account_id, name, hash, prefix, agents, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&r.id)
+                .bind(&r.account_id)
+                .bind(&r.name)
+                .bind(&r.hash)
+                .bind(&r.prefix)
+                .bind(r.agents.join(","))
+                .bind(r.created_at)
+                .bind(r.expires_at)
+                .execute(&mut *c)
+                .await?;
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(row)
+    }
+
+    /// Revokes the key with this id or hash; returns its id.
+    pub async fn revoke_key(&self, id_or_hash: &str) -> Result<String, StoreError> {
+        let k = id_or_hash.to_owned();
+        self.change(move |c| {
+            Box::pin(async move {
+                let row =
+                    sqlx::query("SELECT id, revoked_at FROM api_keys WHERE id = $1 OR hash = $2")
+                        .bind(&k)
+                        .bind(&k)
+                        .fetch_optional(&mut *c)
+                        .await?
+                        .ok_or_else(|| StoreError::NotFound("key".into()))?;
+                let id: String = row.try_get(0)?;
+                sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(now())
+                .bind(&id)
+                .execute(&mut *c)
+                .await?;
+                Ok(id)
+            })
+        })
+        .await
+    }
+
+    /// Records last-used times in one batch (not a change: no revision bump).
+    pub async fn touch_keys(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in used {
+            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $3)")
+                .bind(*at)
+                .bind(id)
+                .bind(*at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
