@@ -196,6 +196,8 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if postgres { 8 } else { 4 })
+            // Fail fast when the store is gone: the edge keeps serving from its snapshot.
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if !postgres {

@@ -339,3 +339,55 @@ impl Drop for PgDb {
             .status();
     }
 }
+
+/// A TCP relay to PostgreSQL that a test can cut and restore, to take the store away from one
+/// edge while the rest of the machine keeps it.
+pub struct Relay {
+    /// The port edges connect to.
+    pub port: u16,
+    up: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Relay {
+    /// A relay to `target` (host:port), up.
+    pub async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, _) = tokio::sync::watch::channel(true);
+        let up = Arc::new(tx);
+        let target = target.to_owned();
+        let up2 = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut down = up2.subscribe();
+                if !*down.borrow() {
+                    continue; // dropped: the store is "gone"
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { port, up }
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
