@@ -131,10 +131,20 @@ pub fn router(cfg: RuntimeConfig) -> (Router, Arc<Stats>) {
     (app, stats)
 }
 
-/// Serves the runtime on `listener` until the process ends.
+/// Serves the runtime on `listener` until the process ends. Token events are small writes:
+/// without `TCP_NODELAY`, Nagle and delayed ACKs hold them back by 40 ms.
 pub async fn serve(listener: tokio::net::TcpListener, cfg: RuntimeConfig) -> std::io::Result<()> {
     let (app, _) = router(cfg);
-    axum::serve(listener, app).await
+    axum::serve(nodelay(listener), app).await
+}
+
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
 }
 
 /// Starts the runtime on an ephemeral loopback port in the current tokio runtime and returns its
@@ -144,7 +154,7 @@ pub async fn spawn(cfg: RuntimeConfig) -> std::io::Result<(std::net::SocketAddr,
     let addr = listener.local_addr()?;
     let (app, stats) = router(cfg);
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(nodelay(listener), app).await;
     });
     Ok((addr, stats))
 }

@@ -1,0 +1,89 @@
+"""Writes BENCHMARKS.md from the JSON reports of loadtest/compare.sh (stdout).
+
+Usage: python3 loadtest/benchmarks_md.py loadtest/results > BENCHMARKS.md
+"""
+import datetime
+import json
+import os
+import sys
+
+out = sys.argv[1]
+
+
+def load(name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def target(run, name):
+    return next((t for t in run["targets"] if t["name"] == name), None)
+
+
+docs = {n: load(n) for n in ["chat-serial.json", "chat-sweep.json", "sse.json", "churn.json", "held.json", "litellm-chat.json", "litellm-sse.json"]}
+machine = next((d["machine"] for d in docs.values() if d), {})
+print("# Benchmarks\n")
+print("Regenerate everything on this page with one command: `loadtest/compare.sh` (about ten minutes;")
+print("`QUICK=1` for a smoke run). It builds in release mode, starts the reference runtime, the edge")
+print("(API key on every request, from a PostgreSQL-free SQLite store), nginx and HAProxy from Debian")
+print("with streaming-safe configs (`loadtest/peers/`), LiteLLM's proxy from PyPI, and drives them")
+print("with `loadtest` in **interleaved same-run rounds**: each target takes turns at the same arrival")
+print("rate, so every figure below is compared with the direct-to-runtime baseline measured in the")
+print("same minutes. `direct2` is the runtime again: the noise floor. Latency counts from each")
+print("request's intended send time (open loop).\n")
+print(f"Machine: {machine.get('cpus')} CPUs ({machine.get('cpu_model')}), Linux {machine.get('kernel')}, shared")
+print("by the load generator, the runtime and every proxy; absolute times are indicative, ratios and")
+print(f"added microseconds are the point. Generated {datetime.date.today().isoformat()}.\n")
+
+serial = docs["chat-serial.json"]
+if serial:
+    run = serial["runs"][0]
+    print("## Headline: added latency, one request at a time\n")
+    print(f"Small JSON chat completions at {run['target_rps']} req/s (each finishes long before the next starts).\n")
+    print("| target | p50 µs | p99 µs | added p50 µs | added p99 µs | CPU µs/request |")
+    print("|---|---|---|---|---|---|")
+    for t in run["targets"]:
+        a = t.get("added") or {}
+        print(f"| {t['name']} | {t['latency_us']['p50']} | {t['latency_us']['p99']} | {a.get('p50_us', 'baseline')} | {a.get('p99_us', 'baseline')} | {t.get('cpu_us_per_request') or '-'} |")
+    print()
+
+held = docs["held.json"]
+if held and held["held_streams"]:
+    print("## Memory per open stream\n")
+    print("Streams opened and held (each stalls after its first token), the serving process's resident")
+    print("memory read from `/proc` before and with all of them open.\n")
+    print("| target | streams | opened | KiB per stream | streams per GiB |")
+    print("|---|---|---|---|---|")
+    for h in held["held_streams"]:
+        b = h.get("bytes_per_stream")
+        per_gib = f"{(1 << 30) // b:,}" if b else "-"
+        kib = f"{b / 1024:.1f}" if b else "-"
+        print(f"| {h['target']} | {h['wanted']} | {h['opened']} | {kib} | {per_gib} |")
+    print()
+
+lite = docs["litellm-chat.json"]
+if lite:
+    print("## Against LiteLLM\n")
+    print("| rate | target | p50 µs | p99 µs | added p50 µs | added p99 µs | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for run in lite["runs"]:
+        for t in run["targets"]:
+            a = t.get("added") or {}
+            print(f"| {run['target_rps']} | {t['name']} | {t['latency_us']['p50']} | {t['latency_us']['p99']} | {a.get('p50_us', 'baseline')} | {a.get('p99_us', 'baseline')} | {sum(t['errors'].values()) + t['dropped']} |")
+    print()
+
+print("## All runs\n")
+tables = os.path.join(out, "tables.md")
+if os.path.exists(tables):
+    print(open(tables).read())
+
+plots = sorted(os.listdir(os.path.join(out, "plots"))) if os.path.isdir(os.path.join(out, "plots")) else []
+if plots:
+    print("## Plots\n")
+    for p in plots:
+        print(f"![{p}](loadtest/results/plots/{p})")
+    print()
+
+print("## Definitions\n")
+defs = next((d["definitions"] for d in docs.values() if d), {})
+for k, v in defs.items():
+    print(f"- **{k}**: {v}")
