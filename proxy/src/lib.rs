@@ -17,6 +17,7 @@ pub mod identity;
 pub mod ids;
 pub mod lifecycle;
 pub mod logging;
+pub mod logwriter;
 pub mod policy;
 pub mod registry;
 pub mod response;
@@ -25,13 +26,18 @@ pub mod server;
 pub mod store;
 pub mod upstream;
 
-/// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`), buffered
+/// off the request path ([`logwriter`]). Keep the guard for the life of the process: dropping
+/// it writes out what is left.
+pub fn init_tracing() -> logwriter::FlushGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,pingora=warn".into());
+    let (writer, guard) = logwriter::stdout();
     let _ = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
         .with_current_span(false)
+        .with_writer(writer)
         .try_init();
+    guard
 }

@@ -77,8 +77,9 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
     }))
 }
 
-/// Runs the edge until it is told to stop (SIGTERM/SIGINT: graceful; SIGQUIT: hand-over).
-pub fn run(cfg: Config) -> Result<std::convert::Infallible, StartError> {
+/// Runs the edge until it is told to stop (SIGTERM/SIGINT: graceful; SIGQUIT: hand-over), then
+/// returns so that the caller can flush its logs.
+pub fn run(cfg: Config) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
     let control = prepare(&cfg)?;
 
@@ -108,5 +109,7 @@ pub fn run(cfg: Config) -> Result<std::convert::Infallible, StartError> {
         ControlPlane { control },
     ));
     tracing::info!(listen = ?cfg.http_listen, admin = %cfg.admin_listen, agents_domain = %cfg.agents_domain, "moltghost edge starting");
-    server.run_forever()
+    server.run(pingora_core::server::RunArgs::default());
+    tracing::info!("moltghost edge stopped");
+    Ok(())
 }

@@ -47,8 +47,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    moltghost::init_tracing();
+    let _log = moltghost::init_tracing();
     match moltghost::server::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moltghost-proxy: {e}");
             ExitCode::from(1)
