@@ -20,7 +20,7 @@ use crate::config::is_label;
 use crate::control::Control;
 use crate::error::EdgeError;
 use crate::registry::AgentState;
-use crate::store::{self, AccountRow, AgentRow, KeyRow, Store, StoreError};
+use crate::store::{self, AccountRow, AgentRow, KeyRow, Store, StoreError, UsageBy};
 use crate::upstream::UpstreamTarget;
 
 /// Claims of an admin token.
@@ -181,6 +181,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/agents/{agent}/{action}", post(agent_action))
         .route("/v1/admin/keys", get(list_keys).post(create_key))
         .route("/v1/admin/keys/revoke", post(revoke_key))
+        .route("/v1/admin/usage", get(usage))
         .fallback(|| async { ApiError(EdgeError::NotFound("no such admin route".into())) })
         .with_state(state)
 }
@@ -626,4 +627,66 @@ async fn revoke_key(
     })?;
     st.changed().await;
     Ok(Json(json!({"id": id, "revoked": true})))
+}
+
+// ---------------------------------------------------------------------- usage
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    #[serde(default)]
+    month: Option<String>,
+    #[serde(default)]
+    account: Option<String>,
+    #[serde(default)]
+    by: Option<UsageBy>,
+}
+
+async fn usage(
+    _: Read,
+    State(st): State<AppState>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|e| invalid(e.body_text()))?;
+    let month = q
+        .month
+        .unwrap_or_else(|| crate::quota::month_of(store::now()));
+    let well_formed = month.len() == 7
+        && month.as_bytes()[4] == b'-'
+        && month
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| i == 4 || b.is_ascii_digit());
+    if !well_formed {
+        return Err(invalid("`month` is YYYY-MM"));
+    }
+    let account = match q.account.as_deref() {
+        Some(r) => Some(find_account(&st, r).await?),
+        None => None,
+    };
+    let by = q.by.unwrap_or(UsageBy::Account);
+    let lines = st
+        .store
+        .usage_report(&month, account.as_ref().map(|a| a.id.as_str()), by)
+        .await?;
+    // Each account's quota beside its use.
+    let mut quotas = serde_json::Map::new();
+    for a in st.store.accounts().await? {
+        if account.as_ref().is_some_and(|x| x.id != a.id) {
+            continue;
+        }
+        let used: u64 = lines
+            .iter()
+            .filter(|l| l.account_id == a.id)
+            .map(|l| l.total_tokens)
+            .sum();
+        let limit = st.control.cfg.plan(&a.plan).map(|p| p.tokens_per_month);
+        quotas.insert(
+            a.id.clone(),
+            json!({"name": a.name, "plan": a.plan, "tokens_per_month": limit, "used": used}),
+        );
+    }
+    Ok(Json(
+        json!({"month": month, "by": by, "usage": lines, "accounts": quotas}),
+    ))
 }

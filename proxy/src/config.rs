@@ -89,6 +89,10 @@ struct FileLimits {
     stream_idle_timeout: Option<String>,
     connect_timeout: Option<String>,
     upstream_keepalive: Option<String>,
+    default_max_tokens: Option<u64>,
+    rate_limit_status: Option<u16>,
+    rate_sketch_slots: Option<usize>,
+    fleet_sync: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -164,6 +168,14 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long an idle upstream connection stays pooled.
     pub upstream_keepalive: Duration,
+    /// Completion tokens reserved for a request that names no `max_tokens`.
+    pub default_max_tokens: u64,
+    /// Status of rate refusals: 403 (the spec) or 429 (lets OpenAI SDKs retry by themselves).
+    pub rate_limit_status: u16,
+    /// Columns of the rate sketches (4 rows each); more means fewer key collisions.
+    pub rate_sketch_slots: usize,
+    /// How often an edge ships its ledger journal and exchanges limit state with the fleet.
+    pub fleet_sync: Duration,
     /// The store: `sqlite://PATH` or `postgres://...`.
     pub store_url: String,
     /// How often the edge checks the store for changes it was not notified of.
@@ -311,6 +323,28 @@ impl Config {
             return Err(bad("limits.max_body_bytes", "must be greater than zero"));
         }
 
+        let rate_limit_status = f.limits.rate_limit_status.unwrap_or(403);
+        if !matches!(rate_limit_status, 403 | 429) {
+            return Err(bad(
+                "limits.rate_limit_status",
+                "must be 403 (the spec's) or 429",
+            ));
+        }
+        let rate_sketch_slots = f.limits.rate_sketch_slots.unwrap_or(32 * 1024);
+        if !(64..=16 * 1024 * 1024).contains(&rate_sketch_slots) {
+            return Err(bad(
+                "limits.rate_sketch_slots",
+                "must be between 64 and 16777216",
+            ));
+        }
+        let default_max_tokens = f.limits.default_max_tokens.unwrap_or(1024);
+        if default_max_tokens == 0 {
+            return Err(bad(
+                "limits.default_max_tokens",
+                "must be greater than zero",
+            ));
+        }
+
         let store_url = f
             .store
             .url
@@ -434,6 +468,14 @@ impl Config {
                 "limits.upstream_keepalive",
                 &f.limits.upstream_keepalive,
                 Duration::from_secs(60),
+            )?,
+            default_max_tokens,
+            rate_limit_status,
+            rate_sketch_slots,
+            fleet_sync: duration(
+                "limits.fleet_sync",
+                &f.limits.fleet_sync,
+                Duration::from_millis(500),
             )?,
             store_url,
             store_poll_interval: duration(

@@ -187,6 +187,12 @@ pub struct Control {
     pub status: Arc<StoreStatus>,
     /// Serializes reloads, so an older snapshot never replaces a newer one.
     pub reload: tokio::sync::Mutex<()>,
+    /// Request-rate and stream limits.
+    pub limiter: crate::limits::Limiter,
+    /// Token quotas.
+    pub quota: crate::quota::QuotaBook,
+    /// The usage journal and this edge's ledger identity.
+    pub ledger: crate::metering::Ledger,
 }
 
 impl Control {
@@ -232,6 +238,80 @@ impl Control {
                 self.status.failed(&e);
             }
         }
+    }
+
+    /// Every `limits.fleet_sync`: ships the usage journal into the store, tells the fleet this
+    /// edge's key rates and reservations, and learns the others' and the month's totals. Runs
+    /// once more at shutdown, so what was journaled is shipped.
+    async fn sync_fleet(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.cfg.fleet_sync);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stop = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.changed() => true,
+            };
+            if let Err(e) = self.sync_once(&store).await {
+                tracing::warn!(error = %e, "fleet sync failed; limits hold with what this edge knows");
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// One round of [`Control::sync_fleet`].
+    pub async fn sync_once(&self, store: &Store) -> Result<(), StoreError> {
+        self.ledger.journal.ship(store).await?;
+        let now = store::now();
+        let month = crate::quota::month_of(now);
+        let active_since = now - 120;
+        let rates: Vec<(String, u64)> = self
+            .last_used
+            .active_since(active_since)
+            .into_iter()
+            .map(|id| {
+                let n = self.limiter.local_count(&id);
+                (id, n)
+            })
+            .collect();
+        let fresh = (self.cfg.fleet_sync.as_secs() as i64 * 4).max(3);
+        let fleet = store
+            .exchange_fleet_state(
+                &self.ledger.edge_id,
+                &month,
+                &rates,
+                &self.quota.reservations(),
+                now,
+                fresh,
+            )
+            .await?;
+        self.limiter.set_remote(fleet.rates.into_iter().collect());
+        let reserved: HashMap<String, u64> = fleet.reserved.into_iter().collect();
+        let totals = store.month_totals(&month, &self.ledger.edge_id).await?;
+        let mut seen: HashSet<String> = HashSet::new();
+        for (account, _mine, others) in &totals {
+            self.quota.set_fleet(
+                account,
+                now,
+                None,
+                *others,
+                reserved.get(account).copied().unwrap_or(0),
+            );
+            seen.insert(account.clone());
+        }
+        for account in self.quota.accounts() {
+            if !seen.contains(&account) {
+                self.quota.set_fleet(
+                    &account,
+                    now,
+                    None,
+                    0,
+                    reserved.get(&account).copied().unwrap_or(0),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Writes key last-used times every `last_used_flush`, and once more at shutdown.
@@ -281,7 +361,8 @@ impl BackgroundService for ControlPlane {
         control.status.ok();
         let watcher = tokio::spawn(control.clone().watch(store.clone(), shutdown.clone()));
         let flusher = tokio::spawn(control.clone().flush(store.clone(), shutdown.clone()));
+        let fleet = tokio::spawn(control.clone().sync_fleet(store.clone(), shutdown.clone()));
         let admin = tokio::spawn(crate::admin::serve(control.clone(), store, shutdown));
-        let _ = tokio::join!(watcher, flusher, admin);
+        let _ = tokio::join!(watcher, flusher, fleet, admin);
     }
 }

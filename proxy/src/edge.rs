@@ -4,12 +4,14 @@
 //! | phase | where |
 //! |---|---|
 //! | request id, timers | [`Edge::early_request_filter`] |
-//! | routing (host → agent, path → route) | [`crate::routing`] |
+//! | routing and authentication (host → agent, key → caller) | [`crate::routing`], [`crate::policy`] |
+//! | request rate, concurrent streams | [`crate::limits`] |
 //! | lifecycle | [`crate::lifecycle`] |
 //! | body | [`crate::body`] |
 //! | translation to the runtime's request | [`Edge::outbound`], [`crate::chat`] |
+//! | token quota (reserve) | [`crate::quota`] |
 //! | upstream exchange | [`crate::forward`] |
-//! | answer (pass-through, native, stream errors) | [`Edge::relay`] |
+//! | answer (pass-through, native, stream errors) and metering | [`Edge::relay`], [`crate::metering`] |
 //! | access log | [`Edge::logging`] |
 
 use std::sync::Arc;
@@ -25,26 +27,27 @@ use tokio::time::Instant;
 
 use crate::chat::{self, NativeChatRequest, NativeStream};
 use crate::config::Config;
-use crate::control::StoreStatus;
+use crate::control::Control;
 use crate::error::EdgeError;
 use crate::forward::{self, Forwarder, Guard, Inbound, Outbound};
 use crate::ids::RequestIds;
+use crate::limits::RateInfo;
+use crate::metering::{Metering, Payer};
 use crate::policy::{self, Admission, AdmissionWatch, RequestView};
-use crate::registry::{Agent, AgentState, Registry};
+use crate::registry::{Agent, AgentState};
 use crate::routing::{self, Route};
-use crate::secrets::KeyHasher;
 use crate::sse::SseScanner;
+use crate::usage::{self, EventKind};
 use crate::{body, lifecycle, response};
 
-/// The largest non-streamed answer the edge translates (native `/v1/chat`).
-const MAX_TRANSLATED_ANSWER: usize = 16 * 1024 * 1024;
+/// The largest non-streamed answer the edge reads whole (native `/v1/chat`, usage of OpenAI
+/// answers).
+const MAX_READ_ANSWER: usize = 16 * 1024 * 1024;
 
 /// The edge service.
 pub struct Edge {
     cfg: Arc<Config>,
-    registry: Arc<Registry>,
-    hasher: KeyHasher,
-    store_status: Arc<StoreStatus>,
+    control: Arc<Control>,
     forwarder: Forwarder,
     ids: RequestIds,
 }
@@ -72,6 +75,12 @@ pub struct RequestCtx {
     pub responded: bool,
     /// When the first response byte from the runtime arrived.
     pub first_byte: Option<StdInstant>,
+    /// The request-rate state, once admitted.
+    pub rate: Option<RateInfo>,
+    /// The account's token quota and what is left, once reserved.
+    pub tokens_left: Option<(u64, u64)>,
+    /// Tokens accounted for this request.
+    pub tokens: Option<u64>,
 }
 
 /// How the runtime's answer is turned into the client's.
@@ -85,26 +94,30 @@ enum Relay {
     NativeStream,
 }
 
-/// The runtime request a route turns into.
+/// The runtime request a route turns into, and what accounting it needs.
 struct Prepared {
     outbound: Outbound,
     relay: Relay,
     deadline: Instant,
+    /// Streamed (counts against the concurrent-stream cap).
+    stream: bool,
+    /// Token-generating: (prompt estimate, completion cap) for the quota reservation.
+    cost: Option<(u64, u64)>,
+    /// The edge asked for usage the client did not ask for.
+    hide_usage: bool,
+}
+
+fn invalid(msg: String) -> EdgeError {
+    EdgeError::InvalidRequest(msg.into())
 }
 
 impl Edge {
-    /// An edge serving from `registry`, configured by `cfg`.
-    pub fn new(
-        cfg: Arc<Config>,
-        registry: Arc<Registry>,
-        hasher: KeyHasher,
-        store_status: Arc<StoreStatus>,
-    ) -> Self {
+    /// An edge configured by `cfg`, admitting requests through `control`'s snapshot, limiters
+    /// and quota book.
+    pub fn new(cfg: Arc<Config>, control: Arc<Control>) -> Self {
         Self {
             cfg,
-            registry,
-            hasher,
-            store_status,
+            control,
             forwarder: Forwarder::new(1024),
             ids: RequestIds::default(),
         }
@@ -125,14 +138,14 @@ impl Edge {
             now: crate::store::now(),
         };
         policy::admit(
-            &self.registry.load(),
-            &self.hasher,
+            &self.control.registry.load(),
+            &self.control.hasher,
             &self.cfg.agents_domain,
             &view,
         )
     }
 
-    /// Translation: the runtime request for a route, with its deadline.
+    /// Translation: the runtime request for a route, its deadline and its cost.
     fn outbound(
         &self,
         route: Route,
@@ -141,26 +154,40 @@ impl Edge {
         body: Bytes,
         now: Instant,
     ) -> Result<Prepared, EdgeError> {
-        let mut deadline = now + self.cfg.request_timeout;
+        let default_deadline = now + self.cfg.request_timeout;
         let query = session
             .req_header()
             .uri
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let (method, path, body, content_type, relay) = match route {
+        let default_cap = self.cfg.default_max_tokens;
+        let prepared =
+            |method, path, body, content_type, relay, stream, cost, hide_usage| Prepared {
+                outbound: Outbound {
+                    method,
+                    path,
+                    authority: agent.upstream.authority().to_owned(),
+                    body,
+                    content_type,
+                },
+                relay,
+                deadline: default_deadline,
+                stream,
+                cost,
+                hide_usage,
+            };
+        Ok(match route {
             Route::Chat => {
                 let req = NativeChatRequest::parse(&body)?;
+                let mut deadline = default_deadline;
                 if let Some(t) = req.timeout_seconds {
                     let t = Duration::from_secs_f64(t);
                     if t > self.cfg.max_timeout {
-                        return Err(EdgeError::InvalidRequest(
-                            format!(
-                                "`timeout_seconds` may be at most {}",
-                                self.cfg.max_timeout.as_secs()
-                            )
-                            .into(),
-                        ));
+                        return Err(invalid(format!(
+                            "`timeout_seconds` may be at most {}",
+                            self.cfg.max_timeout.as_secs()
+                        )));
                     }
                     deadline = now + t;
                 }
@@ -169,44 +196,66 @@ impl Edge {
                 } else {
                     Relay::NativeAnswer
                 };
+                let cost = (req.prompt_estimate(), req.max_tokens.unwrap_or(default_cap));
                 let path = agent.upstream.path(Route::ChatCompletions.path());
-                (
+                let mut p = prepared(
                     Method::POST,
                     path,
                     Bytes::from(req.to_openai()),
                     Some("application/json"),
                     relay,
-                )
+                    req.stream,
+                    Some(cost),
+                    false,
+                );
+                p.deadline = deadline;
+                p
             }
-            Route::ChatCompletions | Route::Completions | Route::Tools => {
-                chat::check_json_object(&body)?;
-                (
+            Route::ChatCompletions | Route::Completions => {
+                let req = usage::inspect_openai(&body).map_err(invalid)?;
+                // Ask a stream for its usage so it is counted exactly; hide it from a client that
+                // did not ask.
+                let hide_usage = req.stream && !req.include_usage;
+                let body = if hide_usage {
+                    Bytes::from(usage::request_usage(&body).map_err(invalid)?)
+                } else {
+                    body
+                };
+                let cost = (req.prompt_estimate(), req.max_tokens.unwrap_or(default_cap));
+                prepared(
                     Method::POST,
                     agent.upstream.path(route.path()) + &query,
                     body,
                     None,
                     Relay::Passthrough,
+                    req.stream,
+                    Some(cost),
+                    hide_usage,
                 )
             }
-            Route::Models | Route::Health => (
+            Route::Tools => {
+                chat::check_json_object(&body)?;
+                prepared(
+                    Method::POST,
+                    agent.upstream.path(route.path()) + &query,
+                    body,
+                    None,
+                    Relay::Passthrough,
+                    false,
+                    None,
+                    false,
+                )
+            }
+            Route::Models | Route::Health => prepared(
                 Method::GET,
                 agent.upstream.path(route.path()) + &query,
                 Bytes::new(),
                 None,
                 Relay::Passthrough,
+                false,
+                None,
+                false,
             ),
-        };
-        let outbound = Outbound {
-            method,
-            path,
-            authority: agent.upstream.authority().to_owned(),
-            body,
-            content_type,
-        };
-        Ok(Prepared {
-            outbound,
-            relay,
-            deadline,
         })
     }
 
@@ -220,9 +269,11 @@ impl Edge {
         ctx.route = Some(route);
         let admission = self.admit(session)?;
         let agent = admission.agent.clone();
+        let plan = &admission.account.plan;
         ctx.agent = Some(agent.endpoint_id.clone());
         ctx.account = Some(admission.account.id.clone());
         ctx.key_id = Some(admission.key.id.clone());
+        ctx.rate = Some(self.control.limiter.admit(&admission.key, plan)?);
 
         if route == Route::Health {
             return self.health(session, ctx, &agent).await;
@@ -230,6 +281,35 @@ impl Edge {
         lifecycle::admit(agent.state)?;
         let body = body::read(session, self.cfg.max_body_bytes).await?;
         let prepared = self.outbound(route, &agent, session, body, now)?;
+        let _stream_slot = if prepared.stream {
+            Some(self.control.limiter.open_stream(&admission.key, plan)?)
+        } else {
+            None
+        };
+        let mut metering = match prepared.cost {
+            Some((prompt, cap)) => {
+                let reservation = self.control.quota.reserve(
+                    &admission.account.id,
+                    plan.tokens_per_month,
+                    prompt + cap,
+                    prepared.stream,
+                    crate::store::now(),
+                )?;
+                ctx.tokens_left = Some((reservation.limit, reservation.remaining));
+                let payer = Payer {
+                    account_id: admission.account.id.clone(),
+                    key_id: admission.key.id.clone(),
+                    agent_id: agent.endpoint_id.clone(),
+                };
+                Some(Metering::new(
+                    reservation,
+                    prompt,
+                    prepared.hide_usage,
+                    payer,
+                ))
+            }
+            None => None,
+        };
 
         let peer = agent
             .upstream
@@ -247,7 +327,10 @@ impl Edge {
         )?;
         let mut guard = Guard {
             deadline: prepared.deadline,
-            watch: Some(AdmissionWatch::new(self.registry.clone(), admission)),
+            watch: Some(AdmissionWatch::new(
+                self.control.registry.clone(),
+                admission,
+            )),
         };
         let mut inbound = self
             .forwarder
@@ -256,11 +339,26 @@ impl Edge {
         ctx.first_byte = Some(StdInstant::now());
         inbound.set_idle_timeout(self.cfg.stream_idle_timeout);
         let result = self
-            .relay(session, ctx, &mut inbound, prepared.relay, &mut guard)
+            .relay(
+                session,
+                ctx,
+                &mut inbound,
+                prepared.relay,
+                &mut guard,
+                metering.as_mut(),
+            )
             .await;
         self.forwarder
             .close(inbound, peer, self.cfg.upstream_keepalive)
             .await;
+        if let Some(m) = metering.as_mut() {
+            // Ended early: account for what was delivered.
+            let outcome = match &result {
+                Ok(()) => "ok",
+                Err(e) => e.code(),
+            };
+            ctx.tokens = Some(m.finish(None, outcome, &self.control.ledger));
+        }
         result
     }
 
@@ -272,6 +370,7 @@ impl Edge {
         inbound: &mut Inbound,
         relay: Relay,
         guard: &mut Guard,
+        metering: Option<&mut Metering>,
     ) -> Result<(), EdgeError> {
         let status = inbound.header.status.as_u16();
         if status >= 500 {
@@ -280,54 +379,60 @@ impl Edge {
             ));
         }
         if relay != Relay::Passthrough && status >= 300 {
-            let body = inbound
-                .read_to_end(session, guard, MAX_TRANSLATED_ANSWER)
-                .await?;
+            let body = inbound.read_to_end(session, guard, MAX_READ_ANSWER).await?;
             return Err(runtime_refusal(status, &body));
         }
         match relay {
-            Relay::Passthrough => self.relay_passthrough(session, ctx, inbound, guard).await,
+            Relay::Passthrough if inbound.is_event_stream() => {
+                self.relay_event_stream(session, ctx, inbound, guard, metering)
+                    .await
+            }
+            Relay::Passthrough => {
+                self.relay_body(session, ctx, inbound, guard, metering)
+                    .await
+            }
             Relay::NativeAnswer => {
-                let body = inbound
-                    .read_to_end(session, guard, MAX_TRANSLATED_ANSWER)
-                    .await?;
+                let body = inbound.read_to_end(session, guard, MAX_READ_ANSWER).await?;
                 let answer = chat::answer_from_openai(&body, &ctx.request_id)?;
+                if let Some(m) = metering {
+                    ctx.tokens = Some(m.finish(usage::usage_of(&body), "ok", &self.control.ledger));
+                }
                 ctx.responded = true;
                 ctx.status = 200;
                 response::write_json(
                     session,
-                    response::header(200, "application/json", &ctx.request_id),
+                    response::header(200, "application/json", ctx),
                     answer,
                 )
                 .await
             }
-            Relay::NativeStream => self.relay_native_stream(session, ctx, inbound, guard).await,
+            Relay::NativeStream => {
+                self.relay_native_stream(session, ctx, inbound, guard, metering)
+                    .await
+            }
         }
     }
 
-    /// OpenAI routes: the runtime's bytes, chunk by chunk, untouched.
-    async fn relay_passthrough(
+    /// The runtime's response header, passed on (hop-by-hop headers dropped).
+    async fn pass_header(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        inbound: &mut Inbound,
-        guard: &mut Guard,
+        inbound: &Inbound,
+        stream: bool,
     ) -> Result<(), EdgeError> {
-        let event_stream = inbound.is_event_stream();
-        let mut h = pingora_http::ResponseHeader::build_no_case(
-            inbound.header.status,
-            Some(inbound.header.headers.len() + 2),
-        )
-        .expect("status from a parsed response");
-        for (name, value) in inbound.header.headers.iter() {
+        let up = &inbound.header;
+        let mut h =
+            pingora_http::ResponseHeader::build_no_case(up.status, Some(up.headers.len() + 8))
+                .expect("status from a parsed response");
+        for (name, value) in up.headers.iter() {
             if !forward::dropped_downstream(name.as_str()) {
                 h.append_header(name.clone(), value.clone())
                     .expect("parsed header");
             }
         }
-        h.insert_header("x-request-id", &ctx.request_id)
-            .expect("request ids are visible ASCII");
-        if event_stream || !h.headers.contains_key("content-length") {
+        response::decorate(&mut h, ctx);
+        if stream || !h.headers.contains_key("content-length") {
             response::streaming(session, &mut h);
         }
         ctx.status = h.status.as_u16();
@@ -335,19 +440,120 @@ impl Edge {
         session
             .write_response_header(Box::new(h), false)
             .await
-            .map_err(|_| EdgeError::ClientClosed)?;
-        loop {
-            match inbound.next_chunk(session, guard).await {
-                Ok(Some(chunk)) => {
-                    session
-                        .write_response_body(Some(chunk), false)
-                        .await
-                        .map_err(|_| EdgeError::ClientClosed)?;
-                }
-                Ok(None) => break,
-                Err(e) if event_stream => return end_stream_with_error(session, ctx, e).await,
-                Err(e) => return Err(e),
+            .map_err(|_| EdgeError::ClientClosed)
+    }
+
+    /// A whole (not streamed) OpenAI answer, chunk by chunk. The last chunk is held until the
+    /// answer's usage is in the ledger, so an answer the client has is never unaccounted.
+    async fn relay_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        inbound: &mut Inbound,
+        guard: &mut Guard,
+        metering: Option<&mut Metering>,
+    ) -> Result<(), EdgeError> {
+        self.pass_header(session, ctx, inbound, false).await?;
+        let mut copy = Vec::new();
+        let mut held: Option<Bytes> = None;
+        while let Some(chunk) = inbound.next_chunk(session, guard).await? {
+            if metering.is_some() && copy.len() + chunk.len() <= MAX_READ_ANSWER {
+                copy.extend_from_slice(&chunk);
             }
+            if let Some(prev) = held.replace(chunk) {
+                session
+                    .write_response_body(Some(prev), false)
+                    .await
+                    .map_err(|_| EdgeError::ClientClosed)?;
+            }
+        }
+        if let Some(m) = metering {
+            ctx.tokens = Some(m.finish(usage::usage_of(&copy), "ok", &self.control.ledger));
+        }
+        session
+            .write_response_body(held, true)
+            .await
+            .map_err(|_| EdgeError::ClientClosed)
+    }
+
+    /// An OpenAI event stream. Without metering (or when the client asked for usage) chunks pass
+    /// as they are, watched by the scanner; when the edge asked for usage itself, the stream is
+    /// passed event by event, byte for byte, without the usage chunk. `[DONE]` waits for the
+    /// ledger; a stream that crosses the quota is cut.
+    async fn relay_event_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        inbound: &mut Inbound,
+        guard: &mut Guard,
+        mut metering: Option<&mut Metering>,
+    ) -> Result<(), EdgeError> {
+        self.pass_header(session, ctx, inbound, true).await?;
+        let mut scanner = SseScanner::new();
+        loop {
+            let chunk = match inbound.next_chunk(session, guard).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => return end_stream_with_error(session, ctx, e).await,
+            };
+            let Some(m) = metering.as_deref_mut() else {
+                session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .map_err(|_| EdgeError::ClientClosed)?;
+                continue;
+            };
+            scanner.push(&chunk);
+            let mut out = Vec::new();
+            loop {
+                let ev = match scanner.next_event() {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return end_stream_with_error(
+                            session,
+                            ctx,
+                            EdgeError::UpstreamUnavailable(
+                                format!("the agent broke its stream: {e}").into(),
+                            ),
+                        )
+                        .await
+                    }
+                };
+                let kind = m.meter.observe(&ev.data);
+                if kind == EventKind::Done {
+                    ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
+                }
+                if !(m.hide_usage && kind == EventKind::UsageOnly) {
+                    out.push(ev.raw);
+                }
+            }
+            if m.crossed() && !m.is_finished() {
+                ctx.tokens = Some(m.finish(None, "quota_exceeded", &self.control.ledger));
+                return end_stream_with_error(session, ctx, EdgeError::QuotaExceeded).await;
+            }
+            // Unframed bytes stay in the scanner; what is complete goes out now.
+            let bytes: Bytes = if m.hide_usage {
+                out.concat().into()
+            } else {
+                chunk_complete(&chunk, &out, &scanner)
+            };
+            if !bytes.is_empty() {
+                session
+                    .write_response_body(Some(bytes), false)
+                    .await
+                    .map_err(|_| EdgeError::ClientClosed)?;
+            }
+        }
+        if let Some(m) = metering {
+            let rest = scanner.take_rest();
+            if !rest.is_empty() {
+                session
+                    .write_response_body(Some(rest), false)
+                    .await
+                    .map_err(|_| EdgeError::ClientClosed)?;
+            }
+            ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
         }
         session
             .write_response_body(None, true)
@@ -362,8 +568,9 @@ impl Edge {
         ctx: &mut RequestCtx,
         inbound: &mut Inbound,
         guard: &mut Guard,
+        mut metering: Option<&mut Metering>,
     ) -> Result<(), EdgeError> {
-        let mut h = response::header(200, "text/event-stream", &ctx.request_id);
+        let mut h = response::header(200, "text/event-stream", ctx);
         h.insert_header("cache-control", "no-cache")
             .expect("static value");
         response::streaming(session, &mut h);
@@ -383,31 +590,49 @@ impl Edge {
                 Err(e) => return end_stream_with_error(session, ctx, e).await,
             };
             scanner.push(&chunk);
+            let mut out = Vec::new();
             loop {
                 let ev = match scanner.next_event() {
                     Ok(Some(ev)) => ev,
                     Ok(None) => break,
                     Err(e) => {
-                        let err = EdgeError::UpstreamUnavailable(
-                            format!("the agent broke its stream: {e}").into(),
-                        );
-                        return end_stream_with_error(session, ctx, err).await;
+                        return end_stream_with_error(
+                            session,
+                            ctx,
+                            EdgeError::UpstreamUnavailable(
+                                format!("the agent broke its stream: {e}").into(),
+                            ),
+                        )
+                        .await
                     }
                 };
-                if ev.data == b"[DONE]" {
-                    saw_done = true;
+                saw_done |= ev.data == b"[DONE]";
+                if let Some(m) = metering.as_deref_mut() {
+                    m.meter.observe(&ev.data);
                 }
-                if let Some(out) = native.on_data(&ev.data) {
-                    session
-                        .write_response_body(Some(chat::sse_event(&out)), false)
-                        .await
-                        .map_err(|_| EdgeError::ClientClosed)?;
+                if let Some(event) = native.on_data(&ev.data) {
+                    out.extend_from_slice(&chat::sse_event(&event));
                 }
+            }
+            if let Some(m) = metering.as_deref_mut() {
+                if m.crossed() {
+                    ctx.tokens = Some(m.finish(None, "quota_exceeded", &self.control.ledger));
+                    return end_stream_with_error(session, ctx, EdgeError::QuotaExceeded).await;
+                }
+            }
+            if !out.is_empty() {
+                session
+                    .write_response_body(Some(out.into()), false)
+                    .await
+                    .map_err(|_| EdgeError::ClientClosed)?;
             }
         }
         if !saw_done && !native.finished() {
             let err = EdgeError::UpstreamUnavailable("the agent ended its stream early".into());
             return end_stream_with_error(session, ctx, err).await;
+        }
+        if let Some(m) = metering {
+            ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
         }
         let mut tail = chat::sse_event(&native.finish(&ctx.request_id)).to_vec();
         tail.extend_from_slice(b"data: [DONE]\n\n");
@@ -431,22 +656,23 @@ impl Edge {
             Ok(peer) => self.probe(session, peer, agent).await,
             Err(e) => serde_json::json!({"reachable": false, "error": e}),
         };
+        let status = &self.control.status;
         let body = serde_json::json!({
             "agent": agent.endpoint_id,
             "name": agent.name,
             "state": agent.state.as_str(),
             "pod": pod,
             "edge": {
-                "store": if self.store_status.healthy() { "ok" } else { "unreachable" },
-                "store_stale_seconds": self.store_status.stale_for(),
-                "generation": self.registry.load().generation,
+                "store": if status.healthy() { "ok" } else { "unreachable" },
+                "store_stale_seconds": status.stale_for(),
+                "generation": self.control.registry.load().generation,
             },
         });
         ctx.status = 200;
         ctx.responded = true;
         response::write_json(
             session,
-            response::header(200, "application/json", &ctx.request_id),
+            response::header(200, "application/json", ctx),
             Bytes::from(body.to_string()),
         )
         .await
@@ -497,6 +723,16 @@ impl Edge {
     }
 }
 
+/// What of `chunk` the scanner has framed: the chunk itself when it ended on an event boundary
+/// (the common case, no copy), else the complete events in it.
+fn chunk_complete(chunk: &Bytes, events: &[Bytes], scanner: &SseScanner) -> Bytes {
+    if scanner.buffered() == 0 && events.iter().map(Bytes::len).sum::<usize>() == chunk.len() {
+        chunk.clone()
+    } else {
+        events.concat().into()
+    }
+}
+
 /// The runtime's own 4xx, with its message when it gave one.
 fn runtime_refusal(status: u16, body: &[u8]) -> EdgeError {
     let message = serde_json::from_slice::<serde_json::Value>(body)
@@ -543,6 +779,9 @@ impl ProxyHttp for Edge {
             error: None,
             responded: false,
             first_byte: None,
+            rate: None,
+            tokens_left: None,
+            tokens: None,
         }
     }
 
@@ -574,9 +813,7 @@ impl ProxyHttp for Edge {
         if !ctx.responded {
             ctx.status = err.status();
             if err != EdgeError::ClientClosed
-                && response::write_error(session, &err, &ctx.request_id)
-                    .await
-                    .is_ok()
+                && response::write_error(session, &err, ctx).await.is_ok()
             {
                 return Ok(true);
             }
@@ -608,7 +845,7 @@ impl ProxyHttp for Edge {
             let err =
                 EdgeError::InvalidRequest(format!("bad request: {}", e.etype().as_str()).into());
             ctx.status = err.status();
-            let _ = response::write_error(session, &err, &ctx.request_id).await;
+            let _ = response::write_error(session, &err, ctx).await;
         }
         FailToProxy {
             error_code: ctx.status,

@@ -5,7 +5,7 @@
 //! [`forward`] (upstream exchange over [`upstream`]) → [`response`] and [`sse`] → [`logging`].
 //! Errors from any of them are one type, [`error::EdgeError`].
 
-pub use moltghost_protocol::{chat, error, keys, routing, sse};
+pub use moltghost_protocol::{chat, error, keys, routing, sse, usage};
 
 pub mod admin;
 pub mod body;
@@ -15,10 +15,14 @@ pub mod edge;
 pub mod forward;
 pub mod identity;
 pub mod ids;
+pub mod ledger;
 pub mod lifecycle;
+pub mod limits;
 pub mod logging;
 pub mod logwriter;
+pub mod metering;
 pub mod policy;
+pub mod quota;
 pub mod registry;
 pub mod response;
 pub mod secrets;

@@ -21,6 +21,7 @@ pub fn access(session: &Session, ctx: &RequestCtx) {
         status = ctx.status,
         error = ctx.error.unwrap_or(""),
         bytes_sent = session.body_bytes_sent() as u64,
+        tokens = ctx.tokens,
         duration_us = elapsed.as_micros() as u64,
         upstream_ttfb_us = ttfb_us,
     );

@@ -161,6 +161,16 @@ impl LastUsed {
             .clone()
     }
 
+    /// Ids of the keys used at or after `since` (Unix seconds).
+    pub fn active_since(&self, since: i64) -> Vec<String> {
+        let slots = self.slots.lock().expect("last-used lock");
+        slots
+            .iter()
+            .filter(|(_, (slot, _))| slot.load(Ordering::Relaxed) >= since)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// The uses since the last call, to write.
     pub fn take_dirty(&self) -> Vec<(String, i64)> {
         let mut slots = self.slots.lock().expect("last-used lock");

@@ -1,19 +1,40 @@
-//! Writing answers to the client: JSON bodies, errors, and the start of a stream.
+//! Writing answers to the client: JSON bodies, errors, the start of a stream, and the headers
+//! every answer carries (request id, rate and quota state).
 
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+use crate::edge::RequestCtx;
 use crate::error::EdgeError;
 
+/// Adds the request id and, once known, the rate and token headers (OpenAI's names).
+pub fn decorate(h: &mut ResponseHeader, ctx: &RequestCtx) {
+    h.insert_header("x-request-id", &ctx.request_id)
+        .expect("request ids are visible ASCII");
+    if let Some(r) = ctx.rate {
+        h.insert_header("x-ratelimit-limit-requests", r.limit.to_string())
+            .expect("digits");
+        h.insert_header("x-ratelimit-remaining-requests", r.remaining.to_string())
+            .expect("digits");
+        h.insert_header("x-ratelimit-reset-requests", format!("{}s", r.reset_secs))
+            .expect("digits");
+    }
+    if let Some((limit, remaining)) = ctx.tokens_left {
+        h.insert_header("x-ratelimit-limit-tokens", limit.to_string())
+            .expect("digits");
+        h.insert_header("x-ratelimit-remaining-tokens", remaining.to_string())
+            .expect("digits");
+    }
+}
+
 /// A response header with the edge's common headers.
-pub fn header(status: u16, content_type: &str, request_id: &str) -> ResponseHeader {
+pub fn header(status: u16, content_type: &str, ctx: &RequestCtx) -> ResponseHeader {
     let mut h =
-        ResponseHeader::build_no_case(status, Some(6)).expect("status codes used are valid");
+        ResponseHeader::build_no_case(status, Some(10)).expect("status codes used are valid");
     h.insert_header("content-type", content_type)
         .expect("static value");
-    h.insert_header("x-request-id", request_id)
-        .expect("request ids are visible ASCII");
+    decorate(&mut h, ctx);
     h
 }
 
@@ -49,9 +70,9 @@ pub async fn write_json(
 pub async fn write_error(
     session: &mut Session,
     err: &EdgeError,
-    request_id: &str,
+    ctx: &RequestCtx,
 ) -> Result<(), EdgeError> {
-    let mut h = header(err.status(), "application/json", request_id);
+    let mut h = header(err.status(), "application/json", ctx);
     for (k, v) in err.headers() {
         h.insert_header(k, v).expect("error headers are valid");
     }

@@ -11,6 +11,10 @@ use crate::config::Config;
 use crate::control::{self, Control, ControlPlane, StoreStatus};
 use crate::edge::Edge;
 use crate::identity::IdentityKey;
+use crate::ledger::Journal;
+use crate::limits::Limiter;
+use crate::metering::Ledger;
+use crate::quota::QuotaBook;
 use crate::registry::{LastUsed, Registry};
 use crate::secrets::{self, KeyHasher};
 use crate::store::Store;
@@ -51,7 +55,16 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
     let identity = IdentityKey::load(dir).map_err(|e| StartError(format!("identity key: {e}")))?;
     let last_used = Arc::new(LastUsed::default());
 
+    let edge_id = secrets::load_or_create(None, "MOLTGHOST_EDGE_ID", dir, "edge_id")
+        .map(|id| id.chars().take(12).collect::<String>())
+        .map_err(|e| StartError(format!("edge id in {}: {e}", dir.display())))?;
+    let journal = Journal::open(dir)
+        .map_err(|e| StartError(format!("usage journal in {}: {e}", dir.display())))?;
+    let quota = QuotaBook::default();
+
     // The store's pool belongs to this short-lived runtime; the control plane opens its own.
+    // Before serving: the schema is current, the journal of a previous run is shipped, and the
+    // quota book starts from what the ledger says this edge and the others used this month.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -60,6 +73,20 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
         .block_on(async {
             let store = Store::open(&cfg.store_url, dir).await?;
             control::seed(&store, cfg).await?;
+            let shipped = journal.ship(&store).await?;
+            if shipped > 0 {
+                tracing::info!(
+                    rows = shipped,
+                    "shipped the usage journal of a previous run"
+                );
+            }
+            let now = crate::store::now();
+            for (account, mine, others) in store
+                .month_totals(&crate::quota::month_of(now), &edge_id)
+                .await?
+            {
+                quota.set_fleet(&account, now, Some(mine), others, 0);
+            }
             let contents = store.contents().await?;
             Ok::<_, crate::store::StoreError>(control::build_snapshot(&contents, cfg, &last_used))
         })
@@ -74,6 +101,9 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
         identity: Arc::new(identity),
         status,
         reload: tokio::sync::Mutex::new(()),
+        limiter: Limiter::new(cfg.rate_sketch_slots, cfg.rate_limit_status),
+        quota,
+        ledger: Ledger::new(journal, edge_id),
     }))
 }
 
@@ -92,12 +122,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
-    let edge = Edge::new(
-        cfg.clone(),
-        control.registry.clone(),
-        control.hasher.clone(),
-        control.status.clone(),
-    );
+    let edge = Edge::new(cfg.clone(), control.clone());
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "moltghost-edge");
     for addr in &cfg.http_listen {

@@ -49,6 +49,14 @@ pub struct Message {
     pub tool_call_id: Option<String>,
 }
 
+fn text_len(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(|p| p.get("text").map_or(0, text_len)).sum(),
+        _ => 0,
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> EdgeError {
     EdgeError::InvalidRequest(msg.into().into())
 }
@@ -108,6 +116,12 @@ impl NativeChatRequest {
             }
         }
         Ok(req)
+    }
+
+    /// The prompt's likely token count (see [`crate::usage::OpenAiRequest::prompt_estimate`]).
+    pub fn prompt_estimate(&self) -> u64 {
+        let bytes: usize = self.messages.iter().map(|m| text_len(&m.content)).sum();
+        crate::usage::estimate_tokens(bytes) + 4 * self.messages.len() as u64
     }
 
     /// The runtime's chat-completions request for this one. Streams always ask for usage, which
@@ -170,19 +184,7 @@ pub fn check_json_object(body: &[u8]) -> Result<(), EdgeError> {
     }
 }
 
-/// Token counts as the native format reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-pub struct Usage {
-    /// Tokens in the prompt.
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    /// Tokens generated.
-    #[serde(default)]
-    pub completion_tokens: u64,
-    /// Their sum.
-    #[serde(default)]
-    pub total_tokens: u64,
-}
+pub use crate::usage::Usage;
 
 fn native_id(upstream_id: Option<&str>, request_id: &str) -> String {
     let raw = upstream_id.unwrap_or(request_id);

@@ -18,11 +18,15 @@ pub enum EdgeError {
     RateLimited {
         /// Seconds until a request would be admitted again.
         retry_after: u64,
+        /// 403 as the spec says, or 429 where the operator configured it.
+        status: u16,
     },
     /// The key's concurrent-stream cap is reached.
     TooManyStreams {
         /// The plan's cap.
         limit: u32,
+        /// 403 or 429, as for the rate.
+        status: u16,
     },
     /// The account's monthly token quota is used up.
     QuotaExceeded,
@@ -80,8 +84,7 @@ impl EdgeError {
     pub fn status(&self) -> u16 {
         match self {
             Self::InvalidApiKey => 401,
-            Self::RateLimited { .. } => 403,
-            Self::TooManyStreams { .. } => 403,
+            Self::RateLimited { status, .. } | Self::TooManyStreams { status, .. } => *status,
             Self::QuotaExceeded => 429,
             Self::AgentPaused => 503,
             Self::AgentInitializing => 202,
@@ -148,10 +151,10 @@ impl EdgeError {
             Self::InvalidApiKey => {
                 "Invalid API key: check the key in the Authorization header".into()
             }
-            Self::RateLimited { retry_after } => {
+            Self::RateLimited { retry_after, .. } => {
                 format!("Rate limit exceeded: retry in {retry_after}s or upgrade the plan").into()
             }
-            Self::TooManyStreams { limit } => {
+            Self::TooManyStreams { limit, .. } => {
                 format!("Too many concurrent streams for this key (limit {limit})").into()
             }
             Self::QuotaExceeded => "Monthly token quota exceeded".into(),
@@ -183,7 +186,7 @@ impl EdgeError {
     /// Extra response headers this error carries (beyond content type and request id).
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            Self::RateLimited { retry_after } => vec![("retry-after", retry_after.to_string())],
+            Self::RateLimited { retry_after, .. } => vec![("retry-after", retry_after.to_string())],
             Self::TooManyStreams { .. } => vec![("retry-after", "1".into())],
             Self::QuotaExceeded | Self::AgentTerminated => vec![("x-should-retry", "false".into())],
             Self::AgentPaused => vec![("retry-after", "60".into())],
@@ -228,7 +231,10 @@ mod tests {
         let rows = [
             (EdgeError::InvalidApiKey, 401, "invalid_api_key"),
             (
-                EdgeError::RateLimited { retry_after: 60 },
+                EdgeError::RateLimited {
+                    retry_after: 60,
+                    status: 403,
+                },
                 403,
                 "rate_limited",
             ),

@@ -7,3 +7,4 @@ pub mod error;
 pub mod keys;
 pub mod routing;
 pub mod sse;
+pub mod usage;

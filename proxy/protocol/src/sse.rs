@@ -4,18 +4,21 @@
 //! what went by (the native translation, and usage). Events are cut at a blank line (`\n\n` or
 //! `\r\n\r\n`); one event may not exceed [`MAX_EVENT_BYTES`].
 
-use bytes::{Buf, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 /// The largest event the scanner holds; a larger one is a broken stream.
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
-/// One event: its `event:` name, if any, and its `data:` lines joined by `\n`.
+/// One event: its `event:` name, if any, its `data:` lines joined by `\n`, and the bytes it
+/// arrived as (blank line included), to pass on unchanged.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SseEvent {
     /// The `event:` field.
     pub event: Option<String>,
     /// The `data:` fields, joined by newlines.
     pub data: Vec<u8>,
+    /// The event exactly as received.
+    pub raw: Bytes,
 }
 
 /// The stream broke the format.
@@ -36,6 +39,17 @@ impl SseScanner {
         Self::default()
     }
 
+    /// Bytes received but not yet part of a complete event.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Takes the bytes not yet part of a complete event (at the end of a stream).
+    pub fn take_rest(&mut self) -> Bytes {
+        self.searched = 0;
+        self.buf.split().freeze()
+    }
+
     /// Adds the next chunk of the stream.
     pub fn push(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
@@ -43,22 +57,19 @@ impl SseScanner {
 
     /// The next complete event, `Ok(None)` when more input is needed.
     pub fn next_event(&mut self) -> Result<Option<SseEvent>, EventTooLarge> {
-        loop {
-            let Some((end, skip)) = find_boundary(&self.buf, self.searched) else {
-                if self.buf.len() > MAX_EVENT_BYTES {
-                    return Err(EventTooLarge);
-                }
-                // Resume the search just before the end: a boundary may straddle chunks.
-                self.searched = self.buf.len().saturating_sub(3);
-                return Ok(None);
-            };
-            let raw = self.buf.split_to(end);
-            self.buf.advance(skip);
-            self.searched = 0;
-            if let Some(ev) = parse_event(&raw) {
-                return Ok(Some(ev));
+        let Some((end, skip)) = find_boundary(&self.buf, self.searched) else {
+            if self.buf.len() > MAX_EVENT_BYTES {
+                return Err(EventTooLarge);
             }
-        }
+            // Resume the search just before the end: a boundary may straddle chunks.
+            self.searched = self.buf.len().saturating_sub(3);
+            return Ok(None);
+        };
+        let raw = self.buf.split_to(end + skip).freeze();
+        self.searched = 0;
+        let mut ev = parse_event(&raw[..end]);
+        ev.raw = raw;
+        Ok(Some(ev))
     }
 }
 
@@ -77,8 +88,9 @@ fn find_boundary(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     None
 }
 
-/// Parses one event's lines; `None` for an event with no data (comments, keep-alives).
-fn parse_event(raw: &[u8]) -> Option<SseEvent> {
+/// Parses one event's lines. Comments and keep-alives come out with empty data, so that a
+/// relay that re-frames a stream still passes them on.
+fn parse_event(raw: &[u8]) -> SseEvent {
     let mut ev = SseEvent::default();
     let mut has_data = false;
     for line in raw.split(|&b| b == b'\n') {
@@ -105,7 +117,7 @@ fn parse_event(raw: &[u8]) -> Option<SseEvent> {
             _ => {}
         }
     }
-    has_data.then_some(ev)
+    ev
 }
 
 #[cfg(test)]
@@ -135,12 +147,18 @@ mod tests {
     #[test]
     fn crlf_comments_names_and_multiline() {
         let evs = all(&[b": ping\r\n\r\nevent: error\r\ndata: x\r\ndata: y\r\n\r\n"]);
+        assert_eq!(evs.len(), 2);
         assert_eq!(
-            evs,
-            vec![SseEvent {
-                event: Some("error".into()),
-                data: b"x\ny".to_vec()
-            }]
+            (evs[0].data.len(), &evs[0].raw[..]),
+            (0, &b": ping\r\n\r\n"[..])
+        );
+        assert_eq!(
+            (evs[1].event.as_deref(), &evs[1].data[..]),
+            (Some("error"), &b"x\ny"[..])
+        );
+        assert_eq!(
+            &evs[1].raw[..],
+            b"event: error\r\ndata: x\r\ndata: y\r\n\r\n"
         );
     }
 

@@ -525,4 +525,237 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+
+    // ------------------------------------------------------------------ usage and fleet
+
+    /// Writes ledger rows; rows already there (a replayed journal) are skipped.
+    pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO usage_ledger (request_id, edge_id, account_id, key_id, agent_id, month, prompt_tokens, \
+                 completion_tokens, total_tokens, estimated, outcome, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(&r.request_id)
+            .bind(&r.edge_id)
+            .bind(&r.account_id)
+            .bind(&r.key_id)
+            .bind(&r.agent_id)
+            .bind(&r.month)
+            .bind(r.prompt_tokens as i64)
+            .bind(r.completion_tokens as i64)
+            .bind(r.total_tokens as i64)
+            .bind(i32::from(r.estimated))
+            .bind(&r.outcome)
+            .bind(r.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Tokens used in `month` per account: (account, by this edge, by the others).
+    pub async fn month_totals(
+        &self,
+        month: &str,
+        edge_id: &str,
+    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT account_id, \
+                    CAST(SUM(CASE WHEN edge_id = $1 THEN total_tokens ELSE 0 END) AS BIGINT), \
+                    CAST(SUM(CASE WHEN edge_id = $2 THEN 0 ELSE total_tokens END) AS BIGINT) \
+             FROM usage_ledger WHERE month = $3 GROUP BY account_id",
+        )
+        .bind(edge_id)
+        .bind(edge_id)
+        .bind(month)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>(0)?,
+                    r.try_get::<i64, _>(1)? as u64,
+                    r.try_get::<i64, _>(2)? as u64,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Publishes this edge's per-key request rates and per-account reservations, and reads the
+    /// other edges' fresh ones (updated within `fresh_secs`).
+    pub async fn exchange_fleet_state(
+        &self,
+        edge_id: &str,
+        month: &str,
+        rates: &[(String, u64)],
+        reservations: &[(String, u64)],
+        now: i64,
+        fresh_secs: i64,
+    ) -> Result<FleetState, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (key, n) in rates {
+            sqlx::query(
+                "INSERT INTO fleet_rates (edge_id, key_id, requests, updated_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (edge_id, key_id) DO UPDATE SET requests = excluded.requests, updated_at = excluded.updated_at",
+            )
+            .bind(edge_id)
+            .bind(key)
+            .bind(*n as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (account, n) in reservations {
+            sqlx::query(
+                "INSERT INTO fleet_reservations (edge_id, account_id, month, reserved, updated_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (edge_id, account_id, month) DO UPDATE SET reserved = excluded.reserved, updated_at = excluded.updated_at",
+            )
+            .bind(edge_id)
+            .bind(account)
+            .bind(month)
+            .bind(*n as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let rates = sqlx::query("SELECT key_id, CAST(SUM(requests) AS BIGINT) FROM fleet_rates WHERE edge_id <> $1 AND updated_at >= $2 GROUP BY key_id")
+            .bind(edge_id)
+            .bind(now - fresh_secs)
+            .fetch_all(&mut *tx)
+            .await?;
+        let reserved = sqlx::query(
+            "SELECT account_id, CAST(SUM(reserved) AS BIGINT) FROM fleet_reservations WHERE edge_id <> $1 AND month = $2 AND updated_at >= $3 GROUP BY account_id",
+        )
+        .bind(edge_id)
+        .bind(month)
+        .bind(now - fresh_secs)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let pairs = |rows: Vec<AnyRow>| -> Result<Vec<(String, u64)>, sqlx::Error> {
+            rows.iter()
+                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u64)))
+                .collect()
+        };
+        Ok(FleetState {
+            rates: pairs(rates)?,
+            reserved: pairs(reserved)?,
+        })
+    }
+
+    /// Usage summed by `by` (`account`, `key` or `agent`) for `month`, optionally one account's.
+    pub async fn usage_report(
+        &self,
+        month: &str,
+        account: Option<&str>,
+        by: UsageBy,
+    ) -> Result<Vec<UsageLine>, StoreError> {
+        let col = match by {
+            UsageBy::Account => "account_id",
+            UsageBy::Key => "key_id",
+            UsageBy::Agent => "agent_id",
+        };
+        let sql = format!(
+            "SELECT account_id, {col}, CAST(COUNT(*) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             CAST(SUM(total_tokens) AS BIGINT), CAST(SUM(estimated) AS BIGINT) \
+             FROM usage_ledger WHERE month = $1 AND ($2 = '' OR account_id = $3) GROUP BY account_id, {col} ORDER BY account_id, {col}"
+        );
+        let acct = account.unwrap_or("");
+        let rows = sqlx::query(&sql)
+            .bind(month)
+            .bind(acct)
+            .bind(acct)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageLine {
+                    account_id: r.try_get(0)?,
+                    group: r.try_get(1)?,
+                    requests: r.try_get::<i64, _>(2)? as u64,
+                    prompt_tokens: r.try_get::<i64, _>(3)? as u64,
+                    completion_tokens: r.try_get::<i64, _>(4)? as u64,
+                    total_tokens: r.try_get::<i64, _>(5)? as u64,
+                    estimated_requests: r.try_get::<i64, _>(6)? as u64,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}
+
+/// One ledger row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct UsageRow {
+    /// The edge's unique id for the request.
+    pub request_id: String,
+    /// Which edge served it.
+    pub edge_id: String,
+    /// Paying account.
+    pub account_id: String,
+    /// Key used.
+    pub key_id: String,
+    /// Agent called.
+    pub agent_id: String,
+    /// `YYYY-MM`, UTC.
+    pub month: String,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Total.
+    pub total_tokens: u64,
+    /// Whether the edge estimated the counts (the runtime gave none).
+    pub estimated: bool,
+    /// How the request ended.
+    pub outcome: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// What the other edges of a fleet are doing.
+#[derive(Debug, Default, Clone)]
+pub struct FleetState {
+    /// Per key: the others' one-minute request counts.
+    pub rates: Vec<(String, u64)>,
+    /// Per account: the others' tokens reserved in flight.
+    pub reserved: Vec<(String, u64)>,
+}
+
+/// How a usage report is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageBy {
+    /// Per account.
+    Account,
+    /// Per key.
+    Key,
+    /// Per agent.
+    Agent,
+}
+
+/// One line of a usage report.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageLine {
+    /// Account.
+    pub account_id: String,
+    /// The group's id (account, key or agent).
+    pub group: String,
+    /// Requests.
+    pub requests: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Total tokens.
+    pub total_tokens: u64,
+    /// Requests whose counts the edge estimated.
+    pub estimated_requests: u64,
 }

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 ///   moltghost auth list-keys
 ///   moltghost auth revoke-key molti_abc123_xyz789   # or the key id, key_...
 ///   moltghost agent pause demo && moltghost agent start demo
+///   moltghost usage --by key                        # tokens this month, per key
 ///
 /// The admin API is found from --admin-url/--token, then MOLTGHOST_ADMIN_URL and
 /// MOLTGHOST_ADMIN_TOKEN, then the file that `moltghost dev` writes in the data directory.
@@ -79,6 +80,21 @@ enum Command {
     /// Plans (declared in the edge's config).
     #[command(subcommand)]
     Plan(PlanCmd),
+    /// Token usage this month (or --month), per account, key or agent.
+    Usage {
+        /// Only this account (name or id).
+        #[arg(long)]
+        account: Option<String>,
+        /// YYYY-MM (UTC); this month when absent.
+        #[arg(long)]
+        month: Option<String>,
+        /// Group by account, key or agent.
+        #[arg(long, default_value = "account", value_parser = ["account", "key", "agent"])]
+        by: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Mint an admin token from the admin secret (MOLTGHOST_ADMIN_SECRET or the data directory).
     Token {
         /// `read` or `write`.
@@ -406,6 +422,65 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let v = admin()?.post("/v1/admin/keys/revoke", body).await?;
             println!("revoked {}", text(&v, "id"));
+            Ok(())
+        }
+        Command::Usage {
+            account,
+            month,
+            by,
+            json: json_out,
+        } => {
+            let mut path = format!("/v1/admin/usage?by={by}");
+            if let Some(a) = account {
+                path += &format!("&account={}", seg(&a));
+            }
+            if let Some(m) = month {
+                path += &format!("&month={}", seg(&m));
+            }
+            let v = admin()?.get(&path).await?;
+            if json_out {
+                print_json(&v);
+                return Ok(());
+            }
+            println!("usage in {} (UTC), by {by}", text(&v, "month"));
+            let rows = v["usage"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| {
+                    vec![
+                        text(l, "account_id"),
+                        text(l, "group"),
+                        text(l, "requests"),
+                        text(l, "prompt_tokens"),
+                        text(l, "completion_tokens"),
+                        text(l, "total_tokens"),
+                        text(l, "estimated_requests"),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "ACCOUNT",
+                    by.to_uppercase().as_str(),
+                    "REQUESTS",
+                    "PROMPT",
+                    "COMPLETION",
+                    "TOTAL",
+                    "ESTIMATED",
+                ],
+                rows,
+            );
+            if let Some(accounts) = v["accounts"].as_object() {
+                for (id, a) in accounts {
+                    println!(
+                        "{id} ({}): {} of {} tokens this month",
+                        text(a, "name"),
+                        text(a, "used"),
+                        text(a, "tokens_per_month")
+                    );
+                }
+            }
             Ok(())
         }
         Command::Agent(cmd) => agent(admin()?, cmd).await,

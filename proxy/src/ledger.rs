@@ -1,0 +1,117 @@
+//! The durable usage ledger. Each finished request is appended to a local journal file *before*
+//! the last bytes of its answer are sent: a `write` to the page cache, which survives a
+//! `kill -9` of the edge, and no wait on the store. A background shipper moves the journal into
+//! the store's `usage_ledger` in batches; rows are keyed by the edge's own request id, so a
+//! journal replayed after a crash never counts twice.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::store::{Store, StoreError, UsageRow};
+
+/// Journals larger than this are emptied once everything in them is shipped.
+const COMPACT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The append-only journal of finished requests.
+pub struct Journal {
+    file: Mutex<File>,
+    path: PathBuf,
+    offset_path: PathBuf,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `data_dir`.
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join("usage.journal");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)?;
+        Ok(Self {
+            file: Mutex::new(file),
+            offset_path: data_dir.join("usage.journal.shipped"),
+            path,
+        })
+    }
+
+    /// Appends one row (one `write` of one line).
+    pub fn append(&self, row: &UsageRow) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(row).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(&line)
+    }
+
+    fn shipped(&self) -> u64 {
+        std::fs::read_to_string(&self.offset_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn set_shipped(&self, offset: u64) -> std::io::Result<()> {
+        let tmp = self.offset_path.with_extension("tmp");
+        std::fs::write(&tmp, offset.to_string())?;
+        std::fs::rename(&tmp, &self.offset_path)
+    }
+
+    /// Ships what is new since the last call into the store; returns the rows shipped. A torn
+    /// last line (a crash in mid-write) is left for the next call, or skipped once followed by
+    /// more lines.
+    pub async fn ship(&self, store: &Store) -> Result<usize, StoreError> {
+        let start = self.shipped();
+        let bytes = {
+            let mut f = File::open(&self.path).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < start {
+                // Compacted behind our back (cannot happen in one process), start over.
+                self.set_shipped(0)
+                    .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+                return Ok(0);
+            }
+            f.seek(SeekFrom::Start(start))
+                .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)
+                .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+            buf
+        };
+        let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if complete == 0 {
+            return Ok(0);
+        }
+        let rows: Vec<UsageRow> = bytes[..complete]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| match serde_json::from_slice(l) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping a torn usage journal line");
+                    None
+                }
+            })
+            .collect();
+        store.insert_usage(&rows).await?;
+        let end = start + complete as u64;
+        self.set_shipped(end)
+            .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+        if end >= COMPACT_BYTES {
+            self.compact(end);
+        }
+        Ok(rows.len())
+    }
+
+    /// Empties the journal if nothing was appended after `shipped`.
+    fn compact(&self, shipped: u64) {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.metadata().map(|m| m.len()).unwrap_or(0) == shipped && file.set_len(0).is_ok() {
+            let _ = self.set_shipped(0);
+        }
+    }
+}

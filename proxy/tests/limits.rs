@@ -1,0 +1,685 @@
+//! Rate limits, concurrent-stream caps, monthly token quotas and the usage ledger, end to end.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{admin_token, Options, PgDb, Stack};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+/// A stack whose accounts are on one plan.
+fn plan(rpm: u32, tokens: u64, streams: u32) -> String {
+    format!(
+        "[limits]\nfleet_sync = \"100ms\"\n[[plans]]\nname = \"p\"\nrequests_per_minute = {rpm}\ntokens_per_month = {tokens}\nconcurrent_streams = {streams}\n"
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
+
+/// POSTs `body` to `path` of agent abc123 with `key` and extra headers.
+fn post(
+    s: &Stack,
+    key: &str,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    let mut r = client()
+        .post(format!("http://127.0.0.1:{}{path}", s.port))
+        .header("host", format!("abc123.agent.localhost:{}", s.port))
+        .bearer_auth(key)
+        .json(&body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r
+}
+
+async fn new_key(s: &Stack, name: &str) -> String {
+    s.admin_post(
+        "/v1/admin/keys",
+        json!({"name": name, "agents": ["abc123"]}),
+    )
+    .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn usage_by_key(s: &Stack) -> Vec<Value> {
+    let v: Value = reqwest::Client::new()
+        .get(format!("{}/v1/admin/usage?by=key", s.admin_url()))
+        .bearer_auth(admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["usage"].as_array().unwrap().clone()
+}
+
+/// The ledger's line for the key named `name`, once shipped.
+async fn ledger_for(s: &Stack, name: &str, want_requests: u64) -> Value {
+    let keys: Value = reqwest::Client::new()
+        .get(format!("{}/v1/admin/keys", s.admin_url()))
+        .bearer_auth(admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == name)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let t0 = Instant::now();
+    loop {
+        if let Some(line) = usage_by_key(s)
+            .await
+            .into_iter()
+            .find(|l| l["group"] == id.as_str())
+        {
+            if line["requests"].as_u64() == Some(want_requests) {
+                return line;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no ledger line for {name}: {:?}",
+            usage_by_key(s).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn chat_body(stream: bool, include_usage: bool) -> Value {
+    let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": stream});
+    if include_usage {
+        b["stream_options"] = json!({"include_usage": true});
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_is_accounted_exactly() {
+    let s = Stack::start(&plan(10_000, 10_000_000, 16)).await;
+    // The runtime counts prompt tokens as 3 per message + words: "hi there" = 5.
+    let k = new_key(&s, "plain").await;
+    let v: Value = post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(false, false),
+        &[("x-mock-tokens", "7")],
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(v["usage"]["total_tokens"], 12);
+    let line = ledger_for(&s, "plain", 1).await;
+    assert_eq!(
+        (
+            line["total_tokens"].as_u64(),
+            line["estimated_requests"].as_u64()
+        ),
+        (Some(12), Some(0)),
+        "{line}"
+    );
+
+    // Streamed, usage asked by the client: it sees the usage chunk, the ledger agrees.
+    let k = new_key(&s, "asked").await;
+    let text = post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(true, true),
+        &[("x-mock-tokens", "9")],
+    )
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(text.matches("\"usage\"").count(), 1, "{text}");
+    assert_eq!(ledger_for(&s, "asked", 1).await["total_tokens"], 14);
+
+    // Streamed, usage not asked: the edge asks, counts exactly, and hides the extra chunk.
+    let k = new_key(&s, "hidden").await;
+    let text = post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(true, false),
+        &[("x-mock-tokens", "11")],
+    )
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(!text.contains("\"usage\""), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(text.matches("\"content\":\"").count(), 12, "{text}"); // role chunk + 11 tokens
+    let line = ledger_for(&s, "hidden", 1).await;
+    assert_eq!(
+        (
+            line["total_tokens"].as_u64(),
+            line["estimated_requests"].as_u64()
+        ),
+        (Some(16), Some(0))
+    );
+
+    // Text completions, streamed.
+    let k = new_key(&s, "completions").await;
+    post(
+        &s,
+        &k,
+        "/v1/completions",
+        json!({"prompt": "one two three", "stream": true}),
+        &[("x-mock-tokens", "4")],
+    )
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(ledger_for(&s, "completions", 1).await["total_tokens"], 7);
+
+    // The native format, both ways.
+    let k = new_key(&s, "native").await;
+    let nb = json!({"messages": [{"role": "user", "content": "hi there"}], "stream": true});
+    post(&s, &k, "/v1/chat", nb, &[("x-mock-tokens", "5")])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let nb = json!({"messages": [{"role": "user", "content": "hi there"}]});
+    let v: Value = post(&s, &k, "/v1/chat", nb, &[("x-mock-tokens", "6")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["usage"]["total_tokens"], 11);
+    assert_eq!(ledger_for(&s, "native", 2).await["total_tokens"], 10 + 11);
+
+    // A client that hangs up after 3 tokens: what was delivered is settled, marked estimated.
+    let k = new_key(&s, "gone").await;
+    let resp = post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(true, false),
+        &[("x-mock-tokens", "100"), ("x-mock-interval-ms", "50")],
+    )
+    .send()
+    .await
+    .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while seen < 4 {
+        seen += String::from_utf8_lossy(&body.next().await.unwrap().unwrap())
+            .matches("\"content\"")
+            .count();
+    }
+    drop(body);
+    let line = ledger_for(&s, "gone", 1).await;
+    let completion = line["completion_tokens"].as_u64().unwrap();
+    assert!((3..=6).contains(&completion), "{line}");
+    assert_eq!(line["estimated_requests"], 1);
+
+    // The runtime breaking off after 5 tokens: settled to the 5 delivered.
+    let k = new_key(&s, "aborted").await;
+    let text = post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(true, false),
+        &[("x-mock-tokens", "20"), ("x-mock-abort-after", "5")],
+    )
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(text.contains("upstream_unavailable"), "{text}");
+    // 5 text events of 24 bytes: the estimate is the larger of events and bytes / 4.
+    let completion = ledger_for(&s, "aborted", 1).await["completion_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!((5..=6).contains(&completion), "{completion}");
+
+    // A runtime that reports no usage: the edge counts the stream itself and says so.
+    let k = new_key(&s, "uncounted").await;
+    post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(true, false),
+        &[("x-mock-tokens", "8"), ("x-mock-no-usage", "1")],
+    )
+    .send()
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let line = ledger_for(&s, "uncounted", 1).await;
+    assert_eq!(line["estimated_requests"], 1);
+    assert!(line["completion_tokens"].as_u64().unwrap() >= 8, "{line}");
+
+    // Usage is visible with the CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moltghost"))
+        .args(["usage", "--by", "key"])
+        .env("MOLTGHOST_ADMIN_URL", s.admin_url())
+        .env("MOLTGHOST_ADMIN_TOKEN", admin_token())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("ESTIMATED") && out.contains("of 10000000 tokens this month"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_rate_and_stream_caps() {
+    let s = Stack::start(&plan(5, 1_000_000, 2)).await;
+    let k = new_key(&s, "rate").await;
+    for i in 0..5 {
+        let r = post(&s, &k, "/v1/chat/completions", chat_body(false, false), &[])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.headers()["x-ratelimit-limit-requests"], "5");
+        assert_eq!(
+            r.headers()["x-ratelimit-remaining-requests"],
+            (4 - i).to_string().as_str()
+        );
+        assert!(r.headers().contains_key("x-ratelimit-reset-requests"));
+        assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "1000000");
+        assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"));
+    }
+    let r = post(&s, &k, "/v1/chat/completions", chat_body(false, false), &[])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    // Another key has its own budget.
+    let other = new_key(&s, "other").await;
+    assert_eq!(
+        post(
+            &s,
+            &other,
+            "/v1/chat/completions",
+            chat_body(false, false),
+            &[]
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+
+    // Concurrent streams: two open, the third refused until one closes.
+    let s = Stack::start(
+        &plan(1000, 1_000_000, 2).replace("[limits]\n", "[limits]\nrate_limit_status = 429\n"),
+    )
+    .await;
+    let k = new_key(&s, "streams").await;
+    let open = || {
+        post(
+            &s,
+            &k,
+            "/v1/chat/completions",
+            chat_body(true, false),
+            &[("x-mock-stall-after", "1")],
+        )
+        .send()
+    };
+    let (a, b) = (open().await.unwrap(), open().await.unwrap());
+    let mut a = a.bytes_stream();
+    a.next().await.unwrap().unwrap();
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), 429, "rate_limit_status = 429 is honoured");
+    let v: Value = third.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(open().await.unwrap().status(), 200);
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_refuses_and_cuts_a_stream_that_crosses_it() {
+    let s = Stack::start(&plan(10_000, 100, 16)).await;
+    let k = new_key(&s, "q").await;
+    let r = post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(true, false),
+        &[("x-mock-tokens", "300"), ("x-mock-interval-ms", "2")],
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "100");
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("event: error") && text.contains("quota_exceeded"),
+        "{text}"
+    );
+    let delivered = text.matches("\"content\":\"").count() as u64;
+    assert!(delivered < 100, "cut after {delivered} tokens");
+    let line = ledger_for(&s, "q", 1).await;
+    let total = line["total_tokens"].as_u64().unwrap();
+    assert!((95..=102).contains(&total), "settled {total}: {line}");
+
+    let r = post(&s, &k, "/v1/chat/completions", chat_body(false, false), &[])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "quota_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_parallel_requests_never_overshoot_a_small_quota() {
+    // Each request: prompt 5 (runtime) / 6 estimated (+4 per message, 8 bytes), 16 completion.
+    let s = Arc::new(Stack::start(&plan(100_000, 2_000, 2_000)).await);
+    let k = Arc::new(new_key(&s, "burst").await);
+    let (ok, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let limit = Arc::new(tokio::sync::Semaphore::new(100));
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (s, k, ok, refused, delivered, limit) = (
+            s.clone(),
+            k.clone(),
+            ok.clone(),
+            refused.clone(),
+            delivered.clone(),
+            limit.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let _p = limit.acquire().await.unwrap();
+            let body =
+                json!({"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 16});
+            let r = post(&s, &k, "/v1/chat/completions", body, &[])
+                .send()
+                .await
+                .unwrap();
+            match r.status().as_u16() {
+                200 => {
+                    let v: Value = r.json().await.unwrap();
+                    delivered.fetch_add(
+                        v["usage"]["total_tokens"].as_u64().unwrap(),
+                        Ordering::Relaxed,
+                    );
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                429 => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+                other => panic!("status {other}"),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, refused, delivered) = (
+        ok.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        delivered.load(Ordering::Relaxed),
+    );
+    println!("1000 parallel: {ok} admitted, {refused} refused, {delivered} tokens delivered of a 2000 quota");
+    assert_eq!(ok + refused, 1000);
+    assert!(delivered <= 2_000, "overshot: {delivered}");
+    assert!(
+        delivered >= 2_000 - 2 * 22,
+        "quota left unused: {delivered}"
+    );
+    assert_eq!(
+        ledger_for(&s, "burst", ok).await["total_tokens"].as_u64(),
+        Some(delivered)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_usage_of_a_completed_response() {
+    let mut s = Stack::start(&plan(1_000_000, 100_000_000, 1000)).await;
+    let k = Arc::new(new_key(&s, "crash").await);
+    let completed = Arc::new(AtomicU64::new(0));
+    let completed_tokens = Arc::new(AtomicU64::new(0));
+    let port = s.port;
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (k, completed, completed_tokens) =
+            (k.clone(), completed.clone(), completed_tokens.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for i in 0.. {
+                let stream = (w + i) % 2 == 0;
+                let mut body = json!({"messages": [{"role": "user", "content": "hi there"}], "stream": stream});
+                if stream {
+                    body["stream_options"] = json!({"include_usage": true});
+                }
+                let r = c
+                    .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+                    .header("host", format!("abc123.agent.localhost:{port}"))
+                    .bearer_auth(&*k)
+                    .header("x-mock-tokens", "8")
+                    .json(&body)
+                    .send()
+                    .await;
+                let Ok(r) = r else { return };
+                let Ok(text) = r.text().await else { return };
+                // Complete only when the whole answer arrived: the JSON, or the stream to [DONE].
+                let tokens = if stream {
+                    if !text.ends_with("data: [DONE]\n\n") {
+                        return;
+                    }
+                    let usage_line = text.lines().find(|l| l.contains("\"usage\"")).unwrap();
+                    serde_json::from_str::<Value>(usage_line.trim_start_matches("data: ")).unwrap()["usage"]["total_tokens"].as_u64().unwrap()
+                } else {
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(v) => v["usage"]["total_tokens"].as_u64().unwrap(),
+                        Err(_) => return,
+                    }
+                };
+                completed.fetch_add(1, Ordering::Relaxed);
+                completed_tokens.fetch_add(tokens, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (done, tokens) = (
+        completed.load(Ordering::Relaxed),
+        completed_tokens.load(Ordering::Relaxed),
+    );
+    assert!(done > 50, "only {done} requests completed before the kill");
+
+    // The same edge comes back and ships its journal.
+    s.child = common::spawn_edge(
+        &s.dir.path().join("edge.toml"),
+        &s.dir.path().join("edge2.log"),
+    );
+    common::wait_port(s.admin_port, Duration::from_secs(20));
+    let t0 = Instant::now();
+    let line = loop {
+        let lines = usage_by_key(&s).await;
+        if let Some(l) = lines
+            .into_iter()
+            .find(|l| l["requests"].as_u64().unwrap_or(0) >= done)
+        {
+            break l;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the ledger lost completed responses"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (rows, ledger_tokens) = (
+        line["requests"].as_u64().unwrap(),
+        line["total_tokens"].as_u64().unwrap(),
+    );
+    println!("kill -9: clients completed {done} responses ({tokens} tokens); ledger holds {rows} ({ledger_tokens} tokens)");
+    // Every completed response is there; at most the 8 in flight at the kill were journaled
+    // without their client seeing the end.
+    assert!(
+        rows >= done && rows <= done + 8,
+        "{rows} rows for {done} completed"
+    );
+    assert!(ledger_tokens >= tokens && ledger_tokens <= tokens + 8 * 13);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_holds_its_limits_under_skewed_load() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let extra = plan(120, 2_000, 1000);
+    let a = Stack::start_with(Options {
+        store_url: Some(db.url.clone()),
+        extra: extra.clone(),
+        ..Options::default()
+    })
+    .await;
+    let rt = Some((a.runtime, a.stats.clone()));
+    let b = Stack::start_with(Options {
+        store_url: Some(db.url.clone()),
+        extra: extra.clone(),
+        no_agents: true,
+        runtime: rt.clone(),
+    })
+    .await;
+    let c = Stack::start_with(Options {
+        store_url: Some(db.url.clone()),
+        extra,
+        no_agents: true,
+        runtime: rt,
+    })
+    .await;
+    let edges = [&a, &b, &c];
+
+    // Rate: 120 a minute for one key; 300 requests in 10 s, 80% through one edge.
+    let k = new_key(&a, "skew").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // every edge has the key
+    let mut admitted = 0;
+    let t0 = Instant::now();
+    for i in 0..300u32 {
+        let e = if i % 10 < 8 {
+            edges[0]
+        } else {
+            edges[1 + (i as usize % 2)]
+        };
+        let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1});
+        let st = post(
+            e,
+            &k,
+            "/v1/chat/completions",
+            body,
+            &[("x-mock-tokens", "1")],
+        )
+        .send()
+        .await
+        .unwrap()
+        .status();
+        admitted += u32::from(st == 200);
+        let next = t0 + Duration::from_millis(33 * (u64::from(i) + 1));
+        tokio::time::sleep_until(next.into()).await;
+    }
+    println!("fleet rate: {admitted} admitted of a 120/min limit (300 sent over 10 s, 80/10/10)");
+    assert!(
+        (108..=132).contains(&admitted),
+        "{admitted} admitted: outside ±10% of 120"
+    );
+
+    // Quota: 2000 tokens, requests of about 21 spread over the three edges, 30 at a time.
+    let k = new_key(&a, "fleetquota").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let slots = Arc::new(tokio::sync::Semaphore::new(30));
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let (k, delivered, slots) = (k.clone(), delivered.clone(), slots.clone());
+        let (port, host) = (
+            edges[i % 3].port,
+            format!("abc123.agent.localhost:{}", edges[i % 3].port),
+        );
+        tasks.push(tokio::spawn(async move {
+            let _p = slots.acquire().await.unwrap();
+            let r = client()
+                .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+                .header("host", host)
+                .bearer_auth(&k)
+                .json(&json!({"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 16}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                let v: Value = r.json().await.unwrap();
+                delivered.fetch_add(v["usage"]["total_tokens"].as_u64().unwrap(), Ordering::Relaxed);
+            }
+        }));
+        if i % 30 == 29 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let delivered = delivered.load(Ordering::Relaxed);
+    // Stated bound: what the other edges admit in one sync interval (here ≤ 2 × 30 in flight × 22).
+    println!("fleet quota: {delivered} tokens delivered against a 2000 quota on 3 edges");
+    assert!(
+        delivered <= 2_000 + 2 * 30 * 22,
+        "overshoot beyond the stated bound: {delivered}"
+    );
+}
