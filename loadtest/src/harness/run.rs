@@ -369,6 +369,8 @@ pub async fn hold_streams(
     let rss_open = target.pid.and_then(procfs::rss_bytes);
     let count = opened.load(Ordering::Relaxed);
     let _ = release_tx.send(true);
+    // Streams that never opened may hang in connect or send; hang up on everything.
+    tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     HeldStreams {
         target: target.name.clone(),

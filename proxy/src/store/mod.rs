@@ -528,14 +528,17 @@ impl Store {
 
     // ------------------------------------------------------------------ usage and fleet
 
-    /// Writes ledger rows; rows already there (a replayed journal) are skipped.
+    /// Writes ledger rows; rows already there (a replayed journal) are skipped. The running
+    /// totals move by the rows actually written, in the same transaction.
     pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
+        let mut added: std::collections::HashMap<(&str, &str, &str), i64> =
+            std::collections::HashMap::new();
         let mut tx = self.pool.begin().await?;
         for r in rows {
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO usage_ledger (request_id, edge_id, account_id, key_id, agent_id, month, prompt_tokens, \
                  completion_tokens, total_tokens, estimated, outcome, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (request_id) DO NOTHING",
@@ -553,6 +556,24 @@ impl Store {
             .bind(&r.outcome)
             .bind(r.created_at)
             .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted > 0 {
+                *added
+                    .entry((r.account_id.as_str(), r.month.as_str(), r.edge_id.as_str()))
+                    .or_default() += r.total_tokens as i64;
+            }
+        }
+        for ((account, month, edge), total) in added {
+            sqlx::query(
+                "INSERT INTO usage_totals (account_id, month, edge_id, total_tokens) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (account_id, month, edge_id) DO UPDATE SET total_tokens = usage_totals.total_tokens + excluded.total_tokens",
+            )
+            .bind(account)
+            .bind(month)
+            .bind(edge)
+            .bind(total)
+            .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
@@ -569,7 +590,7 @@ impl Store {
             "SELECT account_id, \
                     CAST(SUM(CASE WHEN edge_id = $1 THEN total_tokens ELSE 0 END) AS BIGINT), \
                     CAST(SUM(CASE WHEN edge_id = $2 THEN 0 ELSE total_tokens END) AS BIGINT) \
-             FROM usage_ledger WHERE month = $3 GROUP BY account_id",
+             FROM usage_totals WHERE month = $3 GROUP BY account_id",
         )
         .bind(edge_id)
         .bind(edge_id)
