@@ -24,7 +24,8 @@ machine = next((d["machine"] for d in docs.values() if d), {})
 print("# Benchmarks\n")
 print("Regenerate everything on this page with one command: `loadtest/compare.sh` (about ten minutes;")
 print("`QUICK=1` for a smoke run). It builds in release mode, starts the reference runtime, the edge")
-print("(API key on every request, from a PostgreSQL-free SQLite store), nginx and HAProxy from Debian")
+print("with every policy it has switched on (API key, request rate, concurrent streams, token quota")
+print("reservation and settlement, usage journal; SQLite store), nginx and HAProxy from Debian")
 print("with streaming-safe configs (`loadtest/peers/`), LiteLLM's proxy from PyPI, and drives them")
 print("with `loadtest` in **interleaved same-run rounds**: each target takes turns at the same arrival")
 print("rate, so every figure below is compared with the direct-to-runtime baseline measured in the")
@@ -33,6 +34,10 @@ print("request's intended send time (open loop).\n")
 print(f"Machine: {machine.get('cpus')} CPUs ({machine.get('cpu_model')}), Linux {machine.get('kernel')}, shared")
 print("by the load generator, the runtime and every proxy; absolute times are indicative, ratios and")
 print(f"added microseconds are the point. Generated {datetime.date.today().isoformat()}.\n")
+
+notes = os.path.join(os.path.dirname(__file__), "benchmarks_notes.md")
+if os.path.exists(notes):
+    print(open(notes).read())
 
 serial = docs["chat-serial.json"]
 if serial:
