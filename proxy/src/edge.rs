@@ -36,7 +36,7 @@ use crate::metering::{Metering, Payer};
 use crate::policy::{self, Admission, AdmissionWatch, RequestView};
 use crate::registry::{Agent, AgentState};
 use crate::routing::{self, Route};
-use crate::sse::SseScanner;
+use crate::sse::{SseEvent, SseScanner};
 use crate::usage::{self, EventKind};
 use crate::{body, lifecycle, response};
 
@@ -476,50 +476,37 @@ impl Edge {
             .map_err(|_| EdgeError::ClientClosed)
     }
 
-    /// An OpenAI event stream. Without metering (or when the client asked for usage) chunks pass
-    /// as they are, watched by the scanner; when the edge asked for usage itself, the stream is
-    /// passed event by event, byte for byte, without the usage chunk. `[DONE]` waits for the
-    /// ledger; a stream that crosses the quota is cut.
+    /// An OpenAI event stream. Without metering chunks pass as they are. With it, complete
+    /// events pass byte for byte (the whole chunk, uncopied, when it ends on an event
+    /// boundary), except the usage chunk the edge asked for on its own; `[DONE]` waits for the
+    /// ledger, and a stream that crosses the quota is cut.
     async fn relay_event_stream(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         inbound: &mut Inbound,
         guard: &mut Guard,
-        mut metering: Option<&mut Metering>,
+        metering: Option<&mut Metering>,
     ) -> Result<(), EdgeError> {
         self.pass_header(session, ctx, inbound, true).await?;
+        let Some(m) = metering else {
+            loop {
+                match inbound.next_chunk(session, guard).await {
+                    Ok(Some(chunk)) => write(session, chunk).await?,
+                    Ok(None) => return finish(session).await,
+                    Err(e) => return end_stream_with_error(session, ctx, e).await,
+                }
+            }
+        };
         let mut scanner = SseScanner::new();
         loop {
-            let chunk = match inbound.next_chunk(session, guard).await {
-                Ok(Some(c)) => c,
+            let (chunk, events) = match next_events(session, inbound, guard, &mut scanner).await {
+                Ok(Some(x)) => x,
                 Ok(None) => break,
                 Err(e) => return end_stream_with_error(session, ctx, e).await,
             };
-            let Some(m) = metering.as_deref_mut() else {
-                session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .map_err(|_| EdgeError::ClientClosed)?;
-                continue;
-            };
-            scanner.push(&chunk);
-            let mut out = Vec::new();
-            loop {
-                let ev = match scanner.next_event() {
-                    Ok(Some(ev)) => ev,
-                    Ok(None) => break,
-                    Err(e) => {
-                        return end_stream_with_error(
-                            session,
-                            ctx,
-                            EdgeError::UpstreamUnavailable(
-                                format!("the agent broke its stream: {e}").into(),
-                            ),
-                        )
-                        .await
-                    }
-                };
+            let mut out = Vec::with_capacity(events.len());
+            for ev in events {
                 let kind = m.meter.observe(&ev.data);
                 if kind == EventKind::Done {
                     ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
@@ -532,33 +519,23 @@ impl Edge {
                 ctx.tokens = Some(m.finish(None, "quota_exceeded", &self.control.ledger));
                 return end_stream_with_error(session, ctx, EdgeError::QuotaExceeded).await;
             }
-            // Unframed bytes stay in the scanner; what is complete goes out now.
-            let bytes: Bytes = if m.hide_usage {
-                out.concat().into()
+            let whole =
+                scanner.buffered() == 0 && out.iter().map(Bytes::len).sum::<usize>() == chunk.len();
+            let bytes = if whole {
+                chunk
             } else {
-                chunk_complete(&chunk, &out, &scanner)
+                Bytes::from(out.concat())
             };
             if !bytes.is_empty() {
-                session
-                    .write_response_body(Some(bytes), false)
-                    .await
-                    .map_err(|_| EdgeError::ClientClosed)?;
+                write(session, bytes).await?;
             }
         }
-        if let Some(m) = metering {
-            let rest = scanner.take_rest();
-            if !rest.is_empty() {
-                session
-                    .write_response_body(Some(rest), false)
-                    .await
-                    .map_err(|_| EdgeError::ClientClosed)?;
-            }
-            ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
+        let rest = scanner.take_rest();
+        if !rest.is_empty() {
+            write(session, rest).await?;
         }
-        session
-            .write_response_body(None, true)
-            .await
-            .map_err(|_| EdgeError::ClientClosed)
+        ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
+        finish(session).await
     }
 
     /// Native chat, streamed: the runtime's chunks as native events, then `done` and `[DONE]`.
@@ -584,28 +561,13 @@ impl Edge {
         let mut native = NativeStream::new();
         let mut saw_done = false;
         loop {
-            let chunk = match inbound.next_chunk(session, guard).await {
-                Ok(Some(c)) => c,
+            let events = match next_events(session, inbound, guard, &mut scanner).await {
+                Ok(Some((_, events))) => events,
                 Ok(None) => break,
                 Err(e) => return end_stream_with_error(session, ctx, e).await,
             };
-            scanner.push(&chunk);
             let mut out = Vec::new();
-            loop {
-                let ev = match scanner.next_event() {
-                    Ok(Some(ev)) => ev,
-                    Ok(None) => break,
-                    Err(e) => {
-                        return end_stream_with_error(
-                            session,
-                            ctx,
-                            EdgeError::UpstreamUnavailable(
-                                format!("the agent broke its stream: {e}").into(),
-                            ),
-                        )
-                        .await
-                    }
-                };
+            for ev in events {
                 saw_done |= ev.data == b"[DONE]";
                 if let Some(m) = metering.as_deref_mut() {
                     m.meter.observe(&ev.data);
@@ -621,10 +583,7 @@ impl Edge {
                 }
             }
             if !out.is_empty() {
-                session
-                    .write_response_body(Some(out.into()), false)
-                    .await
-                    .map_err(|_| EdgeError::ClientClosed)?;
+                write(session, out.into()).await?;
             }
         }
         if !saw_done && !native.finished() {
@@ -723,14 +682,41 @@ impl Edge {
     }
 }
 
-/// What of `chunk` the scanner has framed: the chunk itself when it ended on an event boundary
-/// (the common case, no copy), else the complete events in it.
-fn chunk_complete(chunk: &Bytes, events: &[Bytes], scanner: &SseScanner) -> Bytes {
-    if scanner.buffered() == 0 && events.iter().map(Bytes::len).sum::<usize>() == chunk.len() {
-        chunk.clone()
-    } else {
-        events.concat().into()
+/// Writes a body chunk to the client.
+async fn write(session: &mut Session, bytes: Bytes) -> Result<(), EdgeError> {
+    session
+        .write_response_body(Some(bytes), false)
+        .await
+        .map_err(|_| EdgeError::ClientClosed)
+}
+
+/// Ends the client's body.
+async fn finish(session: &mut Session) -> Result<(), EdgeError> {
+    session
+        .write_response_body(None, true)
+        .await
+        .map_err(|_| EdgeError::ClientClosed)
+}
+
+/// Reads the runtime's next chunk of an event stream: the chunk and the events it completed;
+/// `None` at the end of the body.
+async fn next_events(
+    session: &mut Session,
+    inbound: &mut Inbound,
+    guard: &mut Guard,
+    scanner: &mut SseScanner,
+) -> Result<Option<(Bytes, Vec<SseEvent>)>, EdgeError> {
+    let Some(chunk) = inbound.next_chunk(session, guard).await? else {
+        return Ok(None);
+    };
+    scanner.push(&chunk);
+    let mut events = Vec::new();
+    while let Some(ev) = scanner.next_event().map_err(|e| {
+        EdgeError::UpstreamUnavailable(format!("the agent broke its stream: {e}").into())
+    })? {
+        events.push(ev);
     }
+    Ok(Some((chunk, events)))
 }
 
 /// The runtime's own 4xx, with its message when it gave one.

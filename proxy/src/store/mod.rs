@@ -302,6 +302,32 @@ impl Store {
         Ok(out)
     }
 
+    /// Runs one `UPDATE` that must touch a row, as a change; `what` names the row for the
+    /// not-found error. Parameters are bound in order.
+    async fn update_one(
+        &self,
+        sql: &'static str,
+        params: Vec<Param>,
+        what: String,
+    ) -> Result<(), StoreError> {
+        self.change(move |c| {
+            Box::pin(async move {
+                let mut q = sqlx::query(sql);
+                for p in params {
+                    q = match p {
+                        Param::Text(t) => q.bind(t),
+                        Param::Int(i) => q.bind(i),
+                    };
+                }
+                if q.execute(&mut *c).await?.rows_affected() == 0 {
+                    return Err(StoreError::NotFound(what));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
     // ------------------------------------------------------------------ accounts
 
     /// All accounts.
@@ -338,21 +364,12 @@ impl Store {
 
     /// Changes an account's plan.
     pub async fn set_account_plan(&self, id: &str, plan: &str) -> Result<(), StoreError> {
-        let (id, plan) = (id.to_owned(), plan.to_owned());
-        self.change(move |c| {
-            Box::pin(async move {
-                let n = sqlx::query("UPDATE accounts SET plan = $1 WHERE id = $2")
-                    .bind(&plan)
-                    .bind(&id)
-                    .execute(&mut *c)
-                    .await?
-                    .rows_affected();
-                if n == 0 {
-                    return Err(StoreError::NotFound(format!("account {id}")));
-                }
-                Ok(())
-            })
-        })
+        let params = vec![Param::Text(plan.into()), Param::Text(id.into())];
+        self.update_one(
+            "UPDATE accounts SET plan = $1 WHERE id = $2",
+            params,
+            format!("account {id}"),
+        )
         .await
     }
 
@@ -396,24 +413,16 @@ impl Store {
 
     /// Sets an agent's state (the caller has checked the transition).
     pub async fn set_agent_state(&self, endpoint_id: &str, state: &str) -> Result<(), StoreError> {
-        let (id, state) = (endpoint_id.to_owned(), state.to_owned());
-        self.change(move |c| {
-            Box::pin(async move {
-                let n = sqlx::query(
-                    "UPDATE agents SET state = $1, updated_at = $2 WHERE endpoint_id = $3",
-                )
-                .bind(&state)
-                .bind(now())
-                .bind(&id)
-                .execute(&mut *c)
-                .await?
-                .rows_affected();
-                if n == 0 {
-                    return Err(StoreError::NotFound(format!("agent {id}")));
-                }
-                Ok(())
-            })
-        })
+        let params = vec![
+            Param::Text(state.into()),
+            Param::Int(now()),
+            Param::Text(endpoint_id.into()),
+        ];
+        self.update_one(
+            "UPDATE agents SET state = $1, updated_at = $2 WHERE endpoint_id = $3",
+            params,
+            format!("agent {endpoint_id}"),
+        )
         .await
     }
 
@@ -423,24 +432,16 @@ impl Store {
         endpoint_id: &str,
         upstream: &str,
     ) -> Result<(), StoreError> {
-        let (id, upstream) = (endpoint_id.to_owned(), upstream.to_owned());
-        self.change(move |c| {
-            Box::pin(async move {
-                let n = sqlx::query(
-                    "UPDATE agents SET upstream = $1, updated_at = $2 WHERE endpoint_id = $3",
-                )
-                .bind(&upstream)
-                .bind(now())
-                .bind(&id)
-                .execute(&mut *c)
-                .await?
-                .rows_affected();
-                if n == 0 {
-                    return Err(StoreError::NotFound(format!("agent {id}")));
-                }
-                Ok(())
-            })
-        })
+        let params = vec![
+            Param::Text(upstream.into()),
+            Param::Int(now()),
+            Param::Text(endpoint_id.into()),
+        ];
+        self.update_one(
+            "UPDATE agents SET upstream = $1, updated_at = $2 WHERE endpoint_id = $3",
+            params,
+            format!("agent {endpoint_id}"),
+        )
         .await
     }
 
@@ -710,6 +711,12 @@ impl Store {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
     }
+}
+
+/// A bound parameter of [`Store::update_one`].
+enum Param {
+    Text(String),
+    Int(i64),
 }
 
 /// One ledger row.

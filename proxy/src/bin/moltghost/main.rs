@@ -257,6 +257,14 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// Prints the array under `list` in `v` as a table, one row per item.
+fn print_table(v: &Value, list: &str, header: &[&str], row: impl Fn(&Value) -> Vec<String>) {
+    table(
+        header,
+        v[list].as_array().into_iter().flatten().map(row).collect(),
+    );
+}
+
 fn text(v: &Value, k: &str) -> String {
     match &v[k] {
         Value::String(s) => s.clone(),
@@ -379,11 +387,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_json(&v);
                 return Ok(());
             }
-            let rows = v["keys"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|k| {
+            print_table(
+                &v,
+                "keys",
+                &[
+                    "ID",
+                    "NAME",
+                    "KEY",
+                    "AGENTS",
+                    "CREATED",
+                    "LAST USED",
+                    "STATUS",
+                ],
+                |k| {
                     let status = if !k["revoked_at"].is_null() {
                         "revoked"
                     } else {
@@ -398,19 +414,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         when(k, "last_used_at"),
                         status.into(),
                     ]
-                })
-                .collect();
-            table(
-                &[
-                    "ID",
-                    "NAME",
-                    "KEY",
-                    "AGENTS",
-                    "CREATED",
-                    "LAST USED",
-                    "STATUS",
-                ],
-                rows,
+                },
             );
             Ok(())
         }
@@ -443,23 +447,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Ok(());
             }
             println!("usage in {} (UTC), by {by}", text(&v, "month"));
-            let rows = v["usage"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|l| {
-                    vec![
-                        text(l, "account_id"),
-                        text(l, "group"),
-                        text(l, "requests"),
-                        text(l, "prompt_tokens"),
-                        text(l, "completion_tokens"),
-                        text(l, "total_tokens"),
-                        text(l, "estimated_requests"),
-                    ]
-                })
-                .collect();
-            table(
+            print_table(
+                &v,
+                "usage",
                 &[
                     "ACCOUNT",
                     by.to_uppercase().as_str(),
@@ -469,7 +459,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "TOTAL",
                     "ESTIMATED",
                 ],
-                rows,
+                |l| {
+                    vec![
+                        text(l, "account_id"),
+                        text(l, "group"),
+                        text(l, "requests"),
+                        text(l, "prompt_tokens"),
+                        text(l, "completion_tokens"),
+                        text(l, "total_tokens"),
+                        text(l, "estimated_requests"),
+                    ]
+                },
             );
             if let Some(accounts) = v["accounts"].as_object() {
                 for (id, a) in accounts {
@@ -491,20 +491,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_json(&v);
                 return Ok(());
             }
-            let rows = v["plans"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| {
+            print_table(
+                &v,
+                "plans",
+                &["PLAN", "REQUESTS/MIN", "TOKENS/MONTH", "STREAMS"],
+                |p| {
                     vec![
                         text(p, "name"),
                         text(p, "requests_per_minute"),
                         text(p, "tokens_per_month"),
                         text(p, "concurrent_streams"),
                     ]
-                })
-                .collect();
-            table(&["PLAN", "REQUESTS/MIN", "TOKENS/MONTH", "STREAMS"], rows);
+                },
+            );
             Ok(())
         }
     }
@@ -536,11 +535,11 @@ async fn agent(admin: Admin, cmd: AgentCmd) -> Result<(), Failure> {
                 print_json(&v);
                 return Ok(());
             }
-            let rows = v["agents"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|a| {
+            print_table(
+                &v,
+                "agents",
+                &["NAME", "ENDPOINT", "STATE", "UPSTREAM", "URL"],
+                |a| {
                     vec![
                         text(a, "name"),
                         text(a, "endpoint_id"),
@@ -548,9 +547,8 @@ async fn agent(admin: Admin, cmd: AgentCmd) -> Result<(), Failure> {
                         text(a, "upstream"),
                         text(a, "url"),
                     ]
-                })
-                .collect();
-            table(&["NAME", "ENDPOINT", "STATE", "UPSTREAM", "URL"], rows);
+                },
+            );
             return Ok(());
         }
         AgentCmd::SetUpstream { agent, upstream } => {
@@ -603,20 +601,14 @@ async fn account(admin: Admin, cmd: AccountCmd) -> Result<(), Failure> {
                 print_json(&v);
                 return Ok(());
             }
-            let rows = v["accounts"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|a| {
-                    vec![
-                        text(a, "name"),
-                        text(a, "id"),
-                        text(a, "plan"),
-                        when(a, "created_at"),
-                    ]
-                })
-                .collect();
-            table(&["NAME", "ID", "PLAN", "CREATED"], rows);
+            print_table(&v, "accounts", &["NAME", "ID", "PLAN", "CREATED"], |a| {
+                vec![
+                    text(a, "name"),
+                    text(a, "id"),
+                    text(a, "plan"),
+                    when(a, "created_at"),
+                ]
+            });
         }
         AccountCmd::SetPlan { account, plan } => {
             let a = admin
