@@ -16,6 +16,7 @@ DUR=${DURATION:-15s}
 SSE_DUR=${SSE_DURATION:-30s}
 [ "${QUICK:-0}" = 1 ] && DUR=3s && SSE_DUR=6s
 RT_PORT=19100 EDGE_PORT=18080 ADMIN_PORT=19901 NGINX_PORT=18081 HAPROXY_PORT=18082 LITELLM_PORT=18083
+BARE_PORT=18084 BARE_ADMIN_PORT=19904
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -61,18 +62,29 @@ id = "bench"
 upstream = "http://127.0.0.1:$RT_PORT"
 TOML
 "$BIN/moltghost-proxy" --config "$WORK/edge.toml" > "$WORK/edge.log" 2>&1 & EDGE_PID=$!; PIDS+=($EDGE_PID)
+# The same edge with limits, quotas and metering off (keys still checked): what the policy
+# chain costs, same run.
+sed -e "s#$EDGE_PORT#$BARE_PORT#" -e "s#$ADMIN_PORT#$BARE_ADMIN_PORT#" -e "s#$WORK/edge\"#$WORK/bare\"#" \
+    "$WORK/edge.toml" > "$WORK/bare.toml"
+printf '[limits]\nenabled = false\n' >> "$WORK/bare.toml"
+"$BIN/moltghost-proxy" --config "$WORK/bare.toml" > "$WORK/bare.log" 2>&1 & BARE_PID=$!; PIDS+=($BARE_PID)
 mkdir -p "$WORK/nginx-body" "$WORK/nginx-proxy"
 fill loadtest/peers/nginx.conf $NGINX_PORT > "$WORK/nginx.conf"
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 fill loadtest/peers/haproxy.cfg $HAPROXY_PORT > "$WORK/haproxy.cfg"
 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
 wait_port $RT_PORT; wait_port $EDGE_PORT; wait_port $ADMIN_PORT; wait_port $NGINX_PORT; wait_port $HAPROXY_PORT
+wait_port $BARE_PORT; wait_port $BARE_ADMIN_PORT
 NGINX_PID=$(cat "$WORK/nginx.pid")
 
 export MOLTGHOST_ADMIN_URL=http://127.0.0.1:$ADMIN_PORT
 MOLTGHOST_ADMIN_TOKEN=$("$BIN/moltghost" --data-dir "$WORK/edge" token --ttl 2h); export MOLTGHOST_ADMIN_TOKEN
 KEY=$("$BIN/moltghost" auth create-key --agent bench --name bench)
 EDGE_URL=http://bench.agent.localhost:$EDGE_PORT
+BARE_KEY=$(MOLTGHOST_ADMIN_URL=http://127.0.0.1:$BARE_ADMIN_PORT \
+  MOLTGHOST_ADMIN_TOKEN=$("$BIN/moltghost" --data-dir "$WORK/bare" token --ttl 2h) \
+  "$BIN/moltghost" auth create-key --agent bench --name bench)
+BARE_URL=http://bench.agent.localhost:$BARE_PORT
 
 LITELLM=()
 if [ "${SKIP_LITELLM:-0}" != 1 ]; then
@@ -87,6 +99,7 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 LT=("$BIN/loadtest" --quiet --svg-dir "$OUT/plots" --markdown "$OUT/tables.md")
 FAST=(--target direct=http://127.0.0.1:$RT_PORT
       --target edge=$EDGE_URL --key edge=$KEY --pid edge=$EDGE_PID
+      --target edge-bare=$BARE_URL --key edge-bare=$BARE_KEY --pid edge-bare=$BARE_PID
       --target nginx=http://127.0.0.1:$NGINX_PORT --pid nginx=$NGINX_PID
       --target haproxy=http://127.0.0.1:$HAPROXY_PORT --pid haproxy=$HAPROXY_PID
       --target direct2=http://127.0.0.1:$RT_PORT)

@@ -90,6 +90,7 @@ struct FileLimits {
     connect_timeout: Option<String>,
     upstream_keepalive: Option<String>,
     default_max_tokens: Option<u64>,
+    enabled: Option<bool>,
     rate_limit_status: Option<u16>,
     rate_sketch_slots: Option<usize>,
     fleet_sync: Option<String>,
@@ -170,6 +171,9 @@ pub struct Config {
     pub upstream_keepalive: Duration,
     /// Completion tokens reserved for a request that names no `max_tokens`.
     pub default_max_tokens: u64,
+    /// Whether rate limits, stream caps, quotas and usage metering apply. Off only to measure
+    /// the bare edge, or where usage is metered elsewhere; keys and lifecycle always apply.
+    pub limits_enabled: bool,
     /// Status of rate refusals: 403 (the spec) or 429 (lets OpenAI SDKs retry by themselves).
     pub rate_limit_status: u16,
     /// Columns of the rate sketches (4 rows each); more means fewer key collisions.
@@ -470,6 +474,7 @@ impl Config {
                 Duration::from_secs(60),
             )?,
             default_max_tokens,
+            limits_enabled: f.limits.enabled.unwrap_or(true),
             rate_limit_status,
             rate_sketch_slots,
             fleet_sync: duration(

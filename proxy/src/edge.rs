@@ -273,7 +273,10 @@ impl Edge {
         ctx.agent = Some(agent.endpoint_id.clone());
         ctx.account = Some(admission.account.id.clone());
         ctx.key_id = Some(admission.key.id.clone());
-        ctx.rate = Some(self.control.limiter.admit(&admission.key, plan)?);
+        let limits = self.cfg.limits_enabled;
+        if limits {
+            ctx.rate = Some(self.control.limiter.admit(&admission.key, plan)?);
+        }
 
         if route == Route::Health {
             return self.health(session, ctx, &agent).await;
@@ -281,12 +284,12 @@ impl Edge {
         lifecycle::admit(agent.state)?;
         let body = body::read(session, self.cfg.max_body_bytes).await?;
         let prepared = self.outbound(route, &agent, session, body, now)?;
-        let _stream_slot = if prepared.stream {
+        let _stream_slot = if limits && prepared.stream {
             Some(self.control.limiter.open_stream(&admission.key, plan)?)
         } else {
             None
         };
-        let mut metering = match prepared.cost {
+        let mut metering = match prepared.cost.filter(|_| limits) {
             Some((prompt, cap)) => {
                 let reservation = self.control.quota.reserve(
                     &admission.account.id,
