@@ -163,6 +163,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admin/health", get(health))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/metrics", get(metrics))
         .route("/v1/admin/status", get(status))
         .route("/v1/admin/plans", get(plans))
         .route(
@@ -222,6 +223,17 @@ fn store_json(st: &AppState) -> Value {
         "stale_seconds": s.stale_for(),
         "generation": st.control.registry.load().generation,
     })
+}
+
+/// Prometheus scrape endpoint (unauthenticated, like health: keep the admin listener private).
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    let s = &st.control.status;
+    let body = st.control.metrics.render(
+        s.healthy(),
+        s.stale_for(),
+        st.control.registry.load().generation,
+    );
+    ([("content-type", "text/plain; version=0.0.4")], body)
 }
 
 async fn jwks(State(st): State<AppState>) -> Json<Value> {

@@ -193,6 +193,8 @@ pub struct Control {
     pub quota: crate::quota::QuotaBook,
     /// The usage journal and this edge's ledger identity.
     pub ledger: crate::metering::Ledger,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Control {

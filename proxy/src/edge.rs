@@ -73,8 +73,12 @@ pub struct RequestCtx {
     pub error: Option<&'static str>,
     /// Whether a response header was written.
     pub responded: bool,
+    /// When the edge started sending the request to the runtime.
+    pub upstream_sent: Option<StdInstant>,
     /// When the first response byte from the runtime arrived.
     pub first_byte: Option<StdInstant>,
+    /// When the first streamed bytes went to the client.
+    pub first_token: Option<StdInstant>,
     /// The request-rate state, once admitted.
     pub rate: Option<RateInfo>,
     /// The account's token quota and what is left, once reserved.
@@ -335,6 +339,7 @@ impl Edge {
                 admission,
             )),
         };
+        ctx.upstream_sent = Some(StdInstant::now());
         let mut inbound = self
             .forwarder
             .open(session, peer, &header, &prepared.outbound.body, &mut guard)
@@ -492,10 +497,11 @@ impl Edge {
         metering: Option<&mut Metering>,
     ) -> Result<(), EdgeError> {
         self.pass_header(session, ctx, inbound, true).await?;
+        let _open = OpenStream::new(&self.control.metrics.open_streams);
         let Some(m) = metering else {
             loop {
                 match inbound.next_chunk(session, guard).await {
-                    Ok(Some(chunk)) => write(session, chunk).await?,
+                    Ok(Some(chunk)) => write(session, ctx, chunk).await?,
                     Ok(None) => return finish(session).await,
                     Err(e) => return end_stream_with_error(session, ctx, e).await,
                 }
@@ -530,12 +536,12 @@ impl Edge {
                 Bytes::from(out.concat())
             };
             if !bytes.is_empty() {
-                write(session, bytes).await?;
+                write(session, ctx, bytes).await?;
             }
         }
         let rest = scanner.take_rest();
         if !rest.is_empty() {
-            write(session, rest).await?;
+            write(session, ctx, rest).await?;
         }
         ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
         finish(session).await
@@ -560,6 +566,7 @@ impl Edge {
             .write_response_header(Box::new(h), false)
             .await
             .map_err(|_| EdgeError::ClientClosed)?;
+        let _open = OpenStream::new(&self.control.metrics.open_streams);
         let mut scanner = SseScanner::new();
         let mut native = NativeStream::new();
         let mut saw_done = false;
@@ -586,7 +593,7 @@ impl Edge {
                 }
             }
             if !out.is_empty() {
-                write(session, out.into()).await?;
+                write(session, ctx, out.into()).await?;
             }
         }
         if !saw_done && !native.finished() {
@@ -685,12 +692,29 @@ impl Edge {
     }
 }
 
-/// Writes a body chunk to the client.
-async fn write(session: &mut Session, bytes: Bytes) -> Result<(), EdgeError> {
+/// Writes a streamed body chunk to the client, noting when the first one went.
+async fn write(session: &mut Session, ctx: &mut RequestCtx, bytes: Bytes) -> Result<(), EdgeError> {
+    ctx.first_token.get_or_insert_with(StdInstant::now);
     session
         .write_response_body(Some(bytes), false)
         .await
         .map_err(|_| EdgeError::ClientClosed)
+}
+
+/// Counts a stream in the open-streams gauge for as long as it lives.
+struct OpenStream<'a>(&'a prometheus::IntGauge);
+
+impl<'a> OpenStream<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Ends the client's body.
@@ -767,7 +791,9 @@ impl ProxyHttp for Edge {
             status: 0,
             error: None,
             responded: false,
+            upstream_sent: None,
             first_byte: None,
+            first_token: None,
             rate: None,
             tokens_left: None,
             tokens: None,
@@ -849,5 +875,6 @@ impl ProxyHttp for Edge {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         crate::logging::access(session, ctx);
+        self.control.metrics.record(ctx);
     }
 }

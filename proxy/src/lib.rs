@@ -21,6 +21,7 @@ pub mod limits;
 pub mod logging;
 pub mod logwriter;
 pub mod metering;
+pub mod metrics;
 pub mod policy;
 pub mod quota;
 pub mod registry;

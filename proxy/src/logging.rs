@@ -1,15 +1,15 @@
-//! The access log: one JSON line per request through `tracing` (target `access`).
+//! The access log: one JSON line per request through `tracing` (target `access`), buffered off
+//! the request path ([`crate::logwriter`]). Keys appear by id only, never the key.
 
 use pingora_proxy::Session;
 
 use crate::edge::RequestCtx;
 
-/// Logs the finished request. Never the key: only ids.
+/// Logs the finished request.
 pub fn access(session: &Session, ctx: &RequestCtx) {
-    let elapsed = ctx.started.elapsed();
-    let ttfb_us = ctx
-        .first_byte
-        .map(|t| t.duration_since(ctx.started).as_micros() as u64);
+    let since = |t: Option<std::time::Instant>, from: std::time::Instant| {
+        t.map(|t| t.duration_since(from).as_micros() as u64)
+    };
     tracing::info!(
         target: "access",
         request_id = %ctx.request_id,
@@ -22,7 +22,10 @@ pub fn access(session: &Session, ctx: &RequestCtx) {
         error = ctx.error.unwrap_or(""),
         bytes_sent = session.body_bytes_sent() as u64,
         tokens = ctx.tokens,
-        duration_us = elapsed.as_micros() as u64,
-        upstream_ttfb_us = ttfb_us,
+        duration_us = ctx.started.elapsed().as_micros() as u64,
+        // Edge time before the runtime saw the request: the latency the edge adds up front.
+        overhead_us = since(ctx.upstream_sent, ctx.started),
+        upstream_ttfb_us = ctx.upstream_sent.and_then(|sent| since(ctx.first_byte, sent)),
+        ttft_us = since(ctx.first_token, ctx.started),
     );
 }

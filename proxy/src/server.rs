@@ -104,6 +104,7 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
         limiter: Limiter::new(cfg.rate_sketch_slots, cfg.rate_limit_status),
         quota,
         ledger: Ledger::new(journal, edge_id),
+        metrics: crate::metrics::Metrics::new(),
     }))
 }
 
