@@ -39,6 +39,8 @@ pub struct FileConfig {
     #[serde(default)]
     admin: FileAdmin,
     #[serde(default)]
+    tls: Option<FileTls>,
+    #[serde(default)]
     plans: Vec<FilePlan>,
     #[serde(default)]
     agents: Vec<FileAgent>,
@@ -46,9 +48,32 @@ pub struct FileConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileTls {
+    #[serde(default)]
+    plain_http: Option<String>,
+    #[serde(default)]
+    http2: Option<bool>,
+    #[serde(default)]
+    reload_interval: Option<String>,
+    #[serde(default)]
+    certificates: Vec<FileCert>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCert {
+    names: Vec<String>,
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileListen {
     #[serde(default = "default_http")]
     http: Vec<String>,
+    #[serde(default)]
+    https: Vec<String>,
     #[serde(default = "default_admin_listen")]
     admin: String,
 }
@@ -57,6 +82,7 @@ impl Default for FileListen {
     fn default() -> Self {
         Self {
             http: default_http(),
+            https: Vec::new(),
             admin: default_admin_listen(),
         }
     }
@@ -143,6 +169,10 @@ struct FileAgent {
 pub struct Config {
     /// Public listeners (plain HTTP).
     pub http_listen: Vec<SocketAddr>,
+    /// Public TLS listeners.
+    pub https_listen: Vec<SocketAddr>,
+    /// TLS settings, when there are TLS listeners.
+    pub tls: Option<TlsConfig>,
     /// The admin API listener.
     pub admin_listen: SocketAddr,
     /// `Host: <endpoint-id>.<agents_domain>` selects the agent.
@@ -196,6 +226,30 @@ pub struct Config {
     pub plans: Vec<Plan>,
     /// Agents declared in the file, seeded into the store at start.
     pub agents: Vec<AgentSeed>,
+}
+
+/// What a plain-HTTP listener does when TLS is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainHttp {
+    /// Serve it (development, or TLS terminated in front of the edge).
+    Serve,
+    /// Answer 308 to the same URL on HTTPS.
+    Redirect,
+    /// Refuse with 403 JSON.
+    Refuse,
+}
+
+/// TLS termination settings.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificates and the names they serve; the first serves unknown names.
+    pub certificates: Vec<crate::tls::CertSpec>,
+    /// What plain-HTTP listeners do.
+    pub plain_http: PlainHttp,
+    /// Offer HTTP/2 by ALPN (HTTP/1.1 always).
+    pub http2: bool,
+    /// How often certificate files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 /// A plan: what an account may use.
@@ -294,6 +348,70 @@ impl Config {
             .map(|(i, s)| addr(&format!("listen.http[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
         let admin_listen = addr("listen.admin", &f.listen.admin)?;
+        let https_listen = f
+            .listen
+            .https
+            .iter()
+            .enumerate()
+            .map(|(i, s)| addr(&format!("listen.https[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tls = match (f.tls, https_listen.is_empty()) {
+            (None, true) => None,
+            (None, false) => {
+                return Err(bad(
+                    "tls.certificates",
+                    "listen.https needs at least one certificate",
+                ))
+            }
+            (Some(t), _) => {
+                if t.certificates.is_empty() {
+                    return Err(bad("tls.certificates", "needs at least one certificate"));
+                }
+                let mut certificates = Vec::new();
+                for (i, c) in t.certificates.into_iter().enumerate() {
+                    if c.names.is_empty() || c.names.iter().any(|n| n.is_empty()) {
+                        return Err(bad(
+                            format!("tls.certificates[{i}].names"),
+                            "name at least one host (or *.domain)",
+                        ));
+                    }
+                    for (k, path) in [("cert", &c.cert), ("key", &c.key)] {
+                        if !Path::new(path).is_file() {
+                            return Err(bad(
+                                format!("tls.certificates[{i}].{k}"),
+                                format!("no file at {path:?}"),
+                            ));
+                        }
+                    }
+                    certificates.push(crate::tls::CertSpec {
+                        names: c.names,
+                        cert: c.cert.into(),
+                        key: c.key.into(),
+                    });
+                }
+                let plain_http = match t.plain_http.as_deref().unwrap_or("serve") {
+                    "serve" => PlainHttp::Serve,
+                    "redirect" => PlainHttp::Redirect,
+                    "refuse" => PlainHttp::Refuse,
+                    other => {
+                        return Err(bad(
+                            "tls.plain_http",
+                            format!("expected serve, redirect or refuse, got {other:?}"),
+                        ))
+                    }
+                };
+                Some(TlsConfig {
+                    certificates,
+                    plain_http,
+                    http2: t.http2.unwrap_or(true),
+                    reload_interval: duration(
+                        "tls.reload_interval",
+                        &t.reload_interval,
+                        Duration::from_secs(10),
+                    )?,
+                })
+            }
+        };
 
         let agents_domain = f
             .edge
@@ -432,6 +550,8 @@ impl Config {
 
         Ok(Self {
             http_listen,
+            https_listen,
+            tls,
             admin_listen,
             agents_domain,
             public_url,

@@ -195,6 +195,8 @@ pub struct Control {
     pub ledger: crate::metering::Ledger,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// TLS certificates, when the edge terminates TLS.
+    pub certs: Option<Arc<crate::tls::CertResolver>>,
 }
 
 impl Control {
@@ -316,6 +318,27 @@ impl Control {
         Ok(())
     }
 
+    /// Reloads TLS certificates whose files changed, every `tls.reload_interval`.
+    async fn watch_certs(self: Arc<Self>, mut shutdown: ShutdownWatch) {
+        let (Some(certs), Some(tls)) = (self.certs.clone(), self.cfg.tls.as_ref()) else {
+            return;
+        };
+        let mut tick = tokio::time::interval(tls.reload_interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            match certs.reload_if_changed() {
+                Ok(true) => tracing::info!("TLS certificates reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificates changed but do not load; still serving the previous ones")
+                }
+            }
+        }
+    }
+
     /// Writes key last-used times every `last_used_flush`, and once more at shutdown.
     async fn flush(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(self.cfg.last_used_flush);
@@ -364,7 +387,8 @@ impl BackgroundService for ControlPlane {
         let watcher = tokio::spawn(control.clone().watch(store.clone(), shutdown.clone()));
         let flusher = tokio::spawn(control.clone().flush(store.clone(), shutdown.clone()));
         let fleet = tokio::spawn(control.clone().sync_fleet(store.clone(), shutdown.clone()));
+        let certs = tokio::spawn(control.clone().watch_certs(shutdown.clone()));
         let admin = tokio::spawn(crate::admin::serve(control.clone(), store, shutdown));
-        let _ = tokio::join!(watcher, flusher, fleet, admin);
+        let _ = tokio::join!(watcher, flusher, fleet, certs, admin);
     }
 }

@@ -26,7 +26,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::time::Instant;
 
 use crate::chat::{self, NativeChatRequest, NativeStream};
-use crate::config::Config;
+use crate::config::{Config, PlainHttp};
 use crate::control::Control;
 use crate::error::EdgeError;
 use crate::forward::{self, Forwarder, Guard, Inbound, Outbound};
@@ -263,8 +263,58 @@ impl Edge {
         })
     }
 
+    /// Transport: on a plain-HTTP listener of an edge that terminates TLS, redirect to HTTPS or
+    /// refuse, as configured. `Ok(true)` when the redirect was written.
+    async fn transport(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool, EdgeError> {
+        let Some(tls) = &self.cfg.tls else {
+            return Ok(false);
+        };
+        let is_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        match tls.plain_http {
+            _ if is_tls => Ok(false),
+            PlainHttp::Serve => Ok(false),
+            PlainHttp::Refuse => Err(EdgeError::Forbidden(
+                "plain HTTP is refused here: use https://".into(),
+            )),
+            PlainHttp::Redirect => {
+                let req = session.req_header();
+                let host = req
+                    .headers
+                    .get("host")
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("");
+                let host = host
+                    .rsplit_once(':')
+                    .filter(|(h, p)| !h.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit()))
+                    .map_or(host, |(h, _)| h);
+                let port = self.cfg.https_listen.first().map_or(443, |a| a.port());
+                let authority = if port == 443 {
+                    host.to_owned()
+                } else {
+                    format!("{host}:{port}")
+                };
+                let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+                let mut h = response::header(308, "application/json", ctx);
+                h.insert_header("location", format!("https://{authority}{path}"))
+                    .map_err(|_| EdgeError::InvalidRequest("invalid Host header".into()))?;
+                ctx.status = 308;
+                ctx.responded = true;
+                let body = serde_json::json!({"error": {"message": "use https://", "code": "https_required", "type": "invalid_request_error"}});
+                response::write_json(session, h, Bytes::from(body.to_string())).await?;
+                Ok(true)
+            }
+        }
+    }
+
     /// The whole request after the request id: every phase in order.
     async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), EdgeError> {
+        if self.transport(session, ctx).await? {
+            return Ok(());
+        }
         let now = Instant::now();
         let route = routing::route(
             &session.req_header().method,

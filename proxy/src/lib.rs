@@ -29,6 +29,7 @@ pub mod response;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 
 /// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`), buffered

@@ -91,6 +91,13 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
             Ok::<_, crate::store::StoreError>(control::build_snapshot(&contents, cfg, &last_used))
         })
         .map_err(|e| StartError(format!("cannot open the store at {}: {e}", cfg.store_url)))?;
+    let certs = match &cfg.tls {
+        Some(t) => Some(Arc::new(
+            crate::tls::CertResolver::new(t.certificates.clone())
+                .map_err(|e| StartError(format!("config key `tls.certificates`: {e}")))?,
+        )),
+        None => None,
+    };
     let status = Arc::new(StoreStatus::default());
     Ok(Arc::new(Control {
         cfg: cfg.clone(),
@@ -105,6 +112,7 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
         quota,
         ledger: Ledger::new(journal, edge_id),
         metrics: crate::metrics::Metrics::new(),
+        certs,
     }))
 }
 
@@ -128,6 +136,17 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "moltghost-edge");
     for addr in &cfg.http_listen {
         service.add_tcp(&addr.to_string());
+    }
+    if let (Some(certs), Some(tls)) = (&control.certs, &cfg.tls) {
+        for addr in &cfg.https_listen {
+            let mut settings = pingora_core::listeners::tls::TlsSettings::intermediate("", "")
+                .map_err(|e| StartError(format!("TLS settings: {e}")))?;
+            settings.set_cert_resolver(certs.clone());
+            if tls.http2 {
+                settings.enable_h2();
+            }
+            service.add_tls_with_settings(&addr.to_string(), None, settings);
+        }
     }
     server.add_service(service);
     server.add_service(background_service(

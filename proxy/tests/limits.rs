@@ -597,6 +597,7 @@ async fn a_fleet_holds_its_limits_under_skewed_load() {
         extra: extra.clone(),
         no_agents: true,
         runtime: rt.clone(),
+        ..Options::default()
     })
     .await;
     let c = Stack::start_with(Options {
@@ -604,6 +605,7 @@ async fn a_fleet_holds_its_limits_under_skewed_load() {
         extra,
         no_agents: true,
         runtime: rt,
+        ..Options::default()
     })
     .await;
     let edges = [&a, &b, &c];

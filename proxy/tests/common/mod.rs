@@ -58,6 +58,8 @@ pub struct Options {
     pub no_agents: bool,
     /// Use this runtime instead of starting one.
     pub runtime: Option<(SocketAddr, Arc<Stats>)>,
+    /// Also listen for TLS (the `[tls]` section goes in `extra`).
+    pub https: bool,
 }
 
 /// A running edge and runtime.
@@ -68,6 +70,8 @@ pub struct Stack {
     pub port: u16,
     /// The edge's admin port.
     pub admin_port: u16,
+    /// The edge's TLS port (0 without TLS).
+    pub https_port: u16,
     /// The runtime's address.
     pub runtime: SocketAddr,
     /// What the runtime saw.
@@ -100,12 +104,18 @@ impl Stack {
         let port = free_port();
         let admin_port = free_port();
         let dead_port = free_port();
+        let https_port = if opts.https { free_port() } else { 0 };
+        let https = if opts.https {
+            format!("https = [\"127.0.0.1:{https_port}\"]\n")
+        } else {
+            String::new()
+        };
         let store = opts
             .store_url
             .clone()
             .unwrap_or_else(|| "sqlite://moltghost.db".into());
         let mut cfg = format!(
-            "[listen]\nhttp = [\"127.0.0.1:{port}\"]\nadmin = \"127.0.0.1:{admin_port}\"\n\
+            "[listen]\nhttp = [\"127.0.0.1:{port}\"]\n{https}admin = \"127.0.0.1:{admin_port}\"\n\
              [edge]\ndata_dir = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n\
              [store]\nurl = \"{store}\"\npoll_interval = \"200ms\"\nlast_used_flush = \"200ms\"\n{}\n",
             dir.path().display(),
@@ -127,6 +137,7 @@ impl Stack {
             key: String::new(),
             port,
             admin_port,
+            https_port,
             runtime,
             stats,
             child,
