@@ -28,6 +28,57 @@ pub struct DevArgs {
     /// Print one JSON line (endpoint, agent, api_key, admin_url) once the stack answers.
     #[arg(long)]
     json: bool,
+    /// Also serve HTTPS, with a local CA and certificate generated in the data directory.
+    #[arg(long)]
+    tls: bool,
+    /// Port of the HTTPS listener (with --tls).
+    #[arg(long, default_value_t = 8443)]
+    https_port: u16,
+}
+
+/// A local CA (`dev-ca.pem`) and a certificate it signed for `*.agent.localhost`, `localhost`
+/// and `127.0.0.1`, made once and kept in the data directory. Returns (cert, key, ca).
+fn local_certificate(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), Failure> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let (crt, key, ca_pem) = (
+        dir.join("dev-tls.crt"),
+        dir.join("dev-tls.key"),
+        dir.join("dev-ca.pem"),
+    );
+    if crt.exists() && key.exists() && ca_pem.exists() {
+        return Ok((crt, key, ca_pem));
+    }
+    let fail =
+        |e: rcgen::Error| Failure::Unreachable(format!("generating the local certificate: {e}"));
+    let ca_key = KeyPair::generate().map_err(fail)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "MoltGhost dev CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).map_err(fail)?;
+    let leaf_key = KeyPair::generate().map_err(fail)?;
+    let names = vec![
+        "*.agent.localhost".to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    let mut leaf = CertificateParams::new(names).map_err(fail)?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "*.agent.localhost");
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &Issuer::from_params(&ca, &ca_key))
+        .map_err(fail)?;
+    let write = |p: &Path, text: String| {
+        std::fs::write(p, text).map_err(|e| Failure::Unreachable(format!("{}: {e}", p.display())))
+    };
+    write(&ca_pem, ca_cert.pem())?;
+    moltghost::secrets::write_private(&key, &leaf_key.serialize_pem())
+        .map_err(|e| Failure::Unreachable(format!("{}: {e}", key.display())))?;
+    write(&crt, leaf_cert.pem())?;
+    Ok((crt, key, ca_pem))
 }
 
 fn sibling(name: &str) -> Result<PathBuf, Failure> {
@@ -113,6 +164,9 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
     for p in [args.port, args.admin_port, args.runtime_port] {
         free(p)?;
     }
+    if args.tls {
+        free(args.https_port)?;
+    }
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Failure::Unreachable(format!("{}: {e}", data_dir.display())))?;
     let data_dir = data_dir
@@ -126,11 +180,25 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::Unreachable(format!("admin secret: {e}")))?;
 
+    let (https, public_url, tls) = if args.tls {
+        let (crt, key, _) = local_certificate(&data_dir)?;
+        (
+            format!("https = [\"127.0.0.1:{}\"]\n", args.https_port),
+            format!("public_url = \"https://{{id}}.agent.localhost:{}\"\n", args.https_port),
+            format!(
+                "\n[tls]\n[[tls.certificates]]\nnames = [\"*.agent.localhost\", \"localhost\", \"127.0.0.1\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+                crt.display(),
+                key.display()
+            ),
+        )
+    } else {
+        (String::new(), String::new(), String::new())
+    };
     let config = format!(
-        "# Written by `moltghost dev`.\n[listen]\nhttp = [\"127.0.0.1:{}\"]\nadmin = \"127.0.0.1:{}\"\n\n\
-         [edge]\ndata_dir = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"2s\"\n\n\
+        "# Written by `moltghost dev`.\n[listen]\nhttp = [\"127.0.0.1:{}\"]\n{https}admin = \"127.0.0.1:{}\"\n\n\
+         [edge]\ndata_dir = \"{}\"\n{public_url}grace_period = \"1s\"\nshutdown_timeout = \"2s\"\n\n\
          [store]\nurl = \"sqlite://moltghost.db\"\n\n\
-         [[plans]]\nname = \"dev\"\nrequests_per_minute = 6000\ntokens_per_month = 100000000\nconcurrent_streams = 64\n",
+         [[plans]]\nname = \"dev\"\nrequests_per_minute = 6000\ntokens_per_month = 100000000\nconcurrent_streams = 64\n{tls}",
         args.port,
         args.admin_port,
         data_dir.display()
@@ -278,7 +346,7 @@ MoltGhost dev stack is up.
 
 Try it (streams tokens as they are generated):
 
-  curl -N -X POST {endpoint}/v1/chat \
+  curl -N{cacert} -X POST {endpoint}/v1/chat \
     -H "Authorization: Bearer {key}" \
     -H "Content-Type: application/json" \
     -d '{{"messages": [{{"role": "user", "content": "Hello, agent!"}}], "stream": true}}'
@@ -293,5 +361,10 @@ Or with the openai Python package (the key is scoped to demo, so no Host is need
 
 Ctrl-C stops everything. Logs: .moltghost/edge.log, .moltghost/runtime.log"#,
         admin = info["admin_url"].as_str().unwrap_or(""),
+        cacert = if endpoint.starts_with("https") {
+            " --cacert .moltghost/dev-ca.pem"
+        } else {
+            ""
+        },
     );
 }
