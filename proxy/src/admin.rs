@@ -183,13 +183,14 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/keys", get(list_keys).post(create_key))
         .route("/v1/admin/keys/revoke", post(revoke_key))
         .route("/v1/admin/usage", get(usage))
+        .route("/v1/admin/reload", post(reload))
         .fallback(|| async { ApiError(EdgeError::NotFound("no such admin route".into())) })
         .with_state(state)
 }
 
 /// Serves the admin API until shutdown.
 pub async fn serve(control: Arc<Control>, store: Store, mut shutdown: ShutdownWatch) {
-    let addr = control.cfg.admin_listen;
+    let addr = control.cfg().admin_listen;
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -250,7 +251,7 @@ async fn status(_: Read, State(st): State<AppState>) -> Json<Value> {
 async fn plans(_: Read, State(st): State<AppState>) -> Json<Value> {
     let plans: Vec<Value> = st
         .control
-        .cfg
+        .cfg()
         .plans
         .iter()
         .map(|p| json!({"name": p.name, "requests_per_minute": p.requests_per_minute, "tokens_per_month": p.tokens_per_month, "concurrent_streams": p.concurrent_streams}))
@@ -313,14 +314,9 @@ struct NewAccount {
 }
 
 fn check_plan(st: &AppState, plan: &str) -> ApiResult<()> {
-    if st.control.cfg.plan(plan).is_none() {
-        let names: Vec<_> = st
-            .control
-            .cfg
-            .plans
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect();
+    let cfg = st.control.cfg();
+    if cfg.plan(plan).is_none() {
+        let names: Vec<_> = cfg.plans.iter().map(|p| p.name.as_str()).collect();
         return Err(invalid(format!(
             "unknown plan {plan:?}; plans: {}",
             names.join(", ")
@@ -340,7 +336,7 @@ async fn create_account(
     }
     let plan = n
         .plan
-        .unwrap_or_else(|| st.control.cfg.plans[0].name.clone());
+        .unwrap_or_else(|| st.control.cfg().plans[0].name.clone());
     check_plan(&st, &plan)?;
     let id = n.id.unwrap_or_else(|| crate::secrets::short_id(8));
     if !moltghost_protocol::keys::is_account_id(&id) {
@@ -392,7 +388,7 @@ async fn find_agent(st: &AppState, r: &str) -> ApiResult<AgentRow> {
 
 fn agent_json(st: &AppState, a: &AgentRow) -> Value {
     let mut v = serde_json::to_value(a).expect("rows serialize");
-    v["url"] = json!(st.control.cfg.endpoint_url(&a.endpoint_id));
+    v["url"] = json!(st.control.cfg().endpoint_url(&a.endpoint_id));
     v
 }
 
@@ -692,7 +688,7 @@ async fn usage(
             .filter(|l| l.account_id == a.id)
             .map(|l| l.total_tokens)
             .sum();
-        let limit = st.control.cfg.plan(&a.plan).map(|p| p.tokens_per_month);
+        let limit = st.control.cfg().plan(&a.plan).map(|p| p.tokens_per_month);
         quotas.insert(
             a.id.clone(),
             json!({"name": a.name, "plan": a.plan, "tokens_per_month": limit, "used": used}),
@@ -701,4 +697,14 @@ async fn usage(
     Ok(Json(
         json!({"month": month, "by": by, "usage": lines, "accounts": quotas}),
     ))
+}
+
+// ---------------------------------------------------------------------- reload
+
+/// Reloads the configuration file (as SIGHUP does).
+async fn reload(_: Write, State(st): State<AppState>) -> ApiResult<Json<Value>> {
+    match st.control.reload(&st.store).await {
+        Ok(msg) => Ok(Json(json!({"reloaded": true, "message": msg}))),
+        Err(e) => Err(invalid(format!("configuration not reloaded: {e}"))),
+    }
 }

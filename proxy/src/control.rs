@@ -171,8 +171,10 @@ pub async fn seed(store: &Store, cfg: &Config) -> Result<(), StoreError> {
 
 /// Everything the control plane shares with the admin API.
 pub struct Control {
-    /// The validated config.
-    pub cfg: Arc<Config>,
+    /// The validated config, replaced whole by a reload.
+    pub config: arc_swap::ArcSwap<Config>,
+    /// The file it came from (`None`: the embedded default, nothing to reload).
+    pub config_path: Option<std::path::PathBuf>,
     /// The snapshot the edge serves from.
     pub registry: Arc<Registry>,
     /// Key last-used slots.
@@ -200,6 +202,80 @@ pub struct Control {
 }
 
 impl Control {
+    /// The config in force.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Re-reads the config file and puts it in force: plans, agents domain, limits, timeouts,
+    /// upstream settings, declared agents and certificates. Listeners, the data directory, the
+    /// store and the thread count change only with a restart or an upgrade; a file that asks to
+    /// change them, or that does not validate, is refused and the running config stays.
+    pub async fn reload(&self, store: &Store) -> Result<String, String> {
+        let path = self
+            .config_path
+            .as_deref()
+            .ok_or("the edge runs on the embedded default config: there is no file to reload")?;
+        let next = Config::load(Some(path)).map_err(|e| e.0)?;
+        let cur = self.cfg();
+        let fixed = [
+            ("listen.http", next.http_listen != cur.http_listen),
+            ("listen.https", next.https_listen != cur.https_listen),
+            ("listen.admin", next.admin_listen != cur.admin_listen),
+            ("edge.data_dir", next.data_dir != cur.data_dir),
+            ("edge.threads", next.threads != cur.threads),
+            ("store.url", next.store_url != cur.store_url),
+            (
+                "limits.rate_sketch_slots",
+                next.rate_sketch_slots != cur.rate_sketch_slots,
+            ),
+            ("tls (on or off)", next.tls.is_some() != cur.tls.is_some()),
+        ];
+        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return Err(format!(
+                "`{key}` changes only with a restart or an upgrade; nothing was reloaded"
+            ));
+        }
+        if let (Some(certs), Some(tls)) = (&self.certs, &next.tls) {
+            certs.replace(tls.certificates.clone())?;
+        }
+        self.config.store(Arc::new(next));
+        let cfg = self.cfg();
+        seed(store, &cfg).await.map_err(|e| e.to_string())?;
+        self.refresh_forced(store)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(format!("reloaded {}", path.display()))
+    }
+
+    /// Rebuilds the snapshot even if the store did not move (the config did).
+    async fn refresh_forced(&self, store: &Store) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reload.lock().await;
+        let contents = store.contents().await?;
+        self.registry
+            .publish(build_snapshot(&contents, &self.cfg(), &self.last_used));
+        Ok(())
+    }
+
+    /// Reloads on SIGHUP.
+    async fn on_sighup(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    if let Err(e) = self.reload(&store).await {
+                        tracing::error!(error = %e, "configuration reload refused");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
     /// Reloads the snapshot if the store moved past it. The admin API calls this after each
     /// change, so a change made through an edge is in force there when the call returns.
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
@@ -207,7 +283,7 @@ impl Control {
         let revision = store.revision().await?;
         if revision as u64 != self.registry.load().generation {
             let contents = store.contents().await?;
-            let next = build_snapshot(&contents, &self.cfg, &self.last_used);
+            let next = build_snapshot(&contents, &self.cfg(), &self.last_used);
             tracing::debug!(generation = next.generation, "snapshot reloaded");
             self.registry.publish(next);
         }
@@ -218,7 +294,7 @@ impl Control {
     /// Follows the store: on every notification or poll tick, reload if needed.
     async fn watch(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
         let mut listener: Option<sqlx::postgres::PgListener> = None;
-        let mut tick = tokio::time::interval(self.cfg.store_poll_interval);
+        let mut tick = tokio::time::interval(self.cfg().store_poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if store.is_postgres() && listener.is_none() {
@@ -248,7 +324,7 @@ impl Control {
     /// edge's key rates and reservations, and learns the others' and the month's totals. Runs
     /// once more at shutdown, so what was journaled is shipped.
     async fn sync_fleet(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.cfg.fleet_sync);
+        let mut tick = tokio::time::interval(self.cfg().fleet_sync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let stop = tokio::select! {
@@ -279,7 +355,7 @@ impl Control {
                 (id, n)
             })
             .collect();
-        let fresh = (self.cfg.fleet_sync.as_secs() as i64 * 4).max(3);
+        let fresh = (self.cfg().fleet_sync.as_secs() as i64 * 4).max(3);
         let fleet = store
             .exchange_fleet_state(
                 &self.ledger.edge_id,
@@ -320,10 +396,15 @@ impl Control {
 
     /// Reloads TLS certificates whose files changed, every `tls.reload_interval`.
     async fn watch_certs(self: Arc<Self>, mut shutdown: ShutdownWatch) {
-        let (Some(certs), Some(tls)) = (self.certs.clone(), self.cfg.tls.as_ref()) else {
+        let Some(certs) = self.certs.clone() else {
             return;
         };
-        let mut tick = tokio::time::interval(tls.reload_interval);
+        let interval = self
+            .cfg()
+            .tls
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(10), |t| t.reload_interval);
+        let mut tick = tokio::time::interval(interval);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -341,7 +422,7 @@ impl Control {
 
     /// Writes key last-used times every `last_used_flush`, and once more at shutdown.
     async fn flush(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.cfg.last_used_flush);
+        let mut tick = tokio::time::interval(self.cfg().last_used_flush);
         loop {
             let stop = tokio::select! {
                 _ = tick.tick() => false,
@@ -375,7 +456,7 @@ impl BackgroundService for ControlPlane {
     async fn start(&self, shutdown: ShutdownWatch) {
         let control = self.control.clone();
         let store = loop {
-            match Store::open(&control.cfg.store_url, &control.cfg.data_dir).await {
+            match Store::open(&control.cfg().store_url, &control.cfg().data_dir).await {
                 Ok(s) => break s,
                 Err(e) => {
                     control.status.failed(&e);
@@ -388,7 +469,8 @@ impl BackgroundService for ControlPlane {
         let flusher = tokio::spawn(control.clone().flush(store.clone(), shutdown.clone()));
         let fleet = tokio::spawn(control.clone().sync_fleet(store.clone(), shutdown.clone()));
         let certs = tokio::spawn(control.clone().watch_certs(shutdown.clone()));
+        let hup = tokio::spawn(control.clone().on_sighup(store.clone(), shutdown.clone()));
         let admin = tokio::spawn(crate::admin::serve(control.clone(), store, shutdown));
-        let _ = tokio::join!(watcher, flusher, fleet, certs, admin);
+        let _ = tokio::join!(watcher, flusher, fleet, certs, hup, admin);
     }
 }

@@ -46,7 +46,6 @@ const MAX_READ_ANSWER: usize = 16 * 1024 * 1024;
 
 /// The edge service.
 pub struct Edge {
-    cfg: Arc<Config>,
     control: Arc<Control>,
     forwarder: Forwarder,
     ids: RequestIds,
@@ -118,13 +117,17 @@ fn invalid(msg: String) -> EdgeError {
 impl Edge {
     /// An edge configured by `cfg`, admitting requests through `control`'s snapshot, limiters
     /// and quota book.
-    pub fn new(cfg: Arc<Config>, control: Arc<Control>) -> Self {
+    pub fn new(control: Arc<Control>) -> Self {
         Self {
-            cfg,
             control,
             forwarder: Forwarder::new(1024),
             ids: RequestIds::default(),
         }
+    }
+
+    /// The config in force (a reload replaces it between requests).
+    fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.control.config.load()
     }
 
     /// Admission: the caller's key and the agent it reaches (see [`policy::admit`]).
@@ -144,7 +147,7 @@ impl Edge {
         policy::admit(
             &self.control.registry.load(),
             &self.control.hasher,
-            &self.cfg.agents_domain,
+            &self.cfg().agents_domain,
             &view,
         )
     }
@@ -158,14 +161,14 @@ impl Edge {
         body: Bytes,
         now: Instant,
     ) -> Result<Prepared, EdgeError> {
-        let default_deadline = now + self.cfg.request_timeout;
+        let default_deadline = now + self.cfg().request_timeout;
         let query = session
             .req_header()
             .uri
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let default_cap = self.cfg.default_max_tokens;
+        let default_cap = self.cfg().default_max_tokens;
         let prepared =
             |method, path, body, content_type, relay, stream, cost, hide_usage| Prepared {
                 outbound: Outbound {
@@ -187,10 +190,10 @@ impl Edge {
                 let mut deadline = default_deadline;
                 if let Some(t) = req.timeout_seconds {
                     let t = Duration::from_secs_f64(t);
-                    if t > self.cfg.max_timeout {
+                    if t > self.cfg().max_timeout {
                         return Err(invalid(format!(
                             "`timeout_seconds` may be at most {}",
-                            self.cfg.max_timeout.as_secs()
+                            self.cfg().max_timeout.as_secs()
                         )));
                     }
                     deadline = now + t;
@@ -270,7 +273,7 @@ impl Edge {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<bool, EdgeError> {
-        let Some(tls) = &self.cfg.tls else {
+        let Some(tls) = &self.cfg().tls else {
             return Ok(false);
         };
         let is_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -291,7 +294,7 @@ impl Edge {
                     .rsplit_once(':')
                     .filter(|(h, p)| !h.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit()))
                     .map_or(host, |(h, _)| h);
-                let port = self.cfg.https_listen.first().map_or(443, |a| a.port());
+                let port = self.cfg().https_listen.first().map_or(443, |a| a.port());
                 let authority = if port == 443 {
                     host.to_owned()
                 } else {
@@ -327,19 +330,27 @@ impl Edge {
         ctx.agent = Some(agent.endpoint_id.clone());
         ctx.account = Some(admission.account.id.clone());
         ctx.key_id = Some(admission.key.id.clone());
-        let limits = self.cfg.limits_enabled;
+        let limits = self.cfg().limits_enabled;
         if limits {
-            ctx.rate = Some(self.control.limiter.admit(&admission.key, plan)?);
+            ctx.rate = Some(self.control.limiter.admit(
+                &admission.key,
+                plan,
+                self.cfg().rate_limit_status,
+            )?);
         }
 
         if route == Route::Health {
             return self.health(session, ctx, &agent).await;
         }
         lifecycle::admit(agent.state)?;
-        let body = body::read(session, self.cfg.max_body_bytes).await?;
+        let body = body::read(session, self.cfg().max_body_bytes).await?;
         let prepared = self.outbound(route, &agent, session, body, now)?;
         let _stream_slot = if limits && prepared.stream {
-            Some(self.control.limiter.open_stream(&admission.key, plan)?)
+            Some(self.control.limiter.open_stream(
+                &admission.key,
+                plan,
+                self.cfg().rate_limit_status,
+            )?)
         } else {
             None
         };
@@ -395,7 +406,7 @@ impl Edge {
             .open(session, peer, &header, &prepared.outbound.body, &mut guard)
             .await?;
         ctx.first_byte = Some(StdInstant::now());
-        inbound.set_idle_timeout(self.cfg.stream_idle_timeout);
+        inbound.set_idle_timeout(self.cfg().stream_idle_timeout);
         let result = self
             .relay(
                 session,
@@ -407,7 +418,7 @@ impl Edge {
             )
             .await;
         self.forwarder
-            .close(inbound, peer, self.cfg.upstream_keepalive)
+            .close(inbound, peer, self.cfg().upstream_keepalive)
             .await;
         if let Some(m) = metering.as_mut() {
             // Ended early: account for what was delivered.
@@ -730,7 +741,7 @@ impl Edge {
                 let ok = inbound.header.status.is_success();
                 let _ = inbound.read_to_end(session, &mut guard, 64 * 1024).await;
                 self.forwarder
-                    .close(inbound, peer, self.cfg.upstream_keepalive)
+                    .close(inbound, peer, self.cfg().upstream_keepalive)
                     .await;
                 serde_json::json!({
                     "reachable": ok,

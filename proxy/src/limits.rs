@@ -38,17 +38,15 @@ pub struct Limiter {
     rate: Rate,
     streams: Inflight,
     remote: ArcSwap<HashMap<String, u64>>,
-    status: u16,
 }
 
 impl Limiter {
-    /// Limiters whose sketches have `slots` columns; refusals answer `status` (403 or 429).
-    pub fn new(slots: usize, status: u16) -> Self {
+    /// Limiters whose sketches have `slots` columns.
+    pub fn new(slots: usize) -> Self {
         Self {
             rate: Rate::new_with_estimator_config(WINDOW, HASHES, slots),
             streams: Inflight::new(),
             remote: ArcSwap::from_pointee(HashMap::new()),
-            status,
         }
     }
 
@@ -65,8 +63,9 @@ impl Limiter {
         self.remote.store(Arc::new(counts));
     }
 
-    /// Admits one request of `key` under `plan`, or refuses it with `rate_limited`.
-    pub fn admit(&self, key: &ApiKey, plan: &Plan) -> Result<RateInfo, EdgeError> {
+    /// Admits one request of `key` under `plan`, or refuses it with `rate_limited` and `status`
+    /// (403 or 429).
+    pub fn admit(&self, key: &ApiKey, plan: &Plan, status: u16) -> Result<RateInfo, EdgeError> {
         let limit = u64::from(plan.requests_per_minute);
         let (local, reset) = self.rate.rate_with(&key.id, |c| {
             let f = c.current_interval_fraction.clamp(0.0, 1.0);
@@ -94,7 +93,10 @@ impl Limiter {
         let used = local + remote;
         if used + 1.0 > limit as f64 {
             let retry_after = (reset.ceil() as u64).clamp(1, 60);
-            return Err(self.refusal(retry_after));
+            return Err(EdgeError::RateLimited {
+                retry_after,
+                status,
+            });
         }
         self.rate.observe(&key.id, 1);
         Ok(RateInfo {
@@ -104,20 +106,13 @@ impl Limiter {
         })
     }
 
-    fn refusal(&self, retry_after: u64) -> EdgeError {
-        EdgeError::RateLimited {
-            retry_after,
-            status: self.status,
-        }
-    }
-
     /// Counts a stream of `key` for as long as the guard lives, or refuses it past the plan's cap.
-    pub fn open_stream(&self, key: &ApiKey, plan: &Plan) -> Result<Guard, EdgeError> {
+    pub fn open_stream(&self, key: &ApiKey, plan: &Plan, status: u16) -> Result<Guard, EdgeError> {
         let (guard, open) = self.streams.incr(&key.id, 1);
         if open > plan.concurrent_streams as isize {
             return Err(EdgeError::TooManyStreams {
                 limit: plan.concurrent_streams,
-                status: self.status,
+                status,
             });
         }
         Ok(guard)

@@ -36,7 +36,10 @@ pub struct StartError(String);
 
 /// Everything the edge needs before it serves: secrets, the store brought up to date and seeded,
 /// and the first snapshot. Done before listening, so the first request already sees the store.
-fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
+fn prepare(
+    cfg: &Arc<Config>,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<Arc<Control>, StartError> {
     let dir = &cfg.data_dir;
     let key_secret = secrets::load_or_create(
         cfg.key_secret.as_deref(),
@@ -100,7 +103,8 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
     };
     let status = Arc::new(StoreStatus::default());
     Ok(Arc::new(Control {
-        cfg: cfg.clone(),
+        config: arc_swap::ArcSwap::new(cfg.clone()),
+        config_path,
         registry: Arc::new(Registry::new(snapshot)),
         last_used,
         hasher: KeyHasher::new(&key_secret),
@@ -108,7 +112,7 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
         identity: Arc::new(identity),
         status,
         reload: tokio::sync::Mutex::new(()),
-        limiter: Limiter::new(cfg.rate_sketch_slots, cfg.rate_limit_status),
+        limiter: Limiter::new(cfg.rate_sketch_slots),
         quota,
         ledger: Ledger::new(journal, edge_id),
         metrics: crate::metrics::Metrics::new(),
@@ -117,10 +121,11 @@ fn prepare(cfg: &Arc<Config>) -> Result<Arc<Control>, StartError> {
 }
 
 /// Runs the edge until it is told to stop (SIGTERM/SIGINT: graceful; SIGQUIT: hand-over), then
-/// returns so that the caller can flush its logs.
-pub fn run(cfg: Config) -> Result<(), StartError> {
+/// returns so that the caller can flush its logs. `config_path` is the file a reload (SIGHUP or
+/// the admin API) reads again.
+pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
-    let control = prepare(&cfg)?;
+    let control = prepare(&cfg, config_path)?;
 
     let conf = ServerConf {
         threads: cfg.threads,
@@ -131,7 +136,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
-    let edge = Edge::new(cfg.clone(), control.clone());
+    let edge = Edge::new(control.clone());
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "moltghost-edge");
     for addr in &cfg.http_listen {

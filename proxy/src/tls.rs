@@ -28,7 +28,7 @@ struct Loaded {
 
 /// Chooses a certificate by SNI; the first one serves clients that send no (or no known) name.
 pub struct CertResolver {
-    specs: Vec<CertSpec>,
+    specs: ArcSwap<Vec<CertSpec>>,
     loaded: ArcSwap<Loaded>,
 }
 
@@ -74,7 +74,7 @@ impl CertResolver {
     pub fn new(specs: Vec<CertSpec>) -> Result<Self, String> {
         let loaded = Self::load_all(&specs)?;
         Ok(Self {
-            specs,
+            specs: ArcSwap::from_pointee(specs),
             loaded: ArcSwap::from_pointee(loaded),
         })
     }
@@ -96,17 +96,26 @@ impl CertResolver {
     /// Reloads the certificates if any of their files changed. A set that fails to load leaves
     /// the current one serving. Returns whether a new set is in force.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let now: Vec<_> = self
-            .specs
+        let specs = self.specs.load();
+        let now: Vec<_> = specs
             .iter()
             .map(|s| (stamp(&s.cert), stamp(&s.key)))
             .collect();
         if now == self.loaded.load().stamps {
             return Ok(false);
         }
-        let next = Self::load_all(&self.specs)?;
+        let next = Self::load_all(&specs)?;
         self.loaded.store(Arc::new(next));
         Ok(true)
+    }
+
+    /// Serves a new set of certificates (a config reload); a set that fails to load is refused
+    /// and the current one stays.
+    pub fn replace(&self, specs: Vec<CertSpec>) -> Result<(), String> {
+        let next = Self::load_all(&specs)?;
+        self.specs.store(Arc::new(specs));
+        self.loaded.store(Arc::new(next));
+        Ok(())
     }
 
     /// The certificate for `name`.

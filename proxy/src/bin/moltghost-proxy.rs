@@ -16,7 +16,8 @@ use moltghost::config::Config;
 ///   moltghost-proxy --config conf/fleet.toml
 ///   moltghost-proxy --config my.toml --check # validate and exit
 ///
-/// Logs are JSON lines on stdout (RUST_LOG=debug for more). SIGTERM or Ctrl-C stops gracefully.
+/// Logs are JSON lines on stdout (RUST_LOG=debug for more). SIGTERM or Ctrl-C stops gracefully;
+/// SIGHUP reloads the configuration file (plans, limits, timeouts, agents, certificates).
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -48,7 +49,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let _log = moltghost::init_tracing();
-    match moltghost::server::run(cfg) {
+    let path = args
+        .config
+        .as_ref()
+        .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()));
+    match moltghost::server::run(cfg, path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moltghost-proxy: {e}");
