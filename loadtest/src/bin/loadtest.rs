@@ -33,8 +33,8 @@ use serde_json::{json, Value};
 ///   # memory per open stream of the edge process
 ///   loadtest --target edge=... --key edge=... --pid edge=$(pgrep moltghost-proxy) \
 ///            --scenario idle --streams 1000,5000
-///   # any endpoint, HTTPS too
-///   loadtest --target prod=https://abc123.agent.example.com --key prod=$KEY --rate 20
+///   # any endpoint, HTTPS too (--http2 NAME lets that target negotiate HTTP/2)
+///   loadtest --target prod=https://abc123.agent.example.com --key prod=$KEY --http2 prod --rate 20
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -50,6 +50,9 @@ struct Args {
     /// NAME=PID: the process serving that target (CPU per request, memory per stream).
     #[arg(long = "pid")]
     pids: Vec<String>,
+    /// NAME: let that target use HTTP/2 (negotiated by ALPN over https); others use HTTP/1.1.
+    #[arg(long = "http2")]
+    http2: Vec<String>,
     /// What each request does.
     #[arg(long, value_enum, default_value = "chat")]
     scenario: ScenarioArg,
@@ -187,6 +190,10 @@ fn specs(a: &Args) -> Result<Vec<TargetSpec>, String> {
             .ok_or_else(|| format!("--header {n}: expected HEADER:VALUE"))?;
         let i = find(&mut specs, n)?;
         specs[i].headers.push((k.trim().into(), v.trim().into()));
+    }
+    for n in &a.http2 {
+        let i = find(&mut specs, n)?;
+        specs[i].http2 = true;
     }
     for p in &a.pids {
         let (n, v) = split_pair(p, "--pid")?;

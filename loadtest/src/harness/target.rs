@@ -33,6 +33,8 @@ pub struct TargetSpec {
     pub headers: Vec<(String, String)>,
     /// Process id to read costs from.
     pub pid: Option<u32>,
+    /// Allow HTTP/2 (negotiated by ALPN over TLS); HTTP/1.1 only otherwise.
+    pub http2: bool,
 }
 
 impl TargetSpec {
@@ -83,6 +85,9 @@ impl Target {
                 .connect_timeout(Duration::from_secs(5));
             if !pool {
                 b = b.pool_max_idle_per_host(0);
+            }
+            if !spec.http2 {
+                b = b.http1_only();
             }
             if let Some(host) = url.host_str().filter(|h| h.ends_with(".localhost")) {
                 let port = url.port_or_known_default().unwrap_or(80);
