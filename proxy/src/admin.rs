@@ -191,11 +191,20 @@ fn router(state: AppState) -> Router {
 /// Serves the admin API until shutdown.
 pub async fn serve(control: Arc<Control>, store: Store, mut shutdown: ShutdownWatch) {
     let addr = control.cfg().admin_listen;
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%addr, error = %e, "admin API cannot listen");
-            return;
+    // During an upgrade the old process holds the port until it starts to drain: keep trying.
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "admin API cannot listen");
+                return;
+            }
         }
     };
     tracing::info!(%addr, "admin API listening");

@@ -343,6 +343,8 @@ impl Control {
     /// One round of [`Control::sync_fleet`].
     pub async fn sync_once(&self, store: &Store) -> Result<(), StoreError> {
         self.ledger.journal.ship(store).await?;
+        // A process this one replaced (an upgrade) or that crashed leaves its journal behind.
+        crate::ledger::Journal::ship_orphans(&self.cfg().data_dir, store).await?;
         let now = store::now();
         let month = crate::quota::month_of(now);
         let active_since = now - 120;

@@ -3,6 +3,14 @@
 //! `kill -9` of the edge, and no wait on the store. A background shipper moves the journal into
 //! the store's `usage_ledger` in batches; rows are keyed by the edge's own request id, so a
 //! journal replayed after a crash never counts twice.
+//!
+//! Each process writes its own journal (`usage.<pid>.journal`), so that during an upgrade the
+//! old and the new process never share one. Journals of processes that are gone (a crash, the
+//! process an upgrade replaced) are shipped by the next one and then removed.
+//!
+//! Each process writes its own journal (`usage.<pid>.journal`), so that during an upgrade the
+//! old and the new process never share one. Journals of processes that are gone (a crash, the
+//! process an upgrade replaced) are shipped by the next one and then removed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -22,10 +30,14 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal in `data_dir`.
+    /// Opens (or creates) this process's journal in `data_dir`.
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        Self::open_file(data_dir, &format!("usage.{}.journal", std::process::id()))
+    }
+
+    fn open_file(data_dir: &Path, name: &str) -> std::io::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join("usage.journal");
+        let path = data_dir.join(name);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -33,9 +45,37 @@ impl Journal {
             .open(&path)?;
         Ok(Self {
             file: Mutex::new(file),
-            offset_path: data_dir.join("usage.journal.shipped"),
+            offset_path: data_dir.join(format!("{name}.shipped")),
             path,
         })
+    }
+
+    /// Ships, then removes, the journals in `data_dir` of processes that are no longer running
+    /// (and the single journal of earlier versions). Returns the rows shipped.
+    pub async fn ship_orphans(data_dir: &Path, store: &Store) -> Result<usize, StoreError> {
+        let io = |e: std::io::Error| StoreError::Db(sqlx::Error::Io(e));
+        let names: Vec<String> = std::fs::read_dir(data_dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("usage.") && n.ends_with(".journal"))
+            .collect();
+        let mut shipped = 0;
+        for name in names {
+            let pid = name
+                .trim_start_matches("usage.")
+                .trim_end_matches(".journal");
+            let alive = pid.parse::<u32>().is_ok_and(|p| {
+                p == std::process::id() || Path::new(&format!("/proc/{p}")).exists()
+            });
+            if alive {
+                continue;
+            }
+            let orphan = Self::open_file(data_dir, &name).map_err(io)?;
+            shipped += orphan.ship(store).await?;
+            let _ = std::fs::remove_file(&orphan.path);
+            let _ = std::fs::remove_file(&orphan.offset_path);
+        }
+        Ok(shipped)
     }
 
     /// Appends one row (one `write` of one line).

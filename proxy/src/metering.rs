@@ -29,13 +29,15 @@ impl Ledger {
         }
     }
 
-    /// A request id unique across the fleet and restarts: edge, start time, counter.
+    /// A request id unique across the fleet, restarts and the two processes of an upgrade:
+    /// edge, start time, process, counter.
     fn request_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!(
-            "{}-{:x}-{:x}",
+            "{}-{:x}-{:x}-{n:x}",
             self.edge_id,
             self.started,
-            self.next.fetch_add(1, Ordering::Relaxed)
+            std::process::id()
         )
     }
 }

@@ -29,6 +29,15 @@ pub fn peer_settings(cfg: &Config) -> PeerSettings {
     }
 }
 
+/// Where the old and the new process of an upgrade meet to hand over listening sockets.
+pub fn upgrade_socket(cfg: &Config) -> std::path::PathBuf {
+    let dir = cfg
+        .data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| cfg.data_dir.clone());
+    dir.join("upgrade.sock")
+}
+
 /// A failure to start, with what was being done.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -76,7 +85,7 @@ fn prepare(
         .block_on(async {
             let store = Store::open(&cfg.store_url, dir).await?;
             control::seed(&store, cfg).await?;
-            let shipped = journal.ship(&store).await?;
+            let shipped = Journal::ship_orphans(dir, &store).await?;
             if shipped > 0 {
                 tracing::info!(
                     rows = shipped,
@@ -120,10 +129,15 @@ fn prepare(
     }))
 }
 
-/// Runs the edge until it is told to stop (SIGTERM/SIGINT: graceful; SIGQUIT: hand-over), then
-/// returns so that the caller can flush its logs. `config_path` is the file a reload (SIGHUP or
-/// the admin API) reads again.
-pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), StartError> {
+/// Runs the edge until it is told to stop (SIGTERM/SIGINT: graceful; SIGQUIT: hand its
+/// listening sockets to a new process started with `upgrade`, then drain), and returns so that
+/// the caller can flush its logs. `config_path` is the file a reload (SIGHUP or the admin API)
+/// reads again.
+pub fn run(
+    cfg: Config,
+    config_path: Option<std::path::PathBuf>,
+    upgrade: bool,
+) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
     let control = prepare(&cfg, config_path)?;
 
@@ -131,9 +145,15 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), S
         threads: cfg.threads,
         grace_period_seconds: Some(cfg.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(cfg.shutdown_timeout.as_secs()),
+        // The hand-over socket lives with the rest of the edge's state.
+        upgrade_sock: upgrade_socket(&cfg).to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let edge = Edge::new(control.clone());

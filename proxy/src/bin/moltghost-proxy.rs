@@ -15,6 +15,7 @@ use moltghost::config::Config;
 ///   moltghost-proxy                          # the embedded default config
 ///   moltghost-proxy --config conf/fleet.toml
 ///   moltghost-proxy --config my.toml --check # validate and exit
+///   moltghost-proxy --config my.toml --upgrade && kill -QUIT <old pid>   # zero-downtime upgrade
 ///
 /// Logs are JSON lines on stdout (RUST_LOG=debug for more). SIGTERM or Ctrl-C stops gracefully;
 /// SIGHUP reloads the configuration file (plans, limits, timeouts, agents, certificates).
@@ -27,6 +28,10 @@ struct Args {
     /// Validate the configuration, print a summary and exit.
     #[arg(long)]
     check: bool,
+    /// Take over the listening sockets of the running edge (same config), which then drains:
+    /// start this, then send SIGQUIT to the old process. See README "Upgrades".
+    #[arg(long)]
+    upgrade: bool,
 }
 
 fn main() -> ExitCode {
@@ -53,7 +58,7 @@ fn main() -> ExitCode {
         .config
         .as_ref()
         .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()));
-    match moltghost::server::run(cfg, path) {
+    match moltghost::server::run(cfg, path, args.upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moltghost-proxy: {e}");
