@@ -523,13 +523,17 @@ impl Edge {
         metering: Option<&mut Metering>,
     ) -> Result<(), EdgeError> {
         self.pass_header(session, ctx, inbound, false).await?;
-        let mut copy = Vec::new();
+        // The usage is read from the whole answer; it is copied only when it spans chunks.
+        let mut spanned: Option<Vec<u8>> = None;
         let mut held: Option<Bytes> = None;
         while let Some(chunk) = inbound.next_chunk(session, guard).await? {
-            if metering.is_some() && copy.len() + chunk.len() <= MAX_READ_ANSWER {
-                copy.extend_from_slice(&chunk);
-            }
             if let Some(prev) = held.replace(chunk) {
+                if metering.is_some() {
+                    let copy = spanned.get_or_insert_with(Vec::new);
+                    if copy.len() + prev.len() <= MAX_READ_ANSWER {
+                        copy.extend_from_slice(&prev);
+                    }
+                }
                 session
                     .write_response_body(Some(prev), false)
                     .await
@@ -537,7 +541,15 @@ impl Edge {
             }
         }
         if let Some(m) = metering {
-            ctx.tokens = Some(m.finish(usage::usage_of(&copy), "ok", &self.control.ledger));
+            let reported = match (spanned.as_mut(), held.as_ref()) {
+                (Some(copy), Some(last)) => {
+                    copy.extend_from_slice(last);
+                    usage::usage_of(copy)
+                }
+                (None, Some(only)) => usage::usage_of(only),
+                (_, None) => None,
+            };
+            ctx.tokens = Some(m.finish(reported, "ok", &self.control.ledger));
         }
         session
             .write_response_body(held, true)
