@@ -33,15 +33,10 @@ fn post(
     body: Value,
     headers: &[(&str, &str)],
 ) -> reqwest::RequestBuilder {
-    let mut r = client()
-        .post(format!("http://127.0.0.1:{}{path}", s.port))
-        .header("host", format!("abc123.agent.localhost:{}", s.port))
-        .bearer_auth(key)
-        .json(&body);
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    r
+    headers.iter().fold(
+        s.post_as("abc123", path, Some(key)).json(&body),
+        |r, (k, v)| r.header(*k, *v),
+    )
 }
 
 async fn new_key(s: &Stack, name: &str) -> String {
@@ -56,29 +51,13 @@ async fn new_key(s: &Stack, name: &str) -> String {
 }
 
 async fn usage_by_key(s: &Stack) -> Vec<Value> {
-    let v: Value = reqwest::Client::new()
-        .get(format!("{}/v1/admin/usage?by=key", s.admin_url()))
-        .bearer_auth(admin_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.admin_get("/v1/admin/usage?by=key").await;
     v["usage"].as_array().unwrap().clone()
 }
 
 /// The ledger's line for the key named `name`, once shipped.
 async fn ledger_for(s: &Stack, name: &str, want_requests: u64) -> Value {
-    let keys: Value = reqwest::Client::new()
-        .get(format!("{}/v1/admin/keys", s.admin_url()))
-        .bearer_auth(admin_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = s.admin_get("/v1/admin/keys").await;
     let id = keys["keys"]
         .as_array()
         .unwrap()

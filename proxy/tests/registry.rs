@@ -14,14 +14,7 @@ const CHAT: &str = r#"{"messages": [{"role": "user", "content": "Hello, agent!"}
 
 /// Status and body of a chat call with `auth` as the Authorization header.
 async fn chat(s: &Stack, agent: &str, auth: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://127.0.0.1:{}/v1/chat", s.port));
-    req = req
-        .header("host", format!("{agent}.agent.localhost:{}", s.port))
-        .body(CHAT);
+    let mut req = s.post_as(agent, "/v1/chat", None).body(CHAT);
     if let Some(a) = auth {
         req = req.header("authorization", a);
     }
@@ -598,15 +591,7 @@ async fn open_streams_end_when_their_key_is_revoked_or_their_agent_paused() {
 
     // Last-used times are written in batches (every 200ms in tests).
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let v: Value = reqwest::Client::new()
-        .get(format!("{}/v1/admin/keys", s.admin_url()))
-        .bearer_auth(admin_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = s.admin_get("/v1/admin/keys").await;
     let tests_key = v["keys"]
         .as_array()
         .unwrap()

@@ -12,14 +12,9 @@ use serde_json::{json, Value};
 const PLAN: &str = "[[plans]]\nname = \"p\"\nrequests_per_minute = 1000\ntokens_per_month = 100000000\nconcurrent_streams = 16\n";
 
 async fn status(s: &Stack, key: &str) -> u16 {
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://127.0.0.1:{}/v1/chat/completions", s.port))
-        .header("host", format!("abc123.agent.localhost:{}", s.port))
-        .bearer_auth(key)
-        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+    s.post_as("abc123", "/v1/chat/completions", Some(key))
+        .json(&body)
         .send()
         .await
         .unwrap()

@@ -182,6 +182,19 @@ impl Stack {
         format!("http://127.0.0.1:{}", self.admin_port)
     }
 
+    /// GETs an admin API path and returns its JSON.
+    pub async fn admin_get(&self, path: &str) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(format!("{}{path}", self.admin_url()))
+            .bearer_auth(admin_token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Calls the admin API and returns the JSON answer, panicking on a non-2xx.
     pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
         let r = reqwest::Client::new()
@@ -219,6 +232,21 @@ impl Stack {
             b = b.resolve(&format!("{id}.agent.localhost"), addr);
         }
         b.build().unwrap()
+    }
+
+    /// A POST to `path` on `agent`'s endpoint through loopback (the Host names the agent), with
+    /// `key` as the bearer when given, on a fresh client.
+    pub fn post_as(&self, agent: &str, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+        let r = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("http://127.0.0.1:{}{path}", self.port))
+            .header("host", format!("{agent}.agent.localhost:{}", self.port));
+        match key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
     }
 
     /// The edge's log so far.
