@@ -44,6 +44,8 @@ async fn spec_curl_examples_work_as_printed() {
     assert_eq!(v["model"], "llama3.1-70b");
     assert!(v["id"].as_str().unwrap().starts_with("msg_"));
     assert_eq!(v["finish_reason"], "stop");
+    // The quick start's `usage.tokens` and the full format's fields, both.
+    assert_eq!(v["usage"]["tokens"], v["usage"]["total_tokens"]);
     assert_eq!(
         v["usage"]["total_tokens"],
         v["usage"]["prompt_tokens"].as_u64().unwrap() + 16

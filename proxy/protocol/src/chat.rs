@@ -186,6 +186,20 @@ pub fn check_json_object(body: &[u8]) -> Result<(), EdgeError> {
 
 pub use crate::usage::Usage;
 
+/// The native `usage`: the runtime's counts (OpenAI's three fields), plus `tokens`, the total,
+/// as the spec's quick-start answer shows it.
+fn native_usage(reported: Option<&Value>) -> Value {
+    let u: Usage = reported
+        .and_then(|u| serde_json::from_value(u.clone()).ok())
+        .unwrap_or_default();
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total(),
+        "tokens": u.total(),
+    })
+}
+
 fn native_id(upstream_id: Option<&str>, request_id: &str) -> String {
     let raw = upstream_id.unwrap_or(request_id);
     let raw = raw.strip_prefix("chatcmpl-").unwrap_or(raw);
@@ -208,7 +222,7 @@ pub fn answer_from_openai(body: &[u8], request_id: &str) -> Result<Bytes, EdgeEr
         "model": v.get("model").cloned().unwrap_or(Value::Null),
         "finish_reason": choice.and_then(|c| c.get("finish_reason")).cloned().unwrap_or(Value::Null),
         "content": message.and_then(|m| m.get("content")).cloned().unwrap_or(json!("")),
-        "usage": v.get("usage").cloned().unwrap_or_else(|| json!(Usage::default())),
+        "usage": native_usage(v.get("usage")),
     });
     if let Some(calls) = message
         .and_then(|m| m.get("tool_calls"))
@@ -266,7 +280,7 @@ impl NativeStream {
             "id": native_id(self.id.as_deref(), request_id),
             "model": self.model.clone().unwrap_or(Value::Null),
             "finish_reason": self.finish_reason.clone().unwrap_or(json!("stop")),
-            "usage": self.usage.clone().unwrap_or_else(|| json!(Usage::default())),
+            "usage": native_usage(self.usage.as_ref()),
         })
     }
 
@@ -334,6 +348,7 @@ mod tests {
         assert_eq!(a["id"], "msg_7");
         assert_eq!(a["content"], "Hi");
         assert_eq!(a["usage"]["total_tokens"], 5);
+        assert_eq!(a["usage"]["tokens"], 5);
 
         let mut s = NativeStream::new();
         assert!(s
