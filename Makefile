@@ -1,8 +1,10 @@
 # The two commands of the README. Both install what a fresh machine lacks first.
 .PHONY: dev test setup lint fuzz
 
-# The whole local stack: the edge, the reference runtime, an agent and a key.
+# The whole local stack: the edge, the reference runtime, an agent and a key. `moltghost dev`
+# starts the edge and the runtime binaries that sit beside it, so all of them are built first.
 dev: setup
+	cargo build --release --workspace --bins
 	cargo run --release --bin moltghost -- dev
 
 # Everything CI runs: formatting, lints, the test suites, and a fuzz smoke run.
