@@ -39,6 +39,23 @@ fn post(
     )
 }
 
+/// The text of the answer to `post`.
+async fn post_text(
+    s: &Stack,
+    key: &str,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> String {
+    post(s, key, path, body, headers)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn new_key(s: &Stack, name: &str) -> String {
     s.admin_post(
         "/v1/admin/keys",
@@ -126,37 +143,27 @@ async fn every_token_is_accounted_exactly() {
 
     // Streamed, usage asked by the client: it sees the usage chunk, the ledger agrees.
     let k = new_key(&s, "asked").await;
-    let text = post(
+    let text = post_text(
         &s,
         &k,
         "/v1/chat/completions",
         chat_body(true, true),
         &[("x-mock-tokens", "9")],
     )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(text.matches("\"usage\"").count(), 1, "{text}");
     assert_eq!(ledger_for(&s, "asked", 1).await["total_tokens"], 14);
 
     // Streamed, usage not asked: the edge asks, counts exactly, and hides the extra chunk.
     let k = new_key(&s, "hidden").await;
-    let text = post(
+    let text = post_text(
         &s,
         &k,
         "/v1/chat/completions",
         chat_body(true, false),
         &[("x-mock-tokens", "11")],
     )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    .await;
     assert!(!text.contains("\"usage\""), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert_eq!(text.matches("\"content\":\"").count(), 12, "{text}"); // role chunk + 11 tokens
@@ -171,31 +178,20 @@ async fn every_token_is_accounted_exactly() {
 
     // Text completions, streamed.
     let k = new_key(&s, "completions").await;
-    post(
+    post_text(
         &s,
         &k,
         "/v1/completions",
         json!({"prompt": "one two three", "stream": true}),
         &[("x-mock-tokens", "4")],
     )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(ledger_for(&s, "completions", 1).await["total_tokens"], 7);
 
     // The native format, both ways.
     let k = new_key(&s, "native").await;
     let nb = json!({"messages": [{"role": "user", "content": "hi there"}], "stream": true});
-    post(&s, &k, "/v1/chat", nb, &[("x-mock-tokens", "5")])
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    post_text(&s, &k, "/v1/chat", nb, &[("x-mock-tokens", "5")]).await;
     let nb = json!({"messages": [{"role": "user", "content": "hi there"}]});
     let v: Value = post(&s, &k, "/v1/chat", nb, &[("x-mock-tokens", "6")])
         .send()
@@ -234,19 +230,14 @@ async fn every_token_is_accounted_exactly() {
 
     // The runtime breaking off after 5 tokens: settled to the 5 delivered.
     let k = new_key(&s, "aborted").await;
-    let text = post(
+    let text = post_text(
         &s,
         &k,
         "/v1/chat/completions",
         chat_body(true, false),
         &[("x-mock-tokens", "20"), ("x-mock-abort-after", "5")],
     )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    .await;
     assert!(text.contains("upstream_unavailable"), "{text}");
     // 5 text events of 24 bytes: the estimate is the larger of events and bytes / 4.
     let completion = ledger_for(&s, "aborted", 1).await["completion_tokens"]
@@ -256,19 +247,14 @@ async fn every_token_is_accounted_exactly() {
 
     // A runtime that reports no usage: the edge counts the stream itself and says so.
     let k = new_key(&s, "uncounted").await;
-    post(
+    post_text(
         &s,
         &k,
         "/v1/chat/completions",
         chat_body(true, false),
         &[("x-mock-tokens", "8"), ("x-mock-no-usage", "1")],
     )
-    .send()
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    .await;
     let line = ledger_for(&s, "uncounted", 1).await;
     assert_eq!(line["estimated_requests"], 1);
     assert!(line["completion_tokens"].as_u64().unwrap() >= 8, "{line}");
@@ -570,23 +556,8 @@ async fn a_fleet_holds_its_limits_under_skewed_load() {
         ..Options::default()
     })
     .await;
-    let rt = Some((a.runtime, a.stats.clone()));
-    let b = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        extra: extra.clone(),
-        no_agents: true,
-        runtime: rt.clone(),
-        ..Options::default()
-    })
-    .await;
-    let c = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        extra,
-        no_agents: true,
-        runtime: rt,
-        ..Options::default()
-    })
-    .await;
+    let b = a.another_edge(&db.url, &extra).await;
+    let c = a.another_edge(&db.url, &extra).await;
     let edges = [&a, &b, &c];
 
     // Rate: 120 a minute for one key; 300 requests in 10 s, 80% through one edge.

@@ -674,21 +674,8 @@ async fn a_fleet_of_three_edges_agrees_within_a_second() {
         ..Options::default()
     })
     .await;
-    let runtime = Some((a.runtime, a.stats.clone()));
-    let b = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        no_agents: true,
-        runtime: runtime.clone(),
-        ..Options::default()
-    })
-    .await;
-    let c = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        no_agents: true,
-        runtime,
-        ..Options::default()
-    })
-    .await;
+    let b = a.another_edge(&db.url, "").await;
+    let c = a.another_edge(&db.url, "").await;
     let edges = [&a, &b, &c];
 
     let mut delays = Vec::new();
@@ -748,13 +735,7 @@ async fn an_edge_that_loses_postgres_serves_from_its_snapshot_and_catches_up() {
     let via_relay = db
         .url
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
-    let b = Stack::start_with(Options {
-        store_url: Some(via_relay),
-        no_agents: true,
-        runtime: Some((a.runtime, a.stats.clone())),
-        ..Options::default()
-    })
-    .await;
+    let b = a.another_edge(&via_relay, "").await;
     let k = a
         .admin_post(
             "/v1/admin/keys",

@@ -177,6 +177,19 @@ impl Stack {
         }
     }
 
+    /// Another edge of the same fleet: on `store_url`, in front of this stack's runtime, finding
+    /// the agents this one declared in the store.
+    pub async fn another_edge(&self, store_url: &str, extra: &str) -> Stack {
+        Stack::start_with(Options {
+            store_url: Some(store_url.to_owned()),
+            extra: extra.to_owned(),
+            no_agents: true,
+            runtime: Some((self.runtime, self.stats.clone())),
+            ..Options::default()
+        })
+        .await
+    }
+
     /// The admin API's base URL.
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
