@@ -252,8 +252,17 @@ async fn jwks(State(st): State<AppState>) -> Json<Value> {
 
 async fn status(_: Read, State(st): State<AppState>) -> Json<Value> {
     let snap = st.control.registry.load();
+    let pods: Vec<Value> = snap
+        .agents
+        .values()
+        .filter_map(|a| {
+            let t = a.upstream.tunnel()?;
+            Some(json!({"agent": a.endpoint_id, "name": a.name, "pod": a.upstream.target().to_string(), "tunnel": t.link.status()}))
+        })
+        .collect();
+    let tunnel = json!({"public_key": st.control.tunnels.public_key(), "pods": pods});
     Json(
-        json!({"store": store_json(&st), "agents": snap.agents.len(), "accounts": snap.accounts.len(), "live_keys": snap.keys.len()}),
+        json!({"store": store_json(&st), "agents": snap.agents.len(), "accounts": snap.accounts.len(), "live_keys": snap.keys.len(), "tunnel": tunnel}),
     )
 }
 
@@ -398,6 +407,14 @@ async fn find_agent(st: &AppState, r: &str) -> ApiResult<AgentRow> {
 fn agent_json(st: &AppState, a: &AgentRow) -> Value {
     let mut v = serde_json::to_value(a).expect("rows serialize");
     v["url"] = json!(st.control.cfg().endpoint_url(&a.endpoint_id));
+    let snap = st.control.registry.load();
+    if let Some(t) = snap
+        .agents
+        .get(&a.endpoint_id)
+        .and_then(|a| a.upstream.tunnel())
+    {
+        v["tunnel"] = json!(t.link.status());
+    }
     v
 }
 

@@ -41,6 +41,8 @@ pub struct FileConfig {
     #[serde(default)]
     tls: Option<FileTls>,
     #[serde(default)]
+    tunnel: FileTunnel,
+    #[serde(default)]
     plans: Vec<FilePlan>,
     #[serde(default)]
     agents: Vec<FileAgent>,
@@ -128,6 +130,14 @@ struct FileStore {
     url: Option<String>,
     poll_interval: Option<String>,
     last_used_flush: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileTunnel {
+    private_key: Option<String>,
+    preshared_key: Option<String>,
+    mtu: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -222,10 +232,35 @@ pub struct Config {
     /// Secret that keys the API-key HMAC; from config or `MOLTGHOST_KEY_SECRET`, else generated
     /// in the data directory. Every edge of a fleet must share it.
     pub key_secret: Option<String>,
+    /// WireGuard: how the edge reaches pods.
+    pub tunnel: TunnelConfig,
     /// Plans by name.
     pub plans: Vec<Plan>,
     /// Agents declared in the file, seeded into the store at start.
     pub agents: Vec<AgentSeed>,
+}
+
+/// The edge's side of its WireGuard tunnels.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// The edge's private key (base64); else `MOLTGHOST_WG_KEY`, else `wg_key` in the data
+    /// directory, created on first start.
+    pub private_key: Option<String>,
+    /// A preshared key every pod also holds (base64), as `wg`'s `PresharedKey`.
+    pub preshared_key: Option<[u8; 32]>,
+    /// Largest packet inside the tunnel.
+    pub mtu: usize,
+}
+
+impl std::fmt::Debug for TunnelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach a log.
+        f.debug_struct("TunnelConfig")
+            .field("private_key", &self.private_key.as_ref().map(|_| "<set>"))
+            .field("preshared_key", &self.preshared_key.map(|_| "<set>"))
+            .field("mtu", &self.mtu)
+            .finish()
+    }
 }
 
 /// What a plain-HTTP listener does when TLS is configured.
@@ -337,6 +372,27 @@ impl Config {
     }
 
     fn validate(f: FileConfig) -> Result<Self, ConfigError> {
+        let tunnel = TunnelConfig {
+            private_key: match f.tunnel.private_key {
+                Some(k) => {
+                    crate::tunnel::keys::decode(&k).map_err(|e| bad("tunnel.private_key", &e))?;
+                    Some(k)
+                }
+                None => std::env::var("MOLTGHOST_WG_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty()),
+            },
+            preshared_key: f
+                .tunnel
+                .preshared_key
+                .map(|k| crate::tunnel::keys::decode(&k))
+                .transpose()
+                .map_err(|e| bad("tunnel.preshared_key", &e))?,
+            mtu: match f.tunnel.mtu.unwrap_or(1420) {
+                m @ 576..=65_000 => m,
+                _ => return Err(bad("tunnel.mtu", "must be between 576 and 65000")),
+            },
+        };
         if f.listen.http.is_empty() {
             return Err(bad("listen.http", "needs at least one address"));
         }
@@ -615,6 +671,7 @@ impl Config {
             )?,
             admin_jwt_secret: f.admin.jwt_secret,
             key_secret: f.admin.key_secret,
+            tunnel,
             plans,
             agents,
         })

@@ -52,7 +52,12 @@ impl StoreStatus {
 /// Builds the snapshot from the store's contents. Agents whose upstream does not parse, and
 /// accounts on a plan the config does not declare, are logged and served as unreachable or
 /// refused: one bad row never stops the edge.
-pub fn build_snapshot(c: &Contents, cfg: &Config, last_used: &LastUsed) -> Snapshot {
+pub fn build_snapshot(
+    c: &Contents,
+    cfg: &Config,
+    last_used: &LastUsed,
+    tunnels: &crate::tunnel::bridge::Tunnels,
+) -> Snapshot {
     let settings = crate::server::peer_settings(cfg);
     let accounts: HashMap<String, Arc<Account>> = c
         .accounts
@@ -65,7 +70,7 @@ pub fn build_snapshot(c: &Contents, cfg: &Config, last_used: &LastUsed) -> Snaps
             Some((a.id.clone(), Arc::new(Account { id: a.id.clone(), name: a.name.clone(), plan: plan.clone() })))
         })
         .collect();
-    let agents = c
+    let agents: HashMap<String, Arc<Agent>> = c
         .agents
         .iter()
         .map(|a| {
@@ -83,11 +88,17 @@ pub fn build_snapshot(c: &Contents, cfg: &Config, last_used: &LastUsed) -> Snaps
                 name: a.name.clone(),
                 account_id: a.account_id.clone(),
                 state,
-                upstream: Upstream::resolve(target, settings),
+                upstream: Upstream::resolve(target, settings, tunnels),
             };
             (a.endpoint_id.clone(), Arc::new(agent))
         })
         .collect();
+    tunnels.retain(
+        &agents
+            .values()
+            .filter_map(|a: &Arc<Agent>| a.upstream.tunnel().map(|t| t.id.clone()))
+            .collect(),
+    );
     let mut keys = HashMap::with_capacity(c.keys.len());
     let mut key_ids = HashSet::with_capacity(c.keys.len());
     for k in &c.keys {
@@ -197,6 +208,8 @@ pub struct Control {
     pub ledger: crate::metering::Ledger,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// WireGuard tunnels to pods.
+    pub tunnels: Arc<crate::tunnel::bridge::Tunnels>,
     /// TLS certificates, when the edge terminates TLS.
     pub certs: Option<Arc<crate::tls::CertResolver>>,
 }
@@ -253,8 +266,12 @@ impl Control {
     async fn refresh_forced(&self, store: &Store) -> Result<(), StoreError> {
         let _one_at_a_time = self.reload.lock().await;
         let contents = store.contents().await?;
-        self.registry
-            .publish(build_snapshot(&contents, &self.cfg(), &self.last_used));
+        self.registry.publish(build_snapshot(
+            &contents,
+            &self.cfg(),
+            &self.last_used,
+            &self.tunnels,
+        ));
         Ok(())
     }
 
@@ -283,7 +300,7 @@ impl Control {
         let revision = store.revision().await?;
         if revision as u64 != self.registry.load().generation {
             let contents = store.contents().await?;
-            let next = build_snapshot(&contents, &self.cfg(), &self.last_used);
+            let next = build_snapshot(&contents, &self.cfg(), &self.last_used, &self.tunnels);
             tracing::debug!(generation = next.generation, "snapshot reloaded");
             self.registry.publish(next);
         }

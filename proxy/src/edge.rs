@@ -177,6 +177,7 @@ impl Edge {
                     authority: agent.upstream.authority().to_owned(),
                     body,
                     content_type,
+                    identity: None,
                 },
                 relay,
                 deadline: default_deadline,
@@ -344,7 +345,15 @@ impl Edge {
         }
         lifecycle::admit(agent.state)?;
         let body = body::read(session, self.cfg().max_body_bytes).await?;
-        let prepared = self.outbound(route, &agent, session, body, now)?;
+        let mut prepared = self.outbound(route, &agent, session, body, now)?;
+        if agent.upstream.tunnel().is_some() {
+            prepared.outbound.identity = Some(self.control.identity.sign(
+                &admission.account.id,
+                &admission.key.id,
+                &agent.endpoint_id,
+                &ctx.request_id,
+            ));
+        }
         let _stream_slot = if limits && prepared.stream {
             Some(self.control.limiter.open_stream(
                 &admission.key,
@@ -694,10 +703,13 @@ impl Edge {
         if agent.state == AgentState::Terminated {
             return Err(EdgeError::AgentTerminated);
         }
-        let pod = match agent.upstream.peer() {
-            Ok(peer) => self.probe(session, peer, agent).await,
+        let mut pod = match agent.upstream.peer() {
+            Ok(peer) => self.probe(session, ctx, peer, agent).await,
             Err(e) => serde_json::json!({"reachable": false, "error": e}),
         };
+        if let Some(t) = agent.upstream.tunnel() {
+            pod["tunnel"] = serde_json::json!(t.link.status());
+        }
         let status = &self.control.status;
         let body = serde_json::json!({
             "agent": agent.endpoint_id,
@@ -724,6 +736,7 @@ impl Edge {
     async fn probe(
         &self,
         session: &mut Session,
+        ctx: &RequestCtx,
         peer: &HttpPeer,
         agent: &Agent,
     ) -> serde_json::Value {
@@ -733,6 +746,14 @@ impl Edge {
             authority: agent.upstream.authority().to_owned(),
             body: Bytes::new(),
             content_type: None,
+            identity: agent.upstream.tunnel().map(|_| {
+                self.control.identity.sign(
+                    ctx.account.as_deref().unwrap_or_default(),
+                    ctx.key_id.as_deref().unwrap_or_default(),
+                    &agent.endpoint_id,
+                    &ctx.request_id,
+                )
+            }),
         };
         let started = StdInstant::now();
         let header =

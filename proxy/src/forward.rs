@@ -68,6 +68,8 @@ pub struct Outbound {
     pub body: Bytes,
     /// Content type to set instead of the client's (translated routes).
     pub content_type: Option<&'static str>,
+    /// The signed caller identity, for pods (`x-moltghost-identity`).
+    pub identity: Option<String>,
 }
 
 /// Builds the runtime's request header from the client's.
@@ -121,6 +123,9 @@ pub fn upstream_header(
         ins(&mut h, "content-type", ct)?;
     }
     ins(&mut h, "x-request-id", request_id)?;
+    if let Some(id) = &out.identity {
+        ins(&mut h, "x-moltghost-identity", id)?;
+    }
     if let Some(ip) = client_ip {
         let xff = match forwarded_for {
             Some(prev) => format!("{prev}, {ip}"),

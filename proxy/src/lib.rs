@@ -22,6 +22,7 @@ pub mod logging;
 pub mod logwriter;
 pub mod metering;
 pub mod metrics;
+pub mod pod;
 pub mod policy;
 pub mod quota;
 pub mod registry;
@@ -30,6 +31,7 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 /// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`), buffered

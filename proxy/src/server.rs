@@ -66,6 +66,17 @@ fn prepare(
     .map_err(|e| StartError(format!("admin secret in {}: {e}", dir.display())))?;
     let identity = IdentityKey::load(dir).map_err(|e| StartError(format!("identity key: {e}")))?;
     let last_used = Arc::new(LastUsed::default());
+    let wg_key =
+        crate::tunnel::keys::load_or_create(cfg.tunnel.private_key.as_deref(), dir, "wg_key")
+            .map_err(|e| StartError(format!("WireGuard key: {e}")))?;
+    let tunnels = crate::tunnel::bridge::Tunnels::start(
+        wg_key,
+        cfg.tunnel.preshared_key,
+        cfg.tunnel.mtu,
+        dir,
+        cfg.connect_timeout,
+    )
+    .map_err(|e| StartError(format!("tunnel bridge in {}: {e}", dir.display())))?;
 
     let edge_id = secrets::load_or_create(None, "MOLTGHOST_EDGE_ID", dir, "edge_id")
         .map(|id| id.chars().take(12).collect::<String>())
@@ -100,7 +111,9 @@ fn prepare(
                 quota.set_fleet(&account, now, Some(mine), others, 0);
             }
             let contents = store.contents().await?;
-            Ok::<_, crate::store::StoreError>(control::build_snapshot(&contents, cfg, &last_used))
+            Ok::<_, crate::store::StoreError>(control::build_snapshot(
+                &contents, cfg, &last_used, &tunnels,
+            ))
         })
         .map_err(|e| StartError(format!("cannot open the store at {}: {e}", cfg.store_url)))?;
     let certs = match &cfg.tls {
@@ -126,6 +139,7 @@ fn prepare(
         ledger: Ledger::new(journal, edge_id),
         metrics: crate::metrics::Metrics::new(),
         certs,
+        tunnels,
     }))
 }
 

@@ -3,6 +3,7 @@
 //! ([`chat`]) and routing ([`routing`]).
 
 pub mod chat;
+pub mod connect;
 pub mod error;
 pub mod keys;
 pub mod routing;

@@ -151,9 +151,13 @@ enum AgentCmd {
     Create {
         /// Unique name.
         name: String,
-        /// Where its runtime is: http://host:port.
+        /// Where its runtime is, reached directly: http://host:port (development).
+        #[arg(long, required_unless_present = "pod", conflicts_with = "pod")]
+        upstream: Option<String>,
+        /// Its pod, reached through WireGuard: <public key>@<host:port>, the key as
+        /// `moltghost-pod keygen` printed it.
         #[arg(long)]
-        upstream: String,
+        pod: Option<String>,
         /// Owning account (name or id).
         #[arg(long)]
         account: Option<String>,
@@ -177,7 +181,7 @@ enum AgentCmd {
     SetUpstream {
         /// Agent name or endpoint id.
         agent: String,
-        /// New upstream URL.
+        /// New upstream: http://host:port, or wg://<public key>@<host:port> for a pod.
         upstream: String,
     },
     /// List agents.
@@ -310,6 +314,19 @@ fn print_agent(a: &Value, json_out: bool) {
             text(a, "upstream"),
             text(a, "url")
         );
+        if let Some(t) = a.get("tunnel") {
+            let ago = t["last_handshake_seconds_ago"]
+                .as_f64()
+                .map_or("never".to_string(), |s| format!("{s:.1} s ago"));
+            println!(
+                "  tunnel {}: last handshake {ago}, {} packets in, {} out, loss {:.1}%, endpoint {}",
+                if t["up"].as_bool() == Some(true) { "up" } else { "down" },
+                t["rx_packets"],
+                t["tx_packets"],
+                t["loss"].as_f64().unwrap_or(0.0) * 100.0,
+                text(t, "endpoint"),
+            );
+        }
     }
 }
 
@@ -514,11 +531,17 @@ async fn agent(admin: Admin, cmd: AgentCmd) -> Result<(), Failure> {
         AgentCmd::Create {
             name,
             upstream,
+            pod,
             account,
             id,
             state,
             json: json_out,
         } => {
+            let upstream = match (upstream, pod) {
+                (Some(u), _) => u,
+                (None, Some(p)) => format!("wg://{p}"),
+                (None, None) => unreachable!("clap requires one"),
+            };
             let mut body = json!({"name": name, "upstream": upstream, "state": state});
             if let Some(a) = account {
                 body["account"] = json!(a);

@@ -1,0 +1,145 @@
+//! `moltghost-pod`: the sidecar that runs next to an agent runtime and terminates the edge's
+//! WireGuard tunnel.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use moltghost::pod::{JwksSource, PodConfig};
+use moltghost::tunnel::keys;
+
+/// The MoltGhost pod sidecar: the agent runtime's end of the edge's WireGuard tunnel.
+///
+/// It listens on UDP, accepts handshakes only from the edge's key(s), checks the caller identity
+/// the edge signs into every request (x-moltghost-identity, against the edge's JWKS), and
+/// forwards to the runtime with the caller as x-moltghost-account, -key-id and -agent headers.
+///
+/// Set-up, once per pod:
+///   moltghost-pod keygen                          # prints the pod's public key
+///   moltghost agent create my-agent --pod <that key>@<pod host>:51820
+///   moltghost-pod run --edge-key <edge public key> --upstream http://127.0.0.1:8080 \
+///       --jwks http://<edge admin>/.well-known/jwks.json
+///
+/// The edge's public key is in `moltghost status --json` (tunnel.public_key) or the admin API's
+/// /v1/admin/status. The pod's private key stays in its state directory.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// Where the pod keeps its private key.
+    #[arg(
+        long,
+        global = true,
+        env = "MOLTGHOST_POD_STATE",
+        default_value = ".moltghost-pod"
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the pod's public key, making its key pair on first use.
+    Keygen,
+    /// Run the sidecar.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// UDP address to listen on.
+    #[arg(long, env = "MOLTGHOST_POD_LISTEN", default_value = "0.0.0.0:51820")]
+    listen: SocketAddr,
+    /// The edge's WireGuard public key; repeat it to accept two during a key rotation.
+    #[arg(
+        long = "edge-key",
+        env = "MOLTGHOST_EDGE_KEY",
+        value_delimiter = ',',
+        required = true
+    )]
+    edge_keys: Vec<String>,
+    /// The agent runtime: http://host:port.
+    #[arg(long, env = "MOLTGHOST_POD_UPSTREAM")]
+    upstream: String,
+    /// The edge's identity keys: the admin API's JWKS URL, or a JWKS file.
+    #[arg(long, env = "MOLTGHOST_POD_JWKS")]
+    jwks: String,
+    /// A file holding the preshared key (base64), if the edge uses one.
+    #[arg(long)]
+    preshared_key_file: Option<PathBuf>,
+    /// Largest packet inside the tunnel (the edge's `tunnel.mtu`).
+    #[arg(long, default_value_t = 1420)]
+    mtu: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let secret = match keys::load_or_create(None, &cli.state_dir, "wg_key") {
+        Ok(k) => k,
+        Err(e) => return fail(&format!("pod key: {e}")),
+    };
+    match cli.command {
+        Command::Keygen => {
+            println!("{}", keys::public_of(&secret));
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => {
+            let _log = moltghost::init_tracing();
+            match run(args, secret) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn run(args: RunArgs, secret: boringtun::x25519::StaticSecret) -> Result<(), String> {
+    let edge_keys = args
+        .edge_keys
+        .iter()
+        .map(|k| keys::public(k).map_err(|e| format!("--edge-key {k:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let preshared = args
+        .preshared_key_file
+        .map(|p| {
+            std::fs::read_to_string(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))
+                .and_then(|k| keys::decode(&k))
+        })
+        .transpose()?;
+    if !args.upstream.starts_with("http://") {
+        return Err(format!(
+            "--upstream must be http://host:port, got {:?}",
+            args.upstream
+        ));
+    }
+    let jwks = if args.jwks.starts_with("http://") || args.jwks.starts_with("https://") {
+        JwksSource::Url(args.jwks)
+    } else {
+        JwksSource::File(args.jwks.into())
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let _pod = moltghost::pod::start(PodConfig {
+            listen: args.listen,
+            secret,
+            edge_keys,
+            preshared,
+            upstream: args.upstream,
+            jwks,
+            mtu: args.mtu,
+        })
+        .await?;
+        let _ = tokio::signal::ctrl_c().await;
+        Ok(())
+    })
+}
+
+fn fail(e: &str) -> ExitCode {
+    eprintln!("moltghost-pod: {e}");
+    ExitCode::from(1)
+}
