@@ -127,8 +127,31 @@ pub fn router(cfg: RuntimeConfig) -> (Router, Arc<Stats>) {
         .route("/v1/completions", post(completions))
         .route("/v1/tools", post(tools))
         .route("/mock/stats", get(stats_handler))
+        .layer(axum::middleware::from_fn(echo_caller))
         .with_state(state);
     (app, stats)
+}
+
+/// Echoes the caller a pod's sidecar named (`x-moltghost-account`, `-key-id`, `-agent`) as
+/// `x-mock-caller: account/key/agent`, so that tests see what reached the runtime.
+async fn echo_caller(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let h = req.headers();
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let caller = get("x-moltghost-account").map(|a| {
+        format!(
+            "{a}/{}/{}",
+            get("x-moltghost-key-id").unwrap_or_default(),
+            get("x-moltghost-agent").unwrap_or_default()
+        )
+    });
+    let mut resp = next.run(req).await;
+    if let Some(v) = caller.and_then(|c| axum::http::HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().insert("x-mock-caller", v);
+    }
+    resp
 }
 
 /// Serves the runtime on `listener` until the process ends. Token events are small writes:

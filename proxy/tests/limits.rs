@@ -67,43 +67,6 @@ async fn new_key(s: &Stack, name: &str) -> String {
         .to_owned()
 }
 
-async fn usage_by_key(s: &Stack) -> Vec<Value> {
-    let v: Value = s.admin_get("/v1/admin/usage?by=key").await;
-    v["usage"].as_array().unwrap().clone()
-}
-
-/// The ledger's line for the key named `name`, once shipped.
-async fn ledger_for(s: &Stack, name: &str, want_requests: u64) -> Value {
-    let keys: Value = s.admin_get("/v1/admin/keys").await;
-    let id = keys["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == name)
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let t0 = Instant::now();
-    loop {
-        if let Some(line) = usage_by_key(s)
-            .await
-            .into_iter()
-            .find(|l| l["group"] == id.as_str())
-        {
-            if line["requests"].as_u64() == Some(want_requests) {
-                return line;
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "no ledger line for {name}: {:?}",
-            usage_by_key(s).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn chat_body(stream: bool, include_usage: bool) -> Value {
     let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": stream});
     if include_usage {
@@ -131,7 +94,7 @@ async fn every_token_is_accounted_exactly() {
     .await
     .unwrap();
     assert_eq!(v["usage"]["total_tokens"], 12);
-    let line = ledger_for(&s, "plain", 1).await;
+    let line = s.ledger_for("plain", 1).await;
     assert_eq!(
         (
             line["total_tokens"].as_u64(),
@@ -152,7 +115,7 @@ async fn every_token_is_accounted_exactly() {
     )
     .await;
     assert_eq!(text.matches("\"usage\"").count(), 1, "{text}");
-    assert_eq!(ledger_for(&s, "asked", 1).await["total_tokens"], 14);
+    assert_eq!(s.ledger_for("asked", 1).await["total_tokens"], 14);
 
     // Streamed, usage not asked: the edge asks, counts exactly, and hides the extra chunk.
     let k = new_key(&s, "hidden").await;
@@ -167,7 +130,7 @@ async fn every_token_is_accounted_exactly() {
     assert!(!text.contains("\"usage\""), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert_eq!(text.matches("\"content\":\"").count(), 12, "{text}"); // role chunk + 11 tokens
-    let line = ledger_for(&s, "hidden", 1).await;
+    let line = s.ledger_for("hidden", 1).await;
     assert_eq!(
         (
             line["total_tokens"].as_u64(),
@@ -186,7 +149,7 @@ async fn every_token_is_accounted_exactly() {
         &[("x-mock-tokens", "4")],
     )
     .await;
-    assert_eq!(ledger_for(&s, "completions", 1).await["total_tokens"], 7);
+    assert_eq!(s.ledger_for("completions", 1).await["total_tokens"], 7);
 
     // The native format, both ways.
     let k = new_key(&s, "native").await;
@@ -201,7 +164,7 @@ async fn every_token_is_accounted_exactly() {
         .await
         .unwrap();
     assert_eq!(v["usage"]["total_tokens"], 11);
-    assert_eq!(ledger_for(&s, "native", 2).await["total_tokens"], 10 + 11);
+    assert_eq!(s.ledger_for("native", 2).await["total_tokens"], 10 + 11);
 
     // A client that hangs up after 3 tokens: what was delivered is settled, marked estimated.
     let k = new_key(&s, "gone").await;
@@ -223,7 +186,7 @@ async fn every_token_is_accounted_exactly() {
             .count();
     }
     drop(body);
-    let line = ledger_for(&s, "gone", 1).await;
+    let line = s.ledger_for("gone", 1).await;
     let completion = line["completion_tokens"].as_u64().unwrap();
     assert!((3..=6).contains(&completion), "{line}");
     assert_eq!(line["estimated_requests"], 1);
@@ -240,7 +203,7 @@ async fn every_token_is_accounted_exactly() {
     .await;
     assert!(text.contains("upstream_unavailable"), "{text}");
     // 5 text events of 24 bytes: the estimate is the larger of events and bytes / 4.
-    let completion = ledger_for(&s, "aborted", 1).await["completion_tokens"]
+    let completion = s.ledger_for("aborted", 1).await["completion_tokens"]
         .as_u64()
         .unwrap();
     assert!((5..=6).contains(&completion), "{completion}");
@@ -255,7 +218,7 @@ async fn every_token_is_accounted_exactly() {
         &[("x-mock-tokens", "8"), ("x-mock-no-usage", "1")],
     )
     .await;
-    let line = ledger_for(&s, "uncounted", 1).await;
+    let line = s.ledger_for("uncounted", 1).await;
     assert_eq!(line["estimated_requests"], 1);
     assert!(line["completion_tokens"].as_u64().unwrap() >= 8, "{line}");
 
@@ -373,7 +336,7 @@ async fn the_quota_refuses_and_cuts_a_stream_that_crosses_it() {
     );
     let delivered = text.matches("\"content\":\"").count() as u64;
     assert!(delivered < 100, "cut after {delivered} tokens");
-    let line = ledger_for(&s, "q", 1).await;
+    let line = s.ledger_for("q", 1).await;
     let total = line["total_tokens"].as_u64().unwrap();
     assert!((95..=102).contains(&total), "settled {total}: {line}");
 
@@ -445,7 +408,7 @@ async fn a_thousand_parallel_requests_never_overshoot_a_small_quota() {
         "quota left unused: {delivered}"
     );
     assert_eq!(
-        ledger_for(&s, "burst", ok).await["total_tokens"].as_u64(),
+        s.ledger_for("burst", ok).await["total_tokens"].as_u64(),
         Some(delivered)
     );
 }
@@ -517,7 +480,7 @@ async fn kill_9_loses_no_usage_of_a_completed_response() {
     common::wait_port(s.admin_port, Duration::from_secs(20));
     let t0 = Instant::now();
     let line = loop {
-        let lines = usage_by_key(&s).await;
+        let lines = s.usage_by_key().await;
         if let Some(l) = lines
             .into_iter()
             .find(|l| l["requests"].as_u64().unwrap_or(0) >= done)

@@ -34,6 +34,8 @@ pub const POD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 7, 0, 2);
 const TICK: Duration = Duration::from_millis(100);
 /// Each direction of each TCP connection in the tunnel buffers this much.
 const SOCKET_BUFFER: usize = 256 * 1024;
+/// How long a peer we wait on may stay silent before a fresh handshake is forced.
+const SILENCE: Duration = Duration::from_secs(1);
 /// A closed stream whose peer never finishes the close is dropped after this long.
 const LINGER: Duration = Duration::from_secs(30);
 /// Room for the largest datagram: a full inner packet plus WireGuard's overhead.
@@ -143,6 +145,8 @@ struct State {
     closing: Vec<(SocketHandle, Instant)>,
     next_tick: Instant,
     deadline: Instant,
+    last_rx: Instant,
+    last_forced: Instant,
 }
 
 impl Link {
@@ -192,6 +196,8 @@ impl Link {
             closing: Vec::new(),
             next_tick: now,
             deadline: now,
+            last_rx: now,
+            last_forced: now,
         };
         state.replenish_listeners();
         Arc::new(Self {
@@ -253,6 +259,7 @@ impl Link {
             TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
         };
         self.counters.rx_datagrams.fetch_add(1, Relaxed);
+        st.last_rx = Instant::now();
         // Authenticated: the peer is where this came from (roaming).
         if *endpoint != Some(from) {
             tracing::debug!(%from, "wireguard peer endpoint set");
@@ -323,6 +330,9 @@ impl Link {
                         }
                     }
                     st.reap(now);
+                    if st.peer_silent(now) {
+                        self.rehandshake(st);
+                    }
                 }
                 self.pump(st);
                 let tcp = st
@@ -337,6 +347,24 @@ impl Link {
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Starts a handshake now, even though the session has not expired: the peer went silent
+    /// while we wait on it, most likely because it restarted and lost the session. Its fresh
+    /// TCP stack then resets the connections it no longer knows, and their users retry.
+    fn rehandshake(&self, st: &mut State) {
+        st.last_forced = Instant::now();
+        let State {
+            tunn,
+            out,
+            endpoint,
+            ..
+        } = st;
+        if let TunnResult::WriteToNetwork(d) = tunn.format_handshake_initiation(out, true) {
+            if let Some(to) = *endpoint {
+                send(&self.udp, &self.counters, d, to);
             }
         }
     }
@@ -463,6 +491,21 @@ impl State {
         self.accepted.len() > before
     }
 
+    /// True when this initiator waits on the peer (unacknowledged data, or a connection being
+    /// opened) and has heard nothing from it for [`SILENCE`] (nor forced a handshake since).
+    fn peer_silent(&self, now: Instant) -> bool {
+        if !matches!(self.role, Role::Initiator)
+            || now.duration_since(self.last_rx) < SILENCE
+            || now.duration_since(self.last_forced) < SILENCE
+        {
+            return false;
+        }
+        self.sockets.iter().any(|(_, s)| {
+            let smoltcp::socket::Socket::Tcp(s) = s;
+            s.send_queue() > 0 || s.state() == TcpState::SynSent
+        })
+    }
+
     fn replenish_listeners(&mut self) {
         let Role::Responder { port, backlog } = self.role else {
             return;
@@ -500,8 +543,11 @@ fn new_socket() -> tcp::Socket<'static> {
     // sender whose window is full for 10 ms).
     sock.set_nagle_enabled(false);
     sock.set_ack_delay(None);
+    // A peer that acknowledges nothing for 10 s is gone (a pod that died mid-request): the
+    // connection fails rather than hanging until the request's deadline. Idle pooled
+    // connections are probed, so that a dead one is found before it is reused.
     sock.set_keep_alive(Some(smoltcp::time::Duration::from_secs(20)));
-    sock.set_timeout(Some(smoltcp::time::Duration::from_secs(60)));
+    sock.set_timeout(Some(smoltcp::time::Duration::from_secs(10)));
     sock
 }
 

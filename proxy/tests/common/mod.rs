@@ -262,6 +262,40 @@ impl Stack {
         }
     }
 
+    /// The ledger's lines grouped by key.
+    pub async fn usage_by_key(&self) -> Vec<serde_json::Value> {
+        let v = self.admin_get("/v1/admin/usage?by=key").await;
+        v["usage"].as_array().unwrap().clone()
+    }
+
+    /// The ledger's line for the key named `name`, once it counts `want_requests` requests.
+    pub async fn ledger_for(&self, name: &str, want_requests: u64) -> serde_json::Value {
+        let keys = self.admin_get("/v1/admin/keys").await;
+        let id = keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let t0 = Instant::now();
+        loop {
+            let lines = self.usage_by_key().await;
+            if let Some(line) = lines.iter().find(|l| l["group"] == id.as_str()) {
+                if line["requests"].as_u64() == Some(want_requests) {
+                    return line.clone();
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "no ledger line for {name} with {want_requests} requests: {lines:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The edge's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -441,5 +475,120 @@ impl Relay {
     /// Lets connections through again.
     pub fn restore(&self) {
         self.up.send_replace(true);
+    }
+}
+
+/// A WireGuard key pair for a test edge: the config lines that give it, its public key, and
+/// its private key (base64).
+pub fn edge_tunnel_key() -> (String, String, String) {
+    let secret = moltghost::tunnel::keys::generate();
+    let public = moltghost::tunnel::keys::public_of(&secret);
+    let b64 = moltghost::tunnel::keys::encode(&secret.to_bytes());
+    (format!("[tunnel]\nprivate_key = \"{b64}\"\n"), public, b64)
+}
+
+/// A free loopback UDP port (bound, then released).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `moltghost-pod` sidecar process in front of a runtime.
+pub struct PodProc {
+    /// The process.
+    pub child: Child,
+    /// The pod's public key.
+    pub key: String,
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    /// State directory (its private key) and log.
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl PodProc {
+    /// Starts a sidecar on `addr` accepting `edge_key`, forwarding to `runtime`, checking
+    /// identities against the JWKS of the edge whose admin API is `admin_url`.
+    pub fn start(addr: SocketAddr, edge_key: &str, runtime: SocketAddr, admin_url: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, key, err) = run(Command::new(env!("CARGO_BIN_EXE_moltghost-pod"))
+            .arg("--state-dir")
+            .arg(dir.path())
+            .arg("keygen"));
+        assert_eq!(code, 0, "{err}");
+        let args = vec![
+            "--state-dir".to_string(),
+            dir.path().display().to_string(),
+            "run".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--edge-key".into(),
+            edge_key.into(),
+            "--upstream".into(),
+            format!("http://{runtime}"),
+            "--jwks".into(),
+            format!("{admin_url}/.well-known/jwks.json"),
+        ];
+        let mut p = Self {
+            child: Command::new("true").spawn().unwrap(),
+            key: key.trim().to_owned(),
+            addr,
+            dir,
+            args,
+        };
+        p.restart();
+        p
+    }
+
+    /// (Re)starts the process with the same key and address, and waits until it is up.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = self.dir.path().join("pod.log");
+        let out = std::fs::File::create(&log).unwrap();
+        self.child = Command::new(env!("CARGO_BIN_EXE_moltghost-pod"))
+            .args(&self.args)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start moltghost-pod");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains("pod sidecar up") {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the pod exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pod did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The upstream an agent on this pod has.
+    pub fn upstream(&self) -> String {
+        format!("wg://{}@{}", self.key, self.addr)
+    }
+
+    /// The pod's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pod.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PodProc {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

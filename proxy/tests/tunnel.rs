@@ -1,0 +1,437 @@
+//! WireGuard upstreams end to end: the edge's userspace tunnel, the real `moltghost-pod`
+//! sidecar, the reference runtime behind it, on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{run, PodProc, Stack};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An edge with a known WireGuard key, and a pod sidecar in front of the stack's runtime,
+/// serving agent `id`.
+struct PodStack {
+    s: Stack,
+    pod: PodProc,
+    edge_public: String,
+    edge_secret: String,
+}
+
+impl PodStack {
+    async fn start(id: &str, extra: &str) -> Self {
+        let (tunnel_cfg, edge_public, edge_secret) = common::edge_tunnel_key();
+        let s = Stack::start(&format!("{tunnel_cfg}{extra}")).await;
+        let addr: SocketAddr = ([127, 0, 0, 1], common::free_udp_port()).into();
+        let pod = PodProc::start(addr, &edge_public, s.runtime, &s.admin_url());
+        let a = s
+            .admin_post(
+                "/v1/admin/agents",
+                json!({"name": id, "endpoint_id": id, "upstream": pod.upstream()}),
+            )
+            .await;
+        assert_eq!(a["upstream"], pod.upstream().as_str(), "{a}");
+        Self {
+            s,
+            pod,
+            edge_public,
+            edge_secret,
+        }
+    }
+
+    fn chat(&self, agent: &str, stream: bool, key: &str) -> reqwest::RequestBuilder {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream});
+        if stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        self.s
+            .post_as(agent, "/v1/chat/completions", Some(key))
+            .json(&body)
+    }
+
+    async fn health(&self, agent: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/v1/health", self.s.port))
+            .header("host", format!("{agent}.agent.localhost"))
+            .bearer_auth(&self.s.key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+/// The tokens of a streamed answer, and its usage line's total.
+fn tokens_and_usage(body: &str) -> (usize, u64) {
+    let data = common::sse_data(body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let mut tokens = 0;
+    let mut total = 0;
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            tokens += 1;
+        }
+        if let Some(t) = v["usage"]["total_tokens"].as_u64() {
+            total = t;
+        }
+    }
+    (tokens, total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_streams_go_through_the_tunnel_with_a_signed_identity() {
+    let p = PodStack::start("pod1", "").await;
+    let r = p.chat("pod1", false, &p.s.key).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let caller = r.headers()["x-mock-caller"].to_str().unwrap().to_owned();
+    let v: Value = r.json().await.unwrap();
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Hello!"));
+    // The runtime received the caller the edge signed: account/key id/agent.
+    let parts: Vec<&str> = caller.split('/').collect();
+    assert_eq!(parts.len(), 3, "{caller}");
+    assert!(
+        parts[0] == "default" && parts[1].starts_with("key_"),
+        "{caller}"
+    );
+    assert_eq!(parts[2], "pod1");
+
+    let body = p
+        .chat("pod1", true, &p.s.key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(tokens_and_usage(&body), (16, 20));
+
+    // The official openai package, streamed and not.
+    if common::have_openai_python() {
+        let (code, out, err) = run(Command::new("python3")
+            .arg(common::client_script("openai_client.py"))
+            .args([
+                &format!("http://127.0.0.1:{}/v1", p.s.port),
+                &format!("pod1.agent.localhost:{}", p.s.port),
+                &p.s.key,
+            ]));
+        assert_eq!(
+            code, 0,
+            "openai client through the tunnel failed:\n{out}\n{err}"
+        );
+    }
+
+    // Health shows the tunnel up, and the runtime reachable through it.
+    let h = p.health("pod1").await;
+    assert_eq!(h["pod"]["reachable"], true, "{h}");
+    assert_eq!(h["pod"]["tunnel"]["up"], true, "{h}");
+    assert!(
+        h["pod"]["tunnel"]["rx_packets"].as_u64().unwrap() > 10,
+        "{h}"
+    );
+    let status = p.s.admin_get("/v1/admin/status").await;
+    assert_eq!(status["tunnel"]["public_key"], p.edge_public.as_str());
+    assert_eq!(
+        status["tunnel"]["pods"][0]["tunnel"]["up"], true,
+        "{status}"
+    );
+
+    // Inside the tunnel, a request without the edge's signature is refused by the sidecar,
+    // even from a peer holding the edge's WireGuard key.
+    for identity in [None, Some("eyJhbGciOiJFZERTQSJ9.e30.AAAA")] {
+        let answer = raw_request_through_tunnel(&p, identity).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("invalid_identity"), "{answer}");
+    }
+}
+
+/// Sends GET /v1/models straight into the pod's tunnel (as the edge, without the edge).
+async fn raw_request_through_tunnel(p: &PodStack, identity: Option<&str>) -> String {
+    use moltghost::tunnel::{bind_udp, keys, Link, LinkConfig, Role};
+    let (send, recv) = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+    let link = Link::new(
+        LinkConfig {
+            secret: keys::secret(&p.edge_secret).unwrap(),
+            peer: keys::public(&p.pod.key).unwrap(),
+            preshared: None,
+            endpoint: Some(p.pod.addr),
+            role: Role::Initiator,
+            index: 77,
+            mtu: 1420,
+            keepalive: None,
+        },
+        send,
+    );
+    let timers = tokio::spawn(link.clone().run_timers());
+    let rx = link.clone();
+    let receiver = tokio::spawn(moltghost::tunnel::receive(recv, move |b| rx.input(b)));
+    let mut conn = link.connect(80, Duration::from_secs(5)).await.unwrap();
+    let extra = identity
+        .map(|i| format!("x-moltghost-identity: {i}\r\n"))
+        .unwrap_or_default();
+    conn.write_all(
+        format!("GET /v1/models HTTP/1.1\r\nhost: pod\r\n{extra}connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    link.close();
+    timers.abort();
+    receiver.abort();
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_does_not_know_the_edge_key_is_unreachable() {
+    let (tunnel_cfg, _, _) = common::edge_tunnel_key();
+    let s = Stack::start(&format!("{tunnel_cfg}[limits]\nconnect_timeout = \"1s\"\n")).await;
+    let stranger = moltghost::tunnel::keys::public_of(&moltghost::tunnel::keys::generate());
+    let addr: SocketAddr = ([127, 0, 0, 1], common::free_udp_port()).into();
+    let pod = PodProc::start(addr, &stranger, s.runtime, &s.admin_url());
+    s.admin_post(
+        "/v1/admin/agents",
+        json!({"name": "pod2", "endpoint_id": "pod2", "upstream": pod.upstream()}),
+    )
+    .await;
+    let t0 = Instant::now();
+    let r = s
+        .post_as("pod2", "/v1/chat/completions", Some(&s.key))
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "upstream_error", "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        s.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_reconnects_to_a_restarted_pod() {
+    let mut p = PodStack::start(
+        "pod3",
+        "[limits]\nconnect_timeout = \"1s\"\nstream_idle_timeout = \"3s\"\n",
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            p.chat("pod3", false, &p.s.key)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    p.pod.kill();
+    let t0 = Instant::now();
+    let r = p.chat("pod3", false, &p.s.key).send().await.unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    println!("pod down: {} after {:?}", r.status(), t0.elapsed());
+    p.pod.restart();
+    // The pod lost its sessions: the edge notices the silence, handshakes again, and the pooled
+    // connections the new pod does not know are reset and retried.
+    let t0 = Instant::now();
+    loop {
+        let r = p.chat("pod3", false, &p.s.key).send().await.unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no answer through the restarted pod: {}",
+            r.status()
+        );
+    }
+    println!("reconnected {:?} after the pod restarted", t0.elapsed());
+    for _ in 0..20 {
+        let body = p
+            .chat("pod3", true, &p.s.key)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(tokens_and_usage(&body), (16, 20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_completes_and_is_counted_exactly_over_a_lossy_path() {
+    let p = PodStack::start("pod4", "").await;
+    // The agent reaches the pod through a relay that loses, duplicates and reorders datagrams.
+    let relay = LossyRelay::start(p.pod.addr, 0xC0FFEE, 0.01, 0.01, 0.01).await;
+    p.s.admin_post(
+        "/v1/admin/agents",
+        json!({"name": "lossy", "endpoint_id": "lossy", "upstream": format!("wg://{}@{}", p.pod.key, relay.addr)}),
+    )
+    .await;
+    let key =
+        p.s.admin_post(
+            "/v1/admin/keys",
+            json!({"name": "lossy", "agents": ["lossy"]}),
+        )
+        .await["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let n = 16; // the default plan's concurrent-stream cap
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let req = p
+            .chat("lossy", true, &key)
+            .header("x-mock-tokens", "64")
+            .header("x-mock-interval-ms", "2");
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let body = req.send().await.unwrap().text().await.unwrap();
+            (tokens_and_usage(&body), t0.elapsed())
+        }));
+    }
+    let mut total = 0;
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        let ((tokens, usage), took) = t.await.unwrap();
+        assert_eq!(tokens, 64);
+        total += usage;
+        slowest = slowest.max(took);
+    }
+    let line = p.s.ledger_for("lossy", n).await;
+    assert_eq!(line["total_tokens"].as_u64(), Some(total));
+    let stats = relay.stats();
+    println!("lossy relay: {stats:?}; slowest stream {slowest:?}");
+    assert!(stats.dropped > 0 && stats.duplicated > 0 && stats.reordered > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_idle_past_the_rekey_interval_still_carries_requests() {
+    let p = PodStack::start("pod5", "").await;
+    assert_eq!(
+        p.chat("pod5", false, &p.s.key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // WireGuard rekeys after 120 s and drops a session after 180 s; idle past the first.
+    tokio::time::sleep(Duration::from_secs(125)).await;
+    let body = p
+        .chat("pod5", true, &p.s.key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(tokens_and_usage(&body), (16, 20));
+    let h = p.health("pod5").await;
+    assert!(
+        h["pod"]["tunnel"]["last_handshake_seconds_ago"]
+            .as_f64()
+            .unwrap()
+            < 10.0,
+        "{h}"
+    );
+}
+
+/// A UDP relay in front of a pod that drops, duplicates and reorders datagrams with a seeded
+/// generator (both directions).
+struct LossyRelay {
+    addr: SocketAddr,
+    stats: Arc<std::sync::Mutex<RelayStats>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct RelayStats {
+    passed: u64,
+    dropped: u64,
+    duplicated: u64,
+    reordered: u64,
+}
+
+impl LossyRelay {
+    async fn start(pod: SocketAddr, seed: u64, loss: f64, dup: f64, reorder: f64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let stats = Arc::new(std::sync::Mutex::new(RelayStats::default()));
+        let st = stats.clone();
+        let task = tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut edge: Option<SocketAddr> = None;
+            let mut held: Option<(Vec<u8>, bool)> = None;
+            let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                let (data, to_pod) = tokio::select! {
+                    r = front.recv_from(&mut a) => {
+                        let (n, from) = r.unwrap();
+                        edge = Some(from);
+                        (a[..n].to_vec(), true)
+                    }
+                    r = back.recv_from(&mut b) => (b[..r.unwrap().0].to_vec(), false),
+                };
+                let send = |d: &[u8], to_pod: bool| {
+                    if to_pod {
+                        let _ = back.try_send_to(d, pod);
+                    } else if let Some(e) = edge {
+                        let _ = front.try_send_to(d, e);
+                    }
+                };
+                let mut s = st.lock().unwrap();
+                if rng.gen_bool(loss) {
+                    s.dropped += 1;
+                    continue;
+                }
+                if held.is_none() && rng.gen_bool(reorder) {
+                    s.reordered += 1;
+                    held = Some((data, to_pod));
+                    continue;
+                }
+                send(&data, to_pod);
+                s.passed += 1;
+                if rng.gen_bool(dup) {
+                    s.duplicated += 1;
+                    send(&data, to_pod);
+                }
+                if let Some((d, dir)) = held.take() {
+                    send(&d, dir);
+                }
+            }
+        });
+        Self { addr, stats, task }
+    }
+
+    fn stats(&self) -> RelayStats {
+        self.stats.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LossyRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
