@@ -33,6 +33,8 @@ fn moltghost_dev_runs_the_stack_and_stops_on_ctrl_c() {
             &admin.to_string(),
             "--runtime-port",
             &runtime.to_string(),
+            "--pod-port",
+            &common::free_udp_port().to_string(),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -56,6 +58,11 @@ fn moltghost_dev_runs_the_stack_and_stops_on_ctrl_c() {
         )
     );
     assert_eq!(info["admin_url"], format!("http://127.0.0.1:{admin}"));
+    // The demo agent is a pod, reached through a WireGuard tunnel to the sidecar.
+    assert!(
+        info["upstream"].as_str().unwrap().starts_with("wg://"),
+        "{info}"
+    );
 
     // The printed curl works, streaming.
     let (code, out, err) = run(Command::new("curl").args([
@@ -94,6 +101,9 @@ fn moltghost_dev_runs_the_stack_and_stops_on_ctrl_c() {
         "--url",
     ]));
     assert_eq!(url.trim(), endpoint);
+    let (_, status, _) =
+        run(Command::new(cli).args(["--data-dir", dir.path().to_str().unwrap(), "status", "demo"]));
+    assert!(status.contains("tunnel up"), "{status}");
 
     // Ctrl-C stops everything.
     Command::new("kill")

@@ -1,6 +1,7 @@
-//! `moltghost dev`: the whole local stack in one command. Starts the reference runtime and the
-//! edge (the real binaries, beside this one), makes sure an agent `demo` exists, creates a key,
-//! prints how to call it, and stops everything on Ctrl-C.
+//! `moltghost dev`: the whole local stack in one command. Starts the reference runtime, the edge
+//! and the pod sidecar in front of the runtime (the real binaries, beside this one), makes sure
+//! an agent `demo` exists and is reached through a real WireGuard tunnel to the sidecar, creates
+//! a key, prints how to call it, and stops everything on Ctrl-C.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,12 @@ pub struct DevArgs {
     /// Port of the reference runtime.
     #[arg(long, default_value_t = 9100)]
     runtime_port: u16,
+    /// UDP port of the pod sidecar (the tunnel's far end).
+    #[arg(long, default_value_t = 51820)]
+    pod_port: u16,
+    /// Reach the runtime directly over plain HTTP instead of through the tunnel and sidecar.
+    #[arg(long)]
+    no_tunnel: bool,
     /// Print one JSON line (endpoint, agent, api_key, admin_url) once the stack answers.
     #[arg(long)]
     json: bool,
@@ -161,6 +168,7 @@ async fn stop(child: &mut Child) {
 pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
     let edge_bin = sibling("moltghost-proxy")?;
     let runtime_bin = sibling("agent-runtime")?;
+    let pod_bin = sibling("moltghost-pod")?;
     for p in [args.port, args.admin_port, args.runtime_port] {
         free(p)?;
     }
@@ -238,16 +246,29 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
         .await?;
         wait_for(args.admin_port, "the edge", &mut edge, &edge_log).await?;
         wait_for(args.port, "the edge", &mut edge, &edge_log).await?;
-        setup(&args, &data_dir, &secret, &runtime_listen).await
+        let admin_url = format!("http://127.0.0.1:{}", args.admin_port);
+        let token = moltghost::admin::mint_token(&secret, "moltghost-dev", "write", 30 * 24 * 3600)
+            .map_err(Failure::Unreachable)?;
+        let admin = Admin::locate(Some(admin_url.clone()), Some(token.clone()), &data_dir)?;
+        let (pod, upstream) = if args.no_tunnel {
+            (None, format!("http://{runtime_listen}"))
+        } else {
+            let (pod, upstream) =
+                start_pod(&pod_bin, &args, &data_dir, &admin, &runtime_listen).await?;
+            (Some(pod), upstream)
+        };
+        let info = setup(&args, &data_dir, &admin, &token, &upstream).await?;
+        Ok::<_, Failure>((info, pod))
     };
-    let info = match started.await {
-        Ok(info) => info,
+    let (info, mut pod) = match started.await {
+        Ok(started) => started,
         Err(e) => {
             stop(&mut edge).await;
             stop(&mut runtime).await;
             return Err(e);
         }
     };
+    let pod_log = data_dir.join("pod.log");
     announce(&args, &info);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -257,11 +278,82 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
         _ = term.recv() => "stopping".to_string(),
         s = edge.wait() => format!("the edge exited ({s:?}); see {}", edge_log.display()),
         s = runtime.wait() => format!("the runtime exited ({s:?}); see {}", runtime_log.display()),
+        s = async { match pod.as_mut() { Some(p) => p.wait().await, None => std::future::pending().await } } =>
+            format!("the pod sidecar exited ({s:?}); see {}", pod_log.display()),
     };
     eprintln!("moltghost dev: {why}");
     stop(&mut edge).await;
+    if let Some(p) = pod.as_mut() {
+        stop(p).await;
+    }
     stop(&mut runtime).await;
     Ok(())
+}
+
+/// Starts the pod sidecar in front of the runtime, accepting this edge's WireGuard key and
+/// checking identities against its JWKS. Returns it and the demo agent's upstream.
+async fn start_pod(
+    pod_bin: &Path,
+    args: &DevArgs,
+    data_dir: &Path,
+    admin: &Admin,
+    runtime_listen: &str,
+) -> Result<(Child, String), Failure> {
+    let state = data_dir.join("pod");
+    let state_arg = state.to_string_lossy();
+    let out = std::process::Command::new(pod_bin)
+        .args(["--state-dir", &state_arg, "keygen"])
+        .output()
+        .map_err(|e| Failure::Unreachable(format!("moltghost-pod keygen: {e}")))?;
+    let pod_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || pod_key.is_empty() {
+        return Err(Failure::Unreachable(format!(
+            "moltghost-pod keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let status = admin.get("/v1/admin/status").await?;
+    let edge_key = status["tunnel"]["public_key"].as_str().unwrap_or_default();
+    let listen = format!("127.0.0.1:{}", args.pod_port);
+    let jwks = format!("http://127.0.0.1:{}/.well-known/jwks.json", args.admin_port);
+    let upstream = format!("http://{runtime_listen}");
+    let log = data_dir.join("pod.log");
+    let mut pod = spawn(
+        pod_bin,
+        &[
+            "--state-dir",
+            &state_arg,
+            "run",
+            "--listen",
+            &listen,
+            "--edge-key",
+            edge_key,
+            "--upstream",
+            &upstream,
+            "--jwks",
+            &jwks,
+        ],
+        &log,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("pod sidecar up") {
+            break;
+        }
+        let exited = pod.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() > deadline {
+            let _ = pod.kill().await;
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            return Err(Failure::Unreachable(format!(
+                "the pod sidecar did not start (is UDP port {} free? choose another with --pod-port):\n{}",
+                args.pod_port,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((pod, format!("wg://{pod_key}@{listen}")))
 }
 
 /// Makes sure the demo agent exists and points at this runtime, creates a key, and writes the
@@ -269,16 +361,13 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
 async fn setup(
     args: &DevArgs,
     data_dir: &Path,
-    secret: &str,
-    runtime_listen: &str,
+    admin: &Admin,
+    token: &str,
+    upstream: &str,
 ) -> Result<Value, Failure> {
     let admin_url = format!("http://127.0.0.1:{}", args.admin_port);
-    let token = moltghost::admin::mint_token(secret, "moltghost-dev", "write", 30 * 24 * 3600)
-        .map_err(Failure::Unreachable)?;
-    let admin = Admin::locate(Some(admin_url.clone()), Some(token.clone()), data_dir)?;
-    let upstream = format!("http://{runtime_listen}");
     let agent = match admin.get("/v1/admin/agents/demo").await {
-        Ok(a) if a["upstream"] == upstream.as_str() => a,
+        Ok(a) if a["upstream"] == upstream => a,
         Ok(_) => {
             admin
                 .patch("/v1/admin/agents/demo", json!({"upstream": upstream}))
@@ -316,6 +405,7 @@ async fn setup(
         "admin_url": admin_url,
         "admin_token": token,
         "port": args.port,
+        "upstream": upstream,
     });
     let path = data_dir.join(DEV_FILE);
     moltghost::secrets::write_private(&path, &info.to_string())
@@ -330,7 +420,7 @@ fn announce(args: &DevArgs, info: &Value) {
         info["agent"].as_str().unwrap_or(""),
     );
     if args.json {
-        let line = json!({"endpoint": endpoint, "agent": agent, "api_key": key, "admin_url": info["admin_url"]});
+        let line = json!({"endpoint": endpoint, "agent": agent, "api_key": key, "admin_url": info["admin_url"], "upstream": info["upstream"]});
         println!("{line}");
         return;
     }
@@ -359,7 +449,16 @@ Or with the openai Python package (the key is scoped to demo, so no Host is need
           messages=[{{"role": "user", "content": "Analyze Q4 sales"}}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
 
-Ctrl-C stops everything. Logs: .moltghost/edge.log, .moltghost/runtime.log"#,
+The edge reaches the agent through {path}.
+Ctrl-C stops everything. Logs: .moltghost/edge.log, .moltghost/pod.log, .moltghost/runtime.log"#,
+        path = if info["upstream"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("wg://"))
+        {
+            "a WireGuard tunnel to its pod sidecar (moltghost status demo shows it)"
+        } else {
+            "plain HTTP (--no-tunnel)"
+        },
         admin = info["admin_url"].as_str().unwrap_or(""),
         cacert = if endpoint.starts_with("https") {
             " --cacert .moltghost/dev-ca.pem"
