@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs what the README's two commands need on a fresh machine that has only the Rust
 # toolchain: cmake (pingora-core builds zlib-ng with it), the official `openai` Python package
-# (integration tests), and cargo-fuzz (the fuzz smoke run). Idempotent; quiet when all is there.
+# (integration tests), wireguard-go and iproute2 (the WireGuard interoperability test), and
+# cargo-fuzz (the fuzz smoke run). Idempotent; quiet when all is there.
 set -euo pipefail
 
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v wireguard-go >/dev/null || need_apt+=(wireguard-go)
 if ((${#need_apt[@]})); then
   echo "setup: apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
