@@ -63,6 +63,7 @@ LT=("$BIN/loadtest" --quiet --markdown "$OUT/tables.md"
 echo "== chat through the edge: plain HTTP upstream vs the tunnel and sidecar"
 "${LT[@]}" --scenario chat --rates 500,2000 --duration "$DUR" --json "$OUT/chat.json"
 echo "== token streams"
+[ -n "${CHAT_ONLY:-}" ] && { [ -n "${HOLD:-}" ] && sleep "$HOLD"; exit 0; }
 "${LT[@]}" --scenario sse --tokens 64 --interval-ms 20 --rate 100 --duration "$DUR" --json "$OUT/sse.json"
 echo "== the tunnel alone vs kernel loopback TCP, and at 1% loss"
 "$BIN/examples/tunnel_bench" --seconds "$SECS" --loss 0.01 --json "$OUT/tunnel_bench.json" | tee "$OUT/tunnel_bench.txt"

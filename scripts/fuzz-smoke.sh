@@ -11,9 +11,16 @@ for target in $(cargo fuzz list); do
   work=$(mktemp -d)
   cp -r "corpus/$target/." "$work/"
   echo "fuzz: $target for ${secs}s"
-  cargo fuzz run --sanitizer none "$target" "$work" -- -max_total_time="$secs" -print_final_stats=0 2>&1 \
-    | grep -E "^(INFO: -max_total_time|Done|==|SUMMARY|thread)|panicked" || true
-  test "${PIPESTATUS[0]}" -eq 0
+  status=0
+  cargo fuzz run --sanitizer none "$target" "$work" -- -max_total_time="$secs" -print_final_stats=0 \
+    > "$work.log" 2>&1 || status=$?
+  grep -E "^(Done|==|SUMMARY|thread)|panicked" "$work.log" || true
+  if [ "$status" -ne 0 ]; then
+    echo "fuzz: $target FAILED (exit $status); the input is in fuzz/artifacts/$target" >&2
+    tail -40 "$work.log" >&2
+    exit 1
+  fi
+  rm -f "$work.log"
   rm -rf "$work"
 done
 echo "fuzz: all targets ran clean"

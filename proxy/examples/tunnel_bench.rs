@@ -148,7 +148,8 @@ where
             Arc::new(move || {
                 let edge = edge.clone();
                 Box::pin(async move {
-                    Box::new(edge.connect(80, Duration::from_secs(5)).await.unwrap()) as Box<dyn Conn>
+                    Box::new(edge.connect(80, Duration::from_secs(5)).await.unwrap())
+                        as Box<dyn Conn>
                 })
             })
         }
@@ -265,7 +266,8 @@ async fn token_delays(open: &Opener) -> (f64, f64, f64) {
     (pct(&mut delays, 0.5), pct(&mut delays, 0.99), max)
 }
 
-type Opener = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Box<dyn Conn>> + Send + Sync>;
+type Opener =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Box<dyn Conn>> + Send + Sync>;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {

@@ -6,7 +6,6 @@
 //! edge (`x-moltghost-identity`): defence in depth, should anything else ever reach the tunnel.
 //! The runtime receives the caller as plain headers instead.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,14 +13,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use boringtun::noise::{Packet, Tunn};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use bytes::Bytes;
-use futures_util::TryStreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::{Request, Response};
+use moltghost_protocol::head;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::identity::IdentityVerifier;
-use crate::tunnel::{bind_udp, keys, Link, LinkConfig, Role, POD_PORT};
+use crate::identity::{CallerIdentity, IdentityVerifier};
+use crate::tunnel::{bind_udp, keys, Link, LinkConfig, Role, Stream, POD_PORT};
 
 /// Where the sidecar gets the edge's identity keys.
 #[derive(Debug, Clone)]
@@ -43,8 +39,8 @@ pub struct PodConfig {
     pub edge_keys: Vec<PublicKey>,
     /// Optional preshared key.
     pub preshared: Option<[u8; 32]>,
-    /// The runtime: `http://host:port`, no trailing slash.
-    pub upstream: String,
+    /// The runtime's address.
+    pub upstream: SocketAddr,
     /// The edge's identity keys.
     pub jwks: JwksSource,
     /// Largest packet inside the tunnel.
@@ -97,15 +93,8 @@ pub async fn start(cfg: PodConfig) -> Result<Pod, String> {
             )
         })
         .collect();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| e.to_string())?;
     let forward = Arc::new(Forward {
-        client,
-        upstream: cfg.upstream.trim_end_matches('/').to_owned(),
+        upstream: cfg.upstream,
         verifier: verifier.clone(),
         jwks: cfg.jwks.clone(),
         refreshed: std::sync::Mutex::new(None),
@@ -116,17 +105,7 @@ pub async fn start(cfg: PodConfig) -> Result<Pod, String> {
         tokio::spawn(async move {
             loop {
                 let stream = link.accept().await;
-                let forward = forward.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let forward = forward.clone();
-                        async move { Ok::<_, Infallible>(forward.handle(req).await) }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                });
+                tokio::spawn(forward.clone().serve(stream));
             }
         });
     }
@@ -227,15 +206,14 @@ async fn load_jwks(source: &JwksSource) -> Result<IdentityVerifier, String> {
     IdentityVerifier::from_jwks(&text)
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
 struct Forward {
-    client: reqwest::Client,
-    upstream: String,
+    upstream: SocketAddr,
     verifier: Arc<ArcSwap<IdentityVerifier>>,
     jwks: JwksSource,
     refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+type TunnelWriter = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<Stream>>>;
 
 impl Forward {
     /// Refetching the JWKS on a failed check is allowed every 10 s, so that a flood of bad
@@ -250,101 +228,160 @@ impl Forward {
         true
     }
 
-    /// Checks the caller identity, then passes the request to the runtime and streams its
-    /// answer back.
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let token = req
-            .headers()
-            .get("x-moltghost-identity")
-            .and_then(|v| v.to_str().ok());
-        let Some(token) = token else {
-            return refuse("the request carries no caller identity from the edge");
-        };
-        let caller = match self.verifier.load().verify(token) {
-            Ok(c) => c,
-            Err(first) if !self.may_refresh() => return refuse(&first),
+    /// The caller in `token`, checked against the edge's keys (fetched again once if a rotated
+    /// key is not known yet).
+    async fn verify(&self, token: Option<&str>) -> Result<CallerIdentity, String> {
+        let token = token.ok_or("the request carries no caller identity from the edge")?;
+        match self.verifier.load().verify(token) {
+            Ok(c) => Ok(c),
+            Err(first) if !self.may_refresh() => Err(first),
             Err(first) => {
-                // A key the pod has not seen yet (the edge rotated it): fetch the JWKS again.
-                match load_jwks(&self.jwks).await {
-                    Ok(v) => {
-                        let v = Arc::new(v);
-                        self.verifier.store(v.clone());
-                        match v.verify(token) {
-                            Ok(c) => c,
-                            Err(e) => return refuse(&e),
-                        }
-                    }
-                    Err(_) => return refuse(&first),
-                }
+                let v = Arc::new(load_jwks(&self.jwks).await.map_err(|_| first)?);
+                self.verifier.store(v.clone());
+                v.verify(token)
             }
-        };
-        let (parts, body) = req.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut out = self
-            .client
-            .request(parts.method, format!("{}{path}", self.upstream));
-        for (name, value) in &parts.headers {
-            if matches!(
-                name.as_str(),
-                "host" | "connection" | "keep-alive" | "transfer-encoding" | "te" | "upgrade"
-            ) || name.as_str().starts_with("x-moltghost-")
-            {
-                continue;
-            }
-            out = out.header(name, value);
         }
-        out = out
-            .header("x-moltghost-account", &caller.sub)
-            .header("x-moltghost-key-id", &caller.key)
-            .header("x-moltghost-agent", &caller.agent);
-        let body = reqwest::Body::wrap_stream(body.into_data_stream());
-        match out.body(body).send().await {
-            Ok(resp) => {
-                let mut builder = Response::builder().status(resp.status());
-                for (name, value) in resp.headers() {
-                    if !matches!(
-                        name.as_str(),
-                        "connection" | "keep-alive" | "transfer-encoding"
-                    ) {
-                        builder = builder.header(name, value);
+    }
+
+    /// One connection from the edge. Request heads are parsed, their identity checked and
+    /// rewritten for the runtime; bodies and answers pass as bytes on one kept-alive
+    /// connection to the runtime per tunnel connection (the edge sends one request at a time
+    /// on a connection, so answers need no parsing).
+    async fn serve(self: Arc<Self>, stream: Stream) {
+        let (mut from_edge, to_edge) = tokio::io::split(stream);
+        let to_edge: TunnelWriter = Arc::new(tokio::sync::Mutex::new(to_edge));
+        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        let mut out: Vec<u8> = Vec::with_capacity(1024);
+        let mut runtime: Option<tokio::net::tcp::OwnedWriteHalf> = None;
+        loop {
+            // The next request head.
+            let parsed = loop {
+                match head::parse(&buf) {
+                    Ok(Some(h)) => break Ok(h),
+                    Err(e) => break Err(e),
+                    Ok(None) => {}
+                }
+                let mut chunk = [0u8; 8192];
+                match from_edge.read(&mut chunk).await {
+                    Ok(0) | Err(_) => {
+                        if let Some(mut w) = runtime.take() {
+                            let _ = w.shutdown().await;
+                        }
+                        return;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let h = match parsed {
+                Ok(h) => h,
+                Err(e) => {
+                    let why = match e {
+                        head::HeadError::Unsized => "request bodies must have a Content-Length",
+                        head::HeadError::TooLarge => "request head too large",
+                        head::HeadError::Malformed => "malformed request head",
+                    };
+                    return reply(&to_edge, 400, why).await;
+                }
+            };
+            let caller = match self.verify(h.identity).await {
+                Ok(c) => c,
+                Err(why) => {
+                    tracing::warn!(reason = %why, "request without a valid caller identity refused");
+                    return reply(&to_edge, 401, &why).await;
+                }
+            };
+            out.clear();
+            head::rewrite(
+                &h,
+                &[
+                    ("x-moltghost-account", &caller.sub),
+                    ("x-moltghost-key-id", &caller.key),
+                    ("x-moltghost-agent", &caller.agent),
+                ],
+                &mut out,
+            );
+            let (head_len, body_len, upgrade) = (h.len, h.body_len, h.upgrade);
+            buf.drain(..head_len);
+            if runtime.is_none() {
+                match tokio::net::TcpStream::connect(self.upstream).await {
+                    Ok(conn) => {
+                        let _ = conn.set_nodelay(true);
+                        let (r, w) = conn.into_split();
+                        tokio::spawn(copy_answers(r, to_edge.clone()));
+                        runtime = Some(w);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "runtime unreachable");
+                        return reply(
+                            &to_edge,
+                            502,
+                            "the agent runtime is unreachable from its pod",
+                        )
+                        .await;
                     }
                 }
-                let stream = resp
-                    .bytes_stream()
-                    .map_ok(Frame::data)
-                    .map_err(std::io::Error::other);
-                builder
-                    .body(BodyExt::boxed(StreamBody::new(stream)))
-                    .unwrap_or_else(|_| error(502, "bad answer from the runtime"))
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "runtime unreachable");
-                error(502, "the agent runtime is unreachable from its pod")
+            let Some(w) = runtime.as_mut() else { return };
+            // The head, then the body as it comes.
+            let now = (body_len.min(buf.len() as u64)) as usize;
+            out.extend_from_slice(&buf[..now]);
+            buf.drain(..now);
+            if w.write_all(&out).await.is_err() {
+                return;
+            }
+            let mut left = body_len - now as u64;
+            while left > 0 {
+                let mut chunk = vec![0u8; left.min(64 * 1024) as usize];
+                match from_edge.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if w.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                }
+            }
+            if upgrade {
+                // A switched protocol (a WebSocket): bytes both ways from here on.
+                let _ = w.write_all(&buf).await;
+                let _ = tokio::io::copy(&mut from_edge, w).await;
+                return;
             }
         }
     }
 }
 
-fn refuse(why: &str) -> Response<Body> {
-    tracing::warn!(
-        reason = why,
-        "request without a valid caller identity refused"
-    );
-    error(401, why)
+/// Copies the runtime's answers to the edge until the runtime closes the connection.
+async fn copy_answers(mut from: tokio::net::tcp::OwnedReadHalf, to: TunnelWriter) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.lock().await.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = to.lock().await.shutdown().await;
 }
 
-fn error(status: u16, message: &str) -> Response<Body> {
-    let (kind, code) = if status == 401 {
-        ("authentication_error", "invalid_identity")
-    } else {
-        ("upstream_error", "runtime_unreachable")
+/// Answers the edge with an error in the API's JSON shape, and closes the connection.
+async fn reply(to: &TunnelWriter, status: u16, message: &str) {
+    let (reason, kind, code) = match status {
+        401 => ("Unauthorized", "authentication_error", "invalid_identity"),
+        502 => ("Bad Gateway", "upstream_error", "runtime_unreachable"),
+        _ => ("Bad Request", "invalid_request_error", "invalid_request"),
     };
-    let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(BodyExt::boxed(
-            Full::new(Bytes::from(body.to_string())).map_err(|e: Infallible| match e {}),
-        ))
-        .expect("a static response")
+    let body =
+        serde_json::json!({"error": {"message": message, "type": kind, "code": code}}).to_string();
+    let answer = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut w = to.lock().await;
+    let _ = w.write_all(answer.as_bytes()).await;
+    let _ = w.shutdown().await;
 }

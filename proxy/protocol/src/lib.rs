@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod connect;
 pub mod error;
+pub mod head;
 pub mod keys;
 pub mod routing;
 pub mod sse;

@@ -1,7 +1,7 @@
 //! `moltghost-pod`: the sidecar that runs next to an agent runtime and terminates the edge's
 //! WireGuard tunnel.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -59,7 +59,7 @@ struct RunArgs {
         required = true
     )]
     edge_keys: Vec<String>,
-    /// The agent runtime: http://host:port.
+    /// The agent runtime: http://host:port (no path: the edge sends the route's own).
     #[arg(long, env = "MOLTGHOST_POD_UPSTREAM")]
     upstream: String,
     /// The edge's identity keys: the admin API's JWKS URL, or a JWKS file.
@@ -108,12 +108,7 @@ fn run(args: RunArgs, secret: boringtun::x25519::StaticSecret) -> Result<(), Str
                 .and_then(|k| keys::decode(&k))
         })
         .transpose()?;
-    if !args.upstream.starts_with("http://") {
-        return Err(format!(
-            "--upstream must be http://host:port, got {:?}",
-            args.upstream
-        ));
-    }
+    let upstream = runtime_address(&args.upstream)?;
     let jwks = if args.jwks.starts_with("http://") || args.jwks.starts_with("https://") {
         JwksSource::Url(args.jwks)
     } else {
@@ -129,7 +124,7 @@ fn run(args: RunArgs, secret: boringtun::x25519::StaticSecret) -> Result<(), Str
             secret,
             edge_keys,
             preshared,
-            upstream: args.upstream,
+            upstream,
             jwks,
             mtu: args.mtu,
         })
@@ -137,6 +132,24 @@ fn run(args: RunArgs, secret: boringtun::x25519::StaticSecret) -> Result<(), Str
         let _ = tokio::signal::ctrl_c().await;
         Ok(())
     })
+}
+
+/// The runtime's address from `http://host:port` (resolved once, at start).
+fn runtime_address(url: &str) -> Result<SocketAddr, String> {
+    let bad = || format!("--upstream must be http://host:port, got {url:?}");
+    let u = url::Url::parse(url).map_err(|_| bad())?;
+    if u.scheme() != "http" || !matches!(u.path(), "" | "/") || u.query().is_some() {
+        return Err(bad());
+    }
+    let host = u
+        .host_str()
+        .ok_or_else(bad)?
+        .trim_matches(|c| c == '[' || c == ']');
+    (host, u.port_or_known_default().unwrap_or(80))
+        .to_socket_addrs()
+        .map_err(|e| format!("--upstream {url}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--upstream {url}: no address"))
 }
 
 fn fail(e: &str) -> ExitCode {

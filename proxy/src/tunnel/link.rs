@@ -34,6 +34,8 @@ pub const POD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 7, 0, 2);
 const TICK: Duration = Duration::from_millis(100);
 /// Each direction of each TCP connection in the tunnel buffers this much.
 const SOCKET_BUFFER: usize = 256 * 1024;
+/// How long an ACK waits for data to carry it.
+const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(1);
 /// How long a peer we wait on may stay silent before a fresh handshake is forced.
 const SILENCE: Duration = Duration::from_secs(1);
 /// A closed stream whose peer never finishes the close is dropped after this long.
@@ -539,10 +541,11 @@ fn new_socket() -> tcp::Socket<'static> {
         tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
         tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
     );
-    // Tokens must leave at once: no Nagle, and ACKs without delay (a delayed ACK stalls a
-    // sender whose window is full for 10 ms).
+    // Tokens must leave at once: no Nagle. ACKs wait 1 ms for data to ride on (an answer, the
+    // next request): measured, that nearly doubles requests per second over ACKing every
+    // segment, while smoltcp's default 10 ms delay turned 1% loss into 1 s stalls.
     sock.set_nagle_enabled(false);
-    sock.set_ack_delay(None);
+    sock.set_ack_delay(Some(ACK_DELAY));
     // A peer that acknowledges nothing for 10 s is gone (a pod that died mid-request): the
     // connection fails rather than hanging until the request's deadline. Idle pooled
     // connections are probed, so that a dead one is found before it is reused.
