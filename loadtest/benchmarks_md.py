@@ -76,6 +76,38 @@ if lite:
             print(f"| {run['target_rps']} | {t['name']} | {t['latency_us']['p50']} | {t['latency_us']['p99']} | {a.get('p50_us', 'baseline')} | {a.get('p99_us', 'baseline')} | {sum(t['errors'].values()) + t['dropped']} |")
     print()
 
+tunnel_dir = os.path.join(out, "tunnel")
+bench = load("tunnel/tunnel_bench.json")
+if bench:
+    print("## WireGuard upstreams\n")
+    print("Regenerate with `loadtest/tunnel.sh` (about three minutes). Two parts, each same-run:\n")
+    print("1. **The tunnel alone** (`proxy/examples/tunnel_bench.rs`): an edge link and a pod link, the")
+    print("   code `moltghost-proxy` and `moltghost-pod` run, on loopback UDP, against the kernel's loopback")
+    print("   TCP doing the same work in the same process: a paced 256-byte request and 512-byte answer on")
+    print("   one connection (round trip), the same as fast as possible on 1 and 32 kept-alive connections,")
+    print("   one connection sending as fast as it can, and tokens sent every 5 ms through a relay that")
+    print("   drops 1% of the datagrams each way.\n")
+    print("| path | round trip p50 µs | p99 µs | req/s, 1 connection | req/s, 32 connections | one stream Mbit/s |")
+    print("|---|---|---|---|---|---|")
+    for name in ["kernel", "tunnel"]:
+        t = bench.get(name)
+        if t:
+            print(f"| {name} | {t['rtt_p50_us']:.0f} | {t['rtt_p99_us']:.0f} | {t['req_per_s_1']:,.0f} | {t['req_per_s_32']:,.0f} | {t['mbit_per_s']:,.0f} |")
+    lossy = bench.get("lossy")
+    if lossy:
+        print(f"\nAt {lossy['loss'] * 100:.0f}% loss each way, a token's delay (arrival minus intended send, including a")
+        print(f"constant ~1 ms of connection start-up): p50 {lossy['token_delay_p50_ms']:.1f} ms, p99 {lossy['token_delay_p99_ms']:.1f} ms")
+        print(f"(worst of five streams of 400 tokens), max {lossy['token_delay_max_ms']:.0f} ms.")
+    print()
+    print("2. **The whole pod path through the edge**: the same edge serving one agent whose upstream is the")
+    print("   runtime over plain HTTP (`edge-plain`, the baseline) and one reached through its tunnel and")
+    print("   `moltghost-pod` (`edge-pod`: the Unix-socket bridge, the tunnel, the caller identity signed by")
+    print("   the edge and verified by the sidecar, and the sidecar's hop), interleaved at the same rates.")
+    print("   CPU µs/request is the edge process's, shared by both targets, so it is not a comparison.\n")
+    t = os.path.join(tunnel_dir, "tables.md")
+    if os.path.exists(t):
+        print(open(t).read())
+
 print("## All runs\n")
 tables = os.path.join(out, "tables.md")
 if os.path.exists(tables):

@@ -2,7 +2,7 @@
 # The WireGuard upstream measured: the same edge reaching the same runtime directly (plain
 # HTTP) and through its tunnel and the pod sidecar, interleaved in one `loadtest` run, then the
 # tunnel on its own against kernel loopback TCP (proxy/examples/tunnel_bench.rs). Writes
-# loadtest/results/tunnel/ (JSON, tables) for BENCHMARKS.md.
+# loadtest/results/tunnel/ (JSON, tables) and regenerates BENCHMARKS.md.
 #
 #   loadtest/tunnel.sh            # about 3 minutes
 #   QUICK=1 loadtest/tunnel.sh    # a smoke check
@@ -63,8 +63,8 @@ LT=("$BIN/loadtest" --quiet --markdown "$OUT/tables.md"
 echo "== chat through the edge: plain HTTP upstream vs the tunnel and sidecar"
 "${LT[@]}" --scenario chat --rates 500,2000 --duration "$DUR" --json "$OUT/chat.json"
 echo "== token streams"
-[ -n "${CHAT_ONLY:-}" ] && { [ -n "${HOLD:-}" ] && sleep "$HOLD"; exit 0; }
 "${LT[@]}" --scenario sse --tokens 64 --interval-ms 20 --rate 100 --duration "$DUR" --json "$OUT/sse.json"
 echo "== the tunnel alone vs kernel loopback TCP, and at 1% loss"
 "$BIN/examples/tunnel_bench" --seconds "$SECS" --loss 0.01 --json "$OUT/tunnel_bench.json" | tee "$OUT/tunnel_bench.txt"
-echo "== written to $OUT"
+python3 loadtest/benchmarks_md.py "$ROOT/loadtest/results" > BENCHMARKS.md
+echo "== written to $OUT and BENCHMARKS.md"

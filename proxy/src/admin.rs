@@ -238,11 +238,12 @@ fn store_json(st: &AppState) -> Value {
 /// Prometheus scrape endpoint (unauthenticated, like health: keep the admin listener private).
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     let s = &st.control.status;
-    let body = st.control.metrics.render(
+    let mut body = st.control.metrics.render(
         s.healthy(),
         s.stale_for(),
         st.control.registry.load().generation,
     );
+    body.push_str(&st.control.tunnels.prometheus());
     ([("content-type", "text/plain; version=0.0.4")], body)
 }
 

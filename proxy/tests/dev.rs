@@ -104,6 +104,12 @@ fn moltghost_dev_runs_the_stack_and_stops_on_ctrl_c() {
     let (_, status, _) =
         run(Command::new(cli).args(["--data-dir", dir.path().to_str().unwrap(), "status", "demo"]));
     assert!(status.contains("tunnel up"), "{status}");
+    let (_, edge, _) =
+        run(Command::new(cli).args(["--data-dir", dir.path().to_str().unwrap(), "status"]));
+    assert!(
+        edge.contains("WireGuard public key") && edge.contains("demo"),
+        "{edge}"
+    );
 
     // Ctrl-C stops everything.
     Command::new("kill")

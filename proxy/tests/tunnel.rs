@@ -146,6 +146,25 @@ async fn requests_and_streams_go_through_the_tunnel_with_a_signed_identity() {
         status["tunnel"]["pods"][0]["tunnel"]["up"], true,
         "{status}"
     );
+    let metrics = reqwest::get(format!("{}/metrics", p.s.admin_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let pod_label = format!("pod=\"{}@{}\"", p.pod.key, p.pod.addr);
+    for name in [
+        "moltghost_tunnel_up",
+        "moltghost_tunnel_handshakes_total",
+        "moltghost_tunnel_sent_bytes_total",
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(&pod_label))
+            .unwrap_or_else(|| panic!("no {name} for the pod:\n{metrics}"));
+        let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v >= 1.0, "{line}");
+    }
 
     // Inside the tunnel, a request without the edge's signature is refused by the sidecar,
     // even from a peer holding the edge's WireGuard key.

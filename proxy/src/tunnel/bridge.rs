@@ -186,6 +186,98 @@ impl Tunnels {
         })
     }
 
+    /// Every tunnel's counters in Prometheus's text format (appended to `/metrics`).
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let stats: Vec<(String, super::LinkStatus)> = links
+            .values()
+            .map(|p| {
+                let s = p.link.status();
+                let pod = format!(
+                    "{}@{}",
+                    keys::encode(p.link.peer_key()),
+                    s.endpoint.as_deref().unwrap_or("")
+                );
+                (pod, s)
+            })
+            .collect();
+        drop(links);
+        let mut out = String::new();
+        type Get = fn(&super::LinkStatus) -> Option<f64>;
+        let families: [(&str, &str, &str, Get); 10] = [
+            (
+                "moltghost_tunnel_up",
+                "gauge",
+                "1 when a handshake completed within 180 s",
+                |s| Some(u8::from(s.up).into()),
+            ),
+            (
+                "moltghost_tunnel_last_handshake_seconds",
+                "gauge",
+                "Seconds since the last completed handshake",
+                |s| s.last_handshake_seconds_ago,
+            ),
+            (
+                "moltghost_tunnel_handshakes_total",
+                "counter",
+                "Handshakes completed",
+                |s| Some(s.handshakes as f64),
+            ),
+            (
+                "moltghost_tunnel_received_bytes_total",
+                "counter",
+                "Payload bytes received through the tunnel",
+                |s| Some(s.rx_bytes as f64),
+            ),
+            (
+                "moltghost_tunnel_sent_bytes_total",
+                "counter",
+                "Payload bytes sent through the tunnel",
+                |s| Some(s.tx_bytes as f64),
+            ),
+            (
+                "moltghost_tunnel_received_packets_total",
+                "counter",
+                "Datagrams received and accepted",
+                |s| Some(s.rx_packets as f64),
+            ),
+            (
+                "moltghost_tunnel_sent_packets_total",
+                "counter",
+                "Datagrams sent",
+                |s| Some(s.tx_packets as f64),
+            ),
+            (
+                "moltghost_tunnel_loss_ratio",
+                "gauge",
+                "boringtun's packet-loss estimate",
+                |s| Some(s.loss.into()),
+            ),
+            (
+                "moltghost_tunnel_refused_packets_total",
+                "counter",
+                "Datagrams refused by the noise layer plus inner packets with a forged source",
+                |s| Some((s.rejected + s.spoofed) as f64),
+            ),
+            (
+                "moltghost_tunnel_dropped_packets_total",
+                "counter",
+                "Datagrams dropped because the UDP socket was full",
+                |s| Some(s.send_drops as f64),
+            ),
+        ];
+        for (name, kind, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (pod, s) in &stats {
+                if let Some(v) = get(s) {
+                    let _ = writeln!(out, "{name}{{pod=\"{pod}\"}} {v}");
+                }
+            }
+        }
+        out
+    }
+
     /// Closes the tunnels of pods no agent uses any more.
     pub fn retain(&self, used: &HashSet<String>) {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());

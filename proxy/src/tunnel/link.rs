@@ -90,6 +90,8 @@ pub struct Counters {
     pub spoofed: AtomicU64,
     /// Datagrams the UDP socket would not take (full buffer): dropped, TCP resends.
     pub send_drops: AtomicU64,
+    /// Handshakes completed (initiations answered, responses accepted).
+    pub handshakes: AtomicU64,
 }
 
 /// A link's health, as `/v1/health` and `moltghost status` show it.
@@ -117,6 +119,10 @@ pub struct LinkStatus {
     pub rejected: u64,
     /// Inner packets with a forged source address.
     pub spoofed: u64,
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Datagrams dropped because the UDP socket was full.
+    pub send_drops: u64,
 }
 
 /// One WireGuard peer and the TCP connections inside its tunnel.
@@ -261,6 +267,10 @@ impl Link {
             TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
         };
         self.counters.rx_datagrams.fetch_add(1, Relaxed);
+        // Message types 1 and 2 (initiation, response) that passed the noise layer.
+        if matches!(datagram.first(), Some(1 | 2)) {
+            self.counters.handshakes.fetch_add(1, Relaxed);
+        }
         st.last_rx = Instant::now();
         // Authenticated: the peer is where this came from (roaming).
         if *endpoint != Some(from) {
@@ -471,6 +481,8 @@ impl Link {
             rtt_ms: rtt,
             rejected: self.counters.rejected.load(Relaxed),
             spoofed: self.counters.spoofed.load(Relaxed),
+            handshakes: self.counters.handshakes.load(Relaxed),
+            send_drops: self.counters.send_drops.load(Relaxed),
         }
     }
 }

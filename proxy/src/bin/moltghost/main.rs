@@ -57,10 +57,11 @@ struct Cli {
 enum Command {
     /// Run the whole local stack: edge, reference runtime, agent `demo` and a key.
     Dev(dev::DevArgs),
-    /// Show an agent (by name or endpoint id); --url prints just its endpoint.
+    /// Show an agent (by name or endpoint id), with its tunnel; --url prints just its endpoint.
+    /// Without an agent: the edge (store, counts, its WireGuard public key, every pod's tunnel).
     Status {
         /// Agent name or endpoint id.
-        agent: String,
+        agent: Option<String>,
         /// Print only the endpoint URL.
         #[arg(long)]
         url: bool,
@@ -359,6 +360,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             url,
             json: json_out,
         } => {
+            let Some(agent) = agent else {
+                let st = admin()?.get("/v1/admin/status").await?;
+                if json_out {
+                    print_json(&st);
+                } else {
+                    println!(
+                        "store {} ({}), {} agents, {} accounts, {} live keys\nWireGuard public key {}",
+                        text(&st["store"], "backend"),
+                        if st["store"]["healthy"].as_bool() == Some(true) { "healthy" } else { "unreachable" },
+                        st["agents"],
+                        st["accounts"],
+                        st["live_keys"],
+                        text(&st["tunnel"], "public_key")
+                    );
+                    for p in st["tunnel"]["pods"].as_array().into_iter().flatten() {
+                        let up = p["tunnel"]["up"].as_bool() == Some(true);
+                        println!(
+                            "  {} ({}) {} tunnel {}",
+                            text(p, "name"),
+                            text(p, "agent"),
+                            text(p, "pod"),
+                            if up { "up" } else { "down" }
+                        );
+                    }
+                }
+                return Ok(());
+            };
             let a = admin()?
                 .get(&format!("/v1/admin/agents/{}", seg(&agent)))
                 .await?;
