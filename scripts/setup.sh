@@ -19,9 +19,11 @@ if ((${#need_apt[@]})); then
   $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import openai' 2>/dev/null; then
-  echo "setup: pip install openai" >&2
-  python3 -m pip install -q openai 2>&1 | grep -v "Running pip as the 'root' user" || true
+# httpx too: the HTTPS test hands the openai client an httpx client trusting a test CA, and
+# newer openai releases no longer pull httpx in.
+if ! python3 -c 'import openai, httpx' 2>/dev/null; then
+  echo "setup: pip install openai httpx" >&2
+  python3 -m pip install -q openai httpx 2>&1 | grep -v "Running pip as the 'root' user" || true
 fi
 
 if [ "${WITH_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
