@@ -52,6 +52,16 @@ const WORDS: &[&str] = &[
     " this",
     " quarter",
     ".",
+    // Personal data, one token each, for the redaction plugin's tests.
+    " Questions?",
+    " Mail",
+    " sales@acme.example",
+    " or",
+    " pay",
+    " by",
+    " card",
+    " 4111-1111-1111-1111",
+    ".",
 ];
 
 /// Skills the runtime knows for `/v1/tools`.

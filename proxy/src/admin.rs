@@ -244,6 +244,7 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         st.control.registry.load().generation,
     );
     body.push_str(&st.control.tunnels.prometheus());
+    body.push_str(&crate::plugins::prometheus(&st.control.plugins.load()));
     ([("content-type", "text/plain; version=0.0.4")], body)
 }
 

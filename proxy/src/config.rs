@@ -43,6 +43,8 @@ pub struct FileConfig {
     #[serde(default)]
     tunnel: FileTunnel,
     #[serde(default)]
+    plugins: Vec<FilePlugin>,
+    #[serde(default)]
     plans: Vec<FilePlan>,
     #[serde(default)]
     agents: Vec<FileAgent>,
@@ -130,6 +132,25 @@ struct FileStore {
     url: Option<String>,
     poll_interval: Option<String>,
     last_used_flush: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePlugin {
+    name: String,
+    path: String,
+    #[serde(default)]
+    config: Option<toml::Value>,
+    #[serde(default)]
+    fail: Option<String>,
+    #[serde(default)]
+    agents: Vec<String>,
+    #[serde(default)]
+    routes: Vec<String>,
+    #[serde(default)]
+    deadline: Option<String>,
+    #[serde(default)]
+    memory_mb: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -234,6 +255,8 @@ pub struct Config {
     pub key_secret: Option<String>,
     /// WireGuard: how the edge reaches pods.
     pub tunnel: TunnelConfig,
+    /// WASM policy plugins, in the order they run.
+    pub plugins: Vec<crate::plugins::PluginConfig>,
     /// Plans by name.
     pub plans: Vec<Plan>,
     /// Agents declared in the file, seeded into the store at start.
@@ -315,6 +338,54 @@ pub struct AgentSeed {
     pub state: AgentState,
 }
 
+/// The `[[plugins]]`: names unique, files there, fail policy known, limits sane. (The modules
+/// themselves are compiled and started when the edge loads the configuration.)
+fn plugins(files: Vec<FilePlugin>) -> Result<Vec<crate::plugins::PluginConfig>, ConfigError> {
+    let mut out: Vec<crate::plugins::PluginConfig> = Vec::with_capacity(files.len());
+    for (i, p) in files.into_iter().enumerate() {
+        let key = |k: &str| format!("plugins[{i}].{k}");
+        if p.name.is_empty() || out.iter().any(|o| o.name == p.name) {
+            return Err(bad(key("name"), "must be present and unique"));
+        }
+        let path = std::path::PathBuf::from(&p.path);
+        if !path.is_file() {
+            return Err(bad(key("path"), format!("no such file: {}", p.path)));
+        }
+        let fail_open = match p.fail.as_deref().unwrap_or("closed") {
+            "closed" => false,
+            "open" => true,
+            other => {
+                return Err(bad(
+                    key("fail"),
+                    format!("`closed` or `open`, not {other:?}"),
+                ))
+            }
+        };
+        let config = match p.config {
+            None => String::new(),
+            Some(toml::Value::String(s)) => s,
+            // A table (or any other value) reaches the plugin as JSON.
+            Some(v) => serde_json::to_string(&v).map_err(|e| bad(key("config"), e))?,
+        };
+        let deadline = duration(&key("deadline"), &p.deadline, Duration::from_millis(10))?;
+        let memory_mb = p.memory_mb.unwrap_or(64);
+        if !(1..=1024).contains(&memory_mb) {
+            return Err(bad(key("memory_mb"), "must be between 1 and 1024"));
+        }
+        out.push(crate::plugins::PluginConfig {
+            name: p.name,
+            path,
+            config,
+            fail_open,
+            agents: p.agents,
+            routes: p.routes,
+            deadline,
+            memory_bytes: (memory_mb as usize) << 20,
+        });
+    }
+    Ok(out)
+}
+
 fn duration(key: &str, v: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
@@ -372,6 +443,7 @@ impl Config {
     }
 
     fn validate(f: FileConfig) -> Result<Self, ConfigError> {
+        let plugins = plugins(f.plugins)?;
         let tunnel = TunnelConfig {
             private_key: match f.tunnel.private_key {
                 Some(k) => {
@@ -672,6 +744,7 @@ impl Config {
             admin_jwt_secret: f.admin.jwt_secret,
             key_secret: f.admin.key_secret,
             tunnel,
+            plugins,
             plans,
             agents,
         })

@@ -210,6 +210,8 @@ pub struct Control {
     pub metrics: crate::metrics::Metrics,
     /// WireGuard tunnels to pods.
     pub tunnels: Arc<crate::tunnel::bridge::Tunnels>,
+    /// The WASM policy plugins in force.
+    pub plugins: arc_swap::ArcSwap<crate::plugins::PluginSet>,
     /// TLS certificates, when the edge terminates TLS.
     pub certs: Option<Arc<crate::tls::CertResolver>>,
 }
@@ -249,8 +251,24 @@ impl Control {
                 "`{key}` changes only with a restart or an upgrade; nothing was reloaded"
             ));
         }
+        // Plugins are compiled and started before anything changes (their files are read
+        // again, so a rebuilt plugin is picked up); requests already running keep the set
+        // they started with.
+        let plugins = if next.plugins.is_empty() && cur.plugins.is_empty() {
+            None
+        } else {
+            let configs = next.plugins.clone();
+            Some(
+                tokio::task::spawn_blocking(move || crate::plugins::PluginSet::load(&configs))
+                    .await
+                    .map_err(|e| e.to_string())??,
+            )
+        };
         if let (Some(certs), Some(tls)) = (&self.certs, &next.tls) {
             certs.replace(tls.certificates.clone())?;
+        }
+        if let Some(p) = plugins {
+            self.plugins.store(Arc::new(p));
         }
         self.config.store(Arc::new(next));
         let cfg = self.cfg();

@@ -84,6 +84,8 @@ pub struct RequestCtx {
     pub tokens_left: Option<(u64, u64)>,
     /// Tokens accounted for this request.
     pub tokens: Option<u64>,
+    /// The request's run through the WASM policy plugins that apply to it.
+    pub plugins: Option<crate::plugins::PluginRun>,
 }
 
 /// How the runtime's answer is turned into the client's.
@@ -344,7 +346,13 @@ impl Edge {
             return self.health(session, ctx, &agent).await;
         }
         lifecycle::admit(agent.state)?;
-        let body = body::read(session, self.cfg().max_body_bytes).await?;
+        let mut body = body::read(session, self.cfg().max_body_bytes).await?;
+        if self
+            .plugins(session, ctx, &admission, route, &mut body)
+            .await?
+        {
+            return Ok(());
+        }
         let mut prepared = self.outbound(route, &agent, session, body, now)?;
         if agent.upstream.tunnel().is_some() {
             prepared.outbound.identity = Some(self.control.identity.sign(
@@ -440,6 +448,128 @@ impl Edge {
         result
     }
 
+    /// Plugins: the request's headers and whole body go through the policy plugins that apply,
+    /// before any upstream connection. True when a plugin answered instead (the answer is sent).
+    async fn plugins(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        admission: &Admission,
+        route: Route,
+        body: &mut Bytes,
+    ) -> Result<bool, EdgeError> {
+        let set = self.control.plugins.load_full();
+        if set.plugins().is_empty() {
+            return Ok(false);
+        }
+        let agent = &admission.agent;
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let props = std::collections::HashMap::from([
+            (
+                "request.path",
+                session.req_header().uri.path().as_bytes().to_vec(),
+            ),
+            (
+                "request.url_path",
+                session.req_header().uri.path().as_bytes().to_vec(),
+            ),
+            (
+                "request.method",
+                session.req_header().method.as_str().as_bytes().to_vec(),
+            ),
+            ("request.id", ctx.request_id.as_bytes().to_vec()),
+            (
+                "request.protocol",
+                format!("{:?}", session.req_header().version).into_bytes(),
+            ),
+            (
+                "source.address",
+                client
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+                    .into_bytes(),
+            ),
+            (
+                "source.port",
+                i64::from(client.map_or(0, |a| a.port()))
+                    .to_le_bytes()
+                    .to_vec(),
+            ),
+            (
+                "moltghost.account",
+                admission.account.id.as_bytes().to_vec(),
+            ),
+            ("moltghost.key_id", admission.key.id.as_bytes().to_vec()),
+            ("moltghost.agent", agent.endpoint_id.as_bytes().to_vec()),
+            ("moltghost.agent_name", agent.name.as_bytes().to_vec()),
+            (
+                "moltghost.plan",
+                admission.account.plan.name.as_bytes().to_vec(),
+            ),
+            ("moltghost.route", route.path().as_bytes().to_vec()),
+        ]);
+        let Some(mut run) = set.start(route.path(), &agent.endpoint_id, &agent.name, props) else {
+            return Ok(false);
+        };
+        let scheme = if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+            "https"
+        } else {
+            "http"
+        };
+        let mut headers = crate::plugins::request_headers(session.req_header(), scheme);
+        let verdict = run.on_request(&mut headers, body);
+        ctx.plugins = Some(run);
+        match verdict {
+            Ok(()) => {
+                crate::plugins::apply_request_headers(session.req_header_mut(), &headers);
+                Ok(false)
+            }
+            Err(v) => self.plugin_verdict(session, ctx, v).await.map(|()| true),
+        }
+    }
+
+    /// Sends what a plugin decided instead of the runtime's answer: its own local response, or
+    /// the fail-closed error.
+    async fn plugin_verdict(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        verdict: crate::plugins::Verdict,
+    ) -> Result<(), EdgeError> {
+        let local = match verdict {
+            crate::plugins::Verdict::Failed(m) => return Err(EdgeError::PluginFailed(m.into())),
+            crate::plugins::Verdict::Respond(local) => local,
+        };
+        let (content_type, body) = if local.body.is_empty() {
+            let denied = EdgeError::Denied {
+                status: local.status,
+                message: if local.details.is_empty() {
+                    "Denied by policy".into()
+                } else {
+                    local.details.clone()
+                },
+            };
+            (
+                "application/json",
+                Bytes::from(denied.to_json().to_string()),
+            )
+        } else {
+            ("text/plain", Bytes::from(local.body))
+        };
+        let mut h = response::header(local.status, content_type, ctx);
+        for (k, v) in &local.headers {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_bytes(v),
+            ) {
+                let _ = h.insert_header(name, value);
+            }
+        }
+        ctx.status = local.status;
+        ctx.responded = true;
+        response::write_json(session, h, body).await
+    }
+
     /// The answer: the runtime's response turned into the client's, by relay mode.
     async fn relay(
         &self,
@@ -475,14 +605,14 @@ impl Edge {
                 if let Some(m) = metering {
                     ctx.tokens = Some(m.finish(usage::usage_of(&body), "ok", &self.control.ledger));
                 }
+                let mut h = response::header(200, "application/json", ctx);
+                if plugin_response_headers(ctx, &mut h)? {
+                    h.remove_header("content-length");
+                }
+                let answer = plugin_body(ctx, answer, true)?;
                 ctx.responded = true;
-                ctx.status = 200;
-                response::write_json(
-                    session,
-                    response::header(200, "application/json", ctx),
-                    answer,
-                )
-                .await
+                ctx.status = h.status.as_u16();
+                response::write_json(session, h, answer).await
             }
             Relay::NativeStream => {
                 self.relay_native_stream(session, ctx, inbound, guard, metering)
@@ -509,8 +639,9 @@ impl Edge {
                     .expect("parsed header");
             }
         }
+        let rewrites = plugin_response_headers(ctx, &mut h)?;
         response::decorate(&mut h, ctx);
-        if stream || !h.headers.contains_key("content-length") {
+        if stream || rewrites || !h.headers.contains_key("content-length") {
             response::streaming(session, &mut h);
         }
         ctx.status = h.status.as_u16();
@@ -543,6 +674,7 @@ impl Edge {
                         copy.extend_from_slice(&prev);
                     }
                 }
+                let prev = plugin_body(ctx, prev, false)?;
                 session
                     .write_response_body(Some(prev), false)
                     .await
@@ -560,6 +692,11 @@ impl Edge {
             };
             ctx.tokens = Some(m.finish(reported, "ok", &self.control.ledger));
         }
+        let held = match held {
+            Some(last) => Some(plugin_body(ctx, last, true)?),
+            None if ctx.plugins.is_some() => Some(plugin_body(ctx, Bytes::new(), true)?),
+            None => None,
+        };
         session
             .write_response_body(held, true)
             .await
@@ -583,8 +720,12 @@ impl Edge {
         let Some(m) = metering else {
             loop {
                 match inbound.next_chunk(session, guard).await {
-                    Ok(Some(chunk)) => write(session, ctx, chunk).await?,
-                    Ok(None) => return finish(session).await,
+                    Ok(Some(chunk)) => {
+                        if let Err(e) = write(session, ctx, chunk).await {
+                            return end_stream_with_error(session, ctx, e).await;
+                        }
+                    }
+                    Ok(None) => return finish(session, ctx).await,
                     Err(e) => return end_stream_with_error(session, ctx, e).await,
                 }
             }
@@ -618,15 +759,19 @@ impl Edge {
                 Bytes::from(out.concat())
             };
             if !bytes.is_empty() {
-                write(session, ctx, bytes).await?;
+                if let Err(e) = write(session, ctx, bytes).await {
+                    return end_stream_with_error(session, ctx, e).await;
+                }
             }
         }
         let rest = scanner.take_rest();
         if !rest.is_empty() {
-            write(session, ctx, rest).await?;
+            if let Err(e) = write(session, ctx, rest).await {
+                return end_stream_with_error(session, ctx, e).await;
+            }
         }
         ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
-        finish(session).await
+        finish(session, ctx).await
     }
 
     /// Native chat, streamed: the runtime's chunks as native events, then `done` and `[DONE]`.
@@ -641,6 +786,7 @@ impl Edge {
         let mut h = response::header(200, "text/event-stream", ctx);
         h.insert_header("cache-control", "no-cache")
             .expect("static value");
+        plugin_response_headers(ctx, &mut h)?;
         response::streaming(session, &mut h);
         ctx.status = 200;
         ctx.responded = true;
@@ -675,7 +821,9 @@ impl Edge {
                 }
             }
             if !out.is_empty() {
-                write(session, ctx, out.into()).await?;
+                if let Err(e) = write(session, ctx, out.into()).await {
+                    return end_stream_with_error(session, ctx, e).await;
+                }
             }
         }
         if !saw_done && !native.finished() {
@@ -687,8 +835,9 @@ impl Edge {
         }
         let mut tail = chat::sse_event(&native.finish(&ctx.request_id)).to_vec();
         tail.extend_from_slice(b"data: [DONE]\n\n");
+        let tail = plugin_body(ctx, Bytes::from(tail), true)?;
         session
-            .write_response_body(Some(Bytes::from(tail)), true)
+            .write_response_body(Some(tail), true)
             .await
             .map_err(|_| EdgeError::ClientClosed)
     }
@@ -789,6 +938,10 @@ impl Edge {
 /// Writes a streamed body chunk to the client, noting when the first one went.
 async fn write(session: &mut Session, ctx: &mut RequestCtx, bytes: Bytes) -> Result<(), EdgeError> {
     ctx.first_token.get_or_insert_with(StdInstant::now);
+    let bytes = plugin_body(ctx, bytes, false)?;
+    if bytes.is_empty() {
+        return Ok(());
+    }
     session
         .write_response_body(Some(bytes), false)
         .await
@@ -811,8 +964,55 @@ impl Drop for OpenStream<'_> {
     }
 }
 
-/// Ends the client's body.
-async fn finish(session: &mut Session) -> Result<(), EdgeError> {
+/// Plugins' view of the response header; true when they will see (and may rewrite) the body,
+/// which is then re-framed.
+fn plugin_response_headers(
+    ctx: &mut RequestCtx,
+    h: &mut pingora_http::ResponseHeader,
+) -> Result<bool, EdgeError> {
+    let Some(run) = ctx.plugins.as_mut() else {
+        return Ok(false);
+    };
+    let mut headers = crate::plugins::response_headers(h);
+    match run.on_response_headers(&mut headers) {
+        Ok(()) => {
+            crate::plugins::apply_response_headers(h, &headers);
+            if run.sees_response_body() {
+                h.remove_header("content-length");
+            }
+            Ok(run.sees_response_body())
+        }
+        Err(crate::plugins::Verdict::Failed(m)) => Err(EdgeError::PluginFailed(m.into())),
+        Err(crate::plugins::Verdict::Respond(local)) => Err(EdgeError::Denied {
+            status: local.status,
+            message: local.details,
+        }),
+    }
+}
+
+/// A response body chunk through the plugins.
+fn plugin_body(ctx: &mut RequestCtx, bytes: Bytes, end: bool) -> Result<Bytes, EdgeError> {
+    match ctx.plugins.as_mut() {
+        None => Ok(bytes),
+        Some(run) => run.on_response_body(bytes, end).map_err(|v| match v {
+            crate::plugins::Verdict::Failed(m) => EdgeError::PluginFailed(m.into()),
+            crate::plugins::Verdict::Respond(local) => EdgeError::Denied {
+                status: local.status,
+                message: local.details,
+            },
+        }),
+    }
+}
+
+/// Ends the client's body (the plugins see its end first).
+async fn finish(session: &mut Session, ctx: &mut RequestCtx) -> Result<(), EdgeError> {
+    let last = plugin_body(ctx, Bytes::new(), true)?;
+    if !last.is_empty() {
+        session
+            .write_response_body(Some(last), false)
+            .await
+            .map_err(|_| EdgeError::ClientClosed)?;
+    }
     session
         .write_response_body(None, true)
         .await
@@ -891,6 +1091,7 @@ impl ProxyHttp for Edge {
             rate: None,
             tokens_left: None,
             tokens: None,
+            plugins: None,
         }
     }
 
@@ -968,6 +1169,10 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(run) = ctx.plugins.as_mut() {
+            // The plugins' log phase, then their contexts end.
+            run.finish();
+        }
         crate::logging::access(session, ctx);
         self.control.metrics.record(ctx);
     }

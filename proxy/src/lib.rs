@@ -22,6 +22,7 @@ pub mod logging;
 pub mod logwriter;
 pub mod metering;
 pub mod metrics;
+pub mod plugins;
 pub mod pod;
 pub mod policy;
 pub mod quota;

@@ -27,5 +27,7 @@ pub fn access(session: &Session, ctx: &RequestCtx) {
         overhead_us = since(ctx.upstream_sent, ctx.started),
         upstream_ttfb_us = ctx.upstream_sent.and_then(|sent| since(ctx.first_byte, sent)),
         ttft_us = since(ctx.first_token, ctx.started),
+        plugins = ctx.plugins.as_ref().map(|p| p.decisions.join(",")),
+        plugin_us = ctx.plugins.as_ref().map(|p| p.spent.as_micros() as u64),
     );
 }

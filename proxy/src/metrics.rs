@@ -22,6 +22,7 @@ pub struct Metrics {
     upstream_ttfb: HistogramVec,
     ttft: HistogramVec,
     tokens: IntCounterVec,
+    plugin_time: HistogramVec,
     /// Streams being relayed now.
     pub open_streams: IntGauge,
     store_up: IntGauge,
@@ -66,6 +67,7 @@ impl Metrics {
             ),
             ttft: histogram("moltghost_time_to_first_token_seconds", "Time from request to the first streamed byte sent", &["route"]),
             tokens: IntCounterVec::new(Opts::new("moltghost_tokens_total", "Tokens accounted, by agent"), &["agent"]).expect("valid counter"),
+            plugin_time: histogram("moltghost_plugin_seconds", "Time a request spent in WASM policy plugins (every phase, every plugin)", &["route"]),
             open_streams: IntGauge::new("moltghost_open_streams", "Streams being relayed now").expect("valid gauge"),
             store_up: IntGauge::new("moltghost_store_up", "1 when the last contact with the store succeeded").expect("valid gauge"),
             store_stale: IntGauge::new("moltghost_store_stale_seconds", "Seconds since the last successful contact with the store").expect("valid gauge"),
@@ -74,6 +76,7 @@ impl Metrics {
         };
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.plugin_time.clone()),
             Box::new(m.tokens.clone()),
         ] {
             m.registry.register(c).expect("unique metric");
@@ -119,6 +122,11 @@ impl Metrics {
             self.ttft
                 .with_label_values(&[route])
                 .observe(t.duration_since(ctx.started).as_secs_f64());
+        }
+        if let Some(p) = &ctx.plugins {
+            self.plugin_time
+                .with_label_values(&[route])
+                .observe(p.spent.as_secs_f64());
         }
         if let Some(n) = ctx.tokens.filter(|n| *n > 0) {
             self.tokens.with_label_values(&[agent]).inc_by(n);

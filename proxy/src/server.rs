@@ -116,6 +116,7 @@ fn prepare(
             ))
         })
         .map_err(|e| StartError(format!("cannot open the store at {}: {e}", cfg.store_url)))?;
+    let plugins = crate::plugins::PluginSet::load(&cfg.plugins).map_err(StartError)?;
     let certs = match &cfg.tls {
         Some(t) => Some(Arc::new(
             crate::tls::CertResolver::new(t.certificates.clone())
@@ -140,6 +141,7 @@ fn prepare(
         metrics: crate::metrics::Metrics::new(),
         certs,
         tunnels,
+        plugins: arc_swap::ArcSwap::from_pointee(plugins),
     }))
 }
 
@@ -157,6 +159,8 @@ pub fn run(
 
     let conf = ServerConf {
         threads: cfg.threads,
+        // A request stays on its worker thread, with its plugin contexts in that thread's VMs.
+        work_stealing: false,
         grace_period_seconds: Some(cfg.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(cfg.shutdown_timeout.as_secs()),
         // The hand-over socket lives with the rest of the edge's state.

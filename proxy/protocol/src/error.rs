@@ -77,6 +77,9 @@ pub enum EdgeError {
         /// Message chosen by the plugin.
         message: String,
     },
+    /// A policy plugin whose fail policy is `closed` failed (trapped, ran past its deadline or
+    /// its memory limit, or is backing off after doing so).
+    PluginFailed(Cow<'static, str>),
 }
 
 impl EdgeError {
@@ -100,6 +103,7 @@ impl EdgeError {
             Self::Unauthenticated(_) => 401,
             Self::Forbidden(_) => 403,
             Self::Conflict(_) => 409,
+            Self::PluginFailed(_) => 503,
         }
     }
 
@@ -127,6 +131,7 @@ impl EdgeError {
             Self::Unauthenticated(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::Conflict(_) => "conflict",
+            Self::PluginFailed(_) => "plugin_failed",
         }
     }
 
@@ -171,7 +176,8 @@ impl EdgeError {
             | Self::UpstreamUnavailable(m)
             | Self::Unauthenticated(m)
             | Self::Forbidden(m)
-            | Self::Conflict(m) => m.as_ref().into(),
+            | Self::Conflict(m)
+            | Self::PluginFailed(m) => m.as_ref().into(),
             Self::BodyTooLarge { limit } => {
                 format!("Request body exceeds the limit of {limit} bytes").into()
             }

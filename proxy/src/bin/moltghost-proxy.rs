@@ -44,12 +44,18 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        // Plugins are compiled, started and configured, as the edge would at start.
+        if let Err(e) = moltghost::plugins::PluginSet::load(&cfg.plugins) {
+            eprintln!("moltghost-proxy: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
         println!(
-            "configuration OK: {} listener(s), agents domain {}, {} plan(s), {} agent(s)",
+            "configuration OK: {} listener(s), agents domain {}, {} plan(s), {} agent(s), {} plugin(s)",
             cfg.http_listen.len(),
             cfg.agents_domain,
             cfg.plans.len(),
-            cfg.agents.len()
+            cfg.agents.len(),
+            cfg.plugins.len()
         );
         return ExitCode::SUCCESS;
     }

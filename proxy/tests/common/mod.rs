@@ -592,3 +592,23 @@ impl Drop for PodProc {
         self.kill();
     }
 }
+
+/// The example plugin `name` (`allowlist`, `tool_policy`, `redact`, `misbehave`), built from
+/// `plugins/` for wasm32-wasip1 with the public proxy-wasm SDK (once per test binary; cargo
+/// makes concurrent builds wait for each other).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(|d| PathBuf::from(d).join("plugins"))
+            .unwrap_or_else(|_| plugins.join("target"));
+        let (code, out, err) = run(Command::new(env!("CARGO"))
+            .current_dir(&plugins)
+            .args(["build", "--release", "--target", "wasm32-wasip1"])
+            .env("CARGO_TARGET_DIR", &target));
+        assert_eq!(code, 0, "building the example plugins failed:\n{out}{err}");
+        target.join("wasm32-wasip1/release")
+    });
+    dir.join(format!("{name}.wasm"))
+}

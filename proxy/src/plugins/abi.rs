@@ -1,0 +1,203 @@
+//! The Proxy-Wasm ABI's plain data: status codes, enums, and the encodings of header maps and
+//! property paths, without wasmtime (so that it can be tested and fuzzed alone).
+
+/// Proxy-Wasm status codes (what every host call returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// No such key, header, property or context.
+    NotFound = 1,
+    /// A bad argument (unknown map or buffer type, bad range).
+    BadArgument = 2,
+    /// A value that cannot be serialized.
+    SerializationFailure = 3,
+    /// A value that cannot be parsed.
+    ParseFailure = 4,
+    /// A pointer or length outside the plugin's memory.
+    InvalidMemoryAccess = 6,
+    /// Nothing there (an empty buffer or queue).
+    Empty = 7,
+    /// Compare-and-swap lost a race.
+    CasMismatch = 8,
+    /// Anything else, including what this host does not offer (never `Unimplemented`, which
+    /// the Rust SDK turns into a trap).
+    InternalFailure = 10,
+}
+
+/// What a plugin's phase callback asks of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Go on to the next plugin and phase.
+    Continue,
+    /// Stop here (the plugin sent a local response, or wants more of the body).
+    Pause,
+}
+
+impl Action {
+    /// From the callback's return value.
+    pub fn from_raw(v: i32) -> Self {
+        if v == 0 {
+            Self::Continue
+        } else {
+            Self::Pause
+        }
+    }
+}
+
+/// Header maps a plugin can address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapType {
+    /// The request's headers.
+    RequestHeaders,
+    /// The request's trailers (always empty here).
+    RequestTrailers,
+    /// The response's headers.
+    ResponseHeaders,
+    /// The response's trailers (always empty here).
+    ResponseTrailers,
+}
+
+impl MapType {
+    /// From the ABI's number; `None` for maps this host has no use for (gRPC, HTTP calls).
+    pub fn from_raw(v: i32) -> Option<Self> {
+        Some(match v {
+            0 => Self::RequestHeaders,
+            1 => Self::RequestTrailers,
+            2 => Self::ResponseHeaders,
+            3 => Self::ResponseTrailers,
+            _ => return None,
+        })
+    }
+}
+
+/// Buffers a plugin can address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferType {
+    /// The request body.
+    RequestBody,
+    /// The response body chunk being passed.
+    ResponseBody,
+    /// The VM configuration (empty here).
+    VmConfiguration,
+    /// The plugin's `config` from the edge's configuration.
+    PluginConfiguration,
+}
+
+impl BufferType {
+    /// From the ABI's number; `None` for the others (stream data, HTTP call, gRPC).
+    pub fn from_raw(v: i32) -> Option<Self> {
+        Some(match v {
+            0 => Self::RequestBody,
+            1 => Self::ResponseBody,
+            6 => Self::VmConfiguration,
+            7 => Self::PluginConfiguration,
+            _ => return None,
+        })
+    }
+}
+
+/// A header map: names lowercase, values as bytes, in order.
+pub type Headers = Vec<(String, Vec<u8>)>;
+
+/// Encodes `pairs` the way every Proxy-Wasm SDK reads a map: the count, each pair's two
+/// lengths, then each name and value followed by a NUL (all integers u32 little-endian).
+pub fn encode_map<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
+    let n = pairs.clone().count();
+    let size: usize = 4 + pairs
+        .clone()
+        .map(|(k, v)| 10 + k.len() + v.len())
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    for (k, v) in pairs.clone() {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
+}
+
+/// Decodes a map a plugin wrote; `None` when it is malformed (the call then fails with
+/// `ParseFailure`; nothing a plugin sends can panic the host).
+pub fn decode_map(bytes: &[u8]) -> Option<Headers> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let u32_at = |at: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize)
+    };
+    let n = u32_at(0)?;
+    // Each pair takes at least 10 bytes: a count beyond that is a lie.
+    if n > bytes.len() / 10 {
+        return None;
+    }
+    let mut pos = 4 + n * 8;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let (kl, vl) = (u32_at(4 + i * 8)?, u32_at(8 + i * 8)?);
+        let key = bytes.get(pos..pos.checked_add(kl)?)?;
+        pos = pos.checked_add(kl + 1)?;
+        let value = bytes.get(pos..pos.checked_add(vl)?)?;
+        pos = pos.checked_add(vl + 1)?;
+        out.push((
+            std::str::from_utf8(key).ok()?.to_ascii_lowercase(),
+            value.to_vec(),
+        ));
+    }
+    Some(out)
+}
+
+/// Splits a property path (segments separated by NUL, as the SDKs send them) into a dotted name:
+/// `["request", "path"]` → `request.path`.
+pub fn property_name(path: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(path).ok()?;
+    if s.is_empty() {
+        return None;
+    }
+    Some(s.split('\0').collect::<Vec<_>>().join("."))
+}
+
+/// True for a header name a plugin may set: a valid HTTP token.
+pub fn valid_header_name(name: &str) -> bool {
+    !name.is_empty() && http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+}
+
+/// True for a header value a plugin may set (no CR, LF or NUL).
+pub fn valid_header_value(value: &[u8]) -> bool {
+    http::HeaderValue::from_bytes(value).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_round_trip_like_the_sdk_encodes_them() {
+        // The SDK's own test vector.
+        let sdk: &[u8] = &[
+            2, 0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0, b':', b'm', b'e', b't',
+            b'h', b'o', b'd', 0, b'G', b'E', b'T', 0, b':', b'p', b'a', b't', b'h', 0, b'/', 0,
+        ];
+        let m = decode_map(sdk).unwrap();
+        assert_eq!(
+            m,
+            vec![
+                (":method".into(), b"GET".to_vec()),
+                (":path".into(), b"/".to_vec())
+            ]
+        );
+        let again = encode_map(m.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        assert_eq!(again, sdk);
+        assert!(decode_map(&[9, 0, 0, 0]).is_none());
+        assert!(decode_map(&[1, 0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0]).is_none());
+        assert_eq!(decode_map(&[]).unwrap(), vec![]);
+        assert_eq!(property_name(b"request\0path").unwrap(), "request.path");
+    }
+}
