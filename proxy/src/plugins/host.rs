@@ -105,6 +105,7 @@ pub const ROOT_CONTEXT: i32 = 1;
 /// One instance of a plugin: its store, memory and exports.
 pub struct Vm {
     store: Store<Host>,
+    instance: wasmtime::Instance,
     exports: Exports,
     next_context: i32,
     deadline_ticks: u64,
@@ -258,6 +259,7 @@ impl Compiled {
         };
         let mut vm = Vm {
             store,
+            instance,
             exports,
             next_context: ROOT_CONTEXT + 1,
             deadline_ticks,
@@ -1109,4 +1111,122 @@ fn define_wasi(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// A module that imports every host call this host defines and exports `call_<n>` forwarding to
+/// the `n`th (in [`host_calls`] order), plus memory and an allocator: fuzzers and tests use it
+/// to drive host calls with arbitrary pointers and lengths.
+pub fn host_call_module() -> String {
+    let mut imports = String::new();
+    let mut exports = String::new();
+    let sig = |tys: &[ValType]| -> Vec<&'static str> {
+        tys.iter()
+            .map(|t| match t {
+                ValType::I64 => "i64",
+                _ => "i32",
+            })
+            .collect()
+    };
+    for (i, (module, name, params, results)) in host_calls().into_iter().enumerate() {
+        let (p, r) = (sig(&params), sig(&results));
+        let decl = format!(
+            "(param {}) (result {})",
+            p.join(" "),
+            r.join(" ")
+        )
+        .replace("(param )", "")
+        .replace("(result )", "");
+        imports.push_str(&format!("(import \"{module}\" \"{name}\" (func $h{i} {decl}))\n"));
+        let gets: String = (0..p.len()).map(|j| format!("(local.get {j}) ")).collect();
+        exports.push_str(&format!(
+            "(func (export \"call_{i}\") {decl} {gets}(call $h{i}))\n"
+        ));
+    }
+    format!(
+        "(module\n{imports}(memory (export \"memory\") 2 4)\n(global $next (mut i32) (i32.const 4096))\n\
+         (func (export \"proxy_on_memory_allocate\") (param i32) (result i32)\n\
+           (local $at i32) (local.set $at (global.get $next))\n\
+           (if (i32.gt_u (i32.add (local.get $at) (local.get 0)) (i32.const 131072)) (then (return (i32.const 0))))\n\
+           (global.set $next (i32.add (local.get $at) (local.get 0))) (local.get $at))\n\
+         (func (export \"proxy_abi_version_0_2_1\"))\n\
+         (func (export \"proxy_on_context_create\") (param i32 i32))\n{exports})"
+    )
+}
+
+/// Every host call this host defines: module, name, parameter and result types.
+pub fn host_calls() -> Vec<(String, String, Vec<ValType>, Vec<ValType>)> {
+    let engine = Engine::default();
+    let mut linker: Linker<Host> = Linker::new(&engine);
+    define_host(&mut linker).expect("host calls link");
+    define_wasi(&mut linker).expect("WASI calls link");
+    let mut store = Store::new(&engine, dummy_host());
+    let funcs: Vec<(String, String, wasmtime::Func)> = linker
+        .iter(&mut store)
+        .filter_map(|(m, n, e)| Some((m.to_owned(), n.to_owned(), e.into_func()?)))
+        .collect();
+    let mut out: Vec<_> = funcs
+        .into_iter()
+        .map(|(m, n, f)| {
+            let ty = f.ty(&store);
+            (m, n, ty.params().collect(), ty.results().collect())
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    out
+}
+
+impl Vm {
+    /// Calls the export `name` with `args` (each converted to the parameter's type) while
+    /// `exchange` is visible, for fuzzers and tests. Traps come back as `Err`.
+    pub fn call_raw(&mut self, name: &str, args: &[i64], exchange: &mut Exchange) -> Result<(), String> {
+        let instance_func = self
+            .exports_func(name)
+            .ok_or_else(|| format!("no export {name}"))?;
+        let ty = instance_func.ty(&self.store);
+        let params: Vec<Val> = ty
+            .params()
+            .zip(args.iter().chain(std::iter::repeat(&0)))
+            .map(|(t, a)| match t {
+                ValType::I64 => Val::I64(*a),
+                _ => Val::I32(*a as i32),
+            })
+            .collect();
+        let mut results: Vec<Val> = ty.results().map(|_| Val::I32(0)).collect();
+        self.store.data_mut().exchange = Some(std::mem::take(exchange));
+        self.arm();
+        let r = instance_func.call(&mut self.store, &params, &mut results);
+        *exchange = self.store.data_mut().exchange.take().unwrap_or_default();
+        r.map_err(|e| format!("{e:#}"))
+    }
+
+    fn exports_func(&mut self, name: &str) -> Option<wasmtime::Func> {
+        self.instance.get_func(&mut self.store, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_host_call_survives_wild_pointers() {
+        let engine = Engine::default();
+        let compiled = compile(&engine, host_call_module().as_bytes(), 1 << 20).unwrap();
+        let shared = Arc::new(Shared::new("t", b"{}".to_vec()));
+        let mut vm = compiled
+            .instantiate(&engine, shared, Duration::from_secs(1))
+            .unwrap();
+        let mut ex = Exchange {
+            request_headers: vec![("a".into(), b"b".to_vec())],
+            request_body: b"body".to_vec(),
+            ..Exchange::default()
+        };
+        let n = host_calls().len();
+        for i in 0..n {
+            for args in [[0i64; 10], [-1; 10], [70_000, 5, 1 << 31, 3, 131_071, 9, 0, 0, 0, 0]] {
+                // Traps (proc_exit) are fine; panics are not.
+                let _ = vm.call_raw(&format!("call_{i}"), &args, &mut ex);
+            }
+        }
+    }
 }
