@@ -108,6 +108,16 @@ if bench:
     if os.path.exists(t):
         print(open(t).read())
 
+plug = os.path.join(out, "plugins", "tables.md")
+if os.path.exists(plug):
+    print("## WASM policy plugins\n")
+    print("Regenerate with `loadtest/plugins.sh` (about two minutes): the runtime direct, an edge without")
+    print("plugins (`edge`) and the same edge running the three example plugins (`edge-plugins`: allow-list")
+    print("on the client address, tool policy reading the body, redaction of every answer chunk),")
+    print("interleaved in one run. What the plugins add is `edge-plugins` minus `edge`; CPU per request")
+    print("is each edge process's own.\n")
+    print(open(plug).read())
+
 print("## All runs\n")
 tables = os.path.join(out, "tables.md")
 if os.path.exists(tables):

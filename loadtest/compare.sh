@@ -95,8 +95,8 @@ if [ "${SKIP_LITELLM:-0}" != 1 ]; then
   LITELLM=(--target litellm=http://127.0.0.1:$LITELLM_PORT --key litellm=sk-bench-0123456789 --pid litellm=$LITELLM_PID)
 fi
 
-# loadtest/tunnel.sh's results (results/tunnel/) are kept.
-mkdir -p "$OUT"; find "$OUT" -mindepth 1 -maxdepth 1 ! -name tunnel -exec rm -rf {} +
+# loadtest/tunnel.sh's and plugins.sh's results are kept.
+mkdir -p "$OUT"; find "$OUT" -mindepth 1 -maxdepth 1 ! -name tunnel ! -name plugins -exec rm -rf {} +
 LT=("$BIN/loadtest" --quiet --svg-dir "$OUT/plots" --markdown "$OUT/tables.md")
 FAST=(--target direct=http://127.0.0.1:$RT_PORT
       --target edge=$EDGE_URL --key edge=$KEY --pid edge=$EDGE_PID

@@ -1129,14 +1129,12 @@ pub fn host_call_module() -> String {
     };
     for (i, (module, name, params, results)) in host_calls().into_iter().enumerate() {
         let (p, r) = (sig(&params), sig(&results));
-        let decl = format!(
-            "(param {}) (result {})",
-            p.join(" "),
-            r.join(" ")
-        )
-        .replace("(param )", "")
-        .replace("(result )", "");
-        imports.push_str(&format!("(import \"{module}\" \"{name}\" (func $h{i} {decl}))\n"));
+        let decl = format!("(param {}) (result {})", p.join(" "), r.join(" "))
+            .replace("(param )", "")
+            .replace("(result )", "");
+        imports.push_str(&format!(
+            "(import \"{module}\" \"{name}\" (func $h{i} {decl}))\n"
+        ));
         let gets: String = (0..p.len()).map(|j| format!("(local.get {j}) ")).collect();
         exports.push_str(&format!(
             "(func (export \"call_{i}\") {decl} {gets}(call $h{i}))\n"
@@ -1178,7 +1176,12 @@ pub fn host_calls() -> Vec<(String, String, Vec<ValType>, Vec<ValType>)> {
 impl Vm {
     /// Calls the export `name` with `args` (each converted to the parameter's type) while
     /// `exchange` is visible, for fuzzers and tests. Traps come back as `Err`.
-    pub fn call_raw(&mut self, name: &str, args: &[i64], exchange: &mut Exchange) -> Result<(), String> {
+    pub fn call_raw(
+        &mut self,
+        name: &str,
+        args: &[i64],
+        exchange: &mut Exchange,
+    ) -> Result<(), String> {
         let instance_func = self
             .exports_func(name)
             .ok_or_else(|| format!("no export {name}"))?;
@@ -1223,7 +1226,11 @@ mod tests {
         };
         let n = host_calls().len();
         for i in 0..n {
-            for args in [[0i64; 10], [-1; 10], [70_000, 5, 1 << 31, 3, 131_071, 9, 0, 0, 0, 0]] {
+            for args in [
+                [0i64; 10],
+                [-1; 10],
+                [70_000, 5, 1 << 31, 3, 131_071, 9, 0, 0, 0, 0],
+            ] {
                 // Traps (proc_exit) are fine; panics are not.
                 let _ = vm.call_raw(&format!("call_{i}"), &args, &mut ex);
             }
