@@ -245,6 +245,8 @@ impl Control {
                 next.rate_sketch_slots != cur.rate_sketch_slots,
             ),
             ("tls (on or off)", next.tls.is_some() != cur.tls.is_some()),
+            // Live tunnels hold the key; a new one takes a restart or an upgrade.
+            ("tunnel", next.tunnel != cur.tunnel),
         ];
         if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
             return Err(format!(

@@ -171,7 +171,7 @@ async fn plugins_that_loop_hoard_or_trap_follow_their_fail_policy_and_the_edge_k
         )
     };
     let s = Stack::start(&format!(
-        "{}{}{}{}{}{}",
+        "{}{}{}{}{}{}{}",
         misbehave("loops", "loop", ""),
         misbehave("hoards", "alloc", ""),
         misbehave("traps", "trap", ""),
@@ -183,6 +183,7 @@ async fn plugins_that_loop_hoard_or_trap_follow_their_fail_policy_and_the_edge_k
         )
         .replace("config = { mode = \"trap\" }\n", ""),
         misbehave("counts", "ok", ""),
+        misbehave("ticks", "ok", "").replace("mode = \"ok\" }", "mode = \"ok\", tick_ms = 20 }"),
     ))
     .await;
     for a in ["loops", "hoards", "traps", "opens", "late", "counts"] {
@@ -247,6 +248,12 @@ async fn plugins_that_loop_hoard_or_trap_follow_their_fail_policy_and_the_edge_k
         3.0
     );
     assert!(metrics.contains("moltghost_plugin_seconds_bucket"));
+    // Ticks reach the root context that asked for them.
+    assert!(
+        value(
+            "moltghost_plugin_metric{plugin=\"ticks\",name=\"misbehave_ticks\",kind=\"counter\"}"
+        ) >= 3.0
+    );
     // The edge is alive and well.
     assert!(s.child.try_wait_ok());
 }

@@ -454,3 +454,45 @@ impl Drop for LossyRelay {
         self.task.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_accepts_both_edge_keys_during_a_rotation() {
+    // Two edges (the old key and the new), one identity key between them, as a fleet has.
+    let identity = hex::encode(rand::random::<[u8; 32]>());
+    let edge = |tunnel_cfg: String, runtime| common::Options {
+        extra: tunnel_cfg,
+        files: vec![("identity_key", identity.clone())],
+        runtime,
+        ..common::Options::default()
+    };
+    let (old_cfg, old_key, _) = common::edge_tunnel_key();
+    let (new_cfg, new_key, _) = common::edge_tunnel_key();
+    let a = Stack::start_with(edge(old_cfg, None)).await;
+    let b = Stack::start_with(edge(new_cfg, Some((a.runtime, a.stats.clone())))).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], common::free_udp_port()).into();
+    let pod = PodProc::start(
+        addr,
+        &format!("{old_key},{new_key}"),
+        a.runtime,
+        &a.admin_url(),
+    );
+    for s in [&a, &b] {
+        s.admin_post(
+            "/v1/admin/agents",
+            json!({"name": "rot", "endpoint_id": "rot", "upstream": pod.upstream()}),
+        )
+        .await;
+    }
+    for _ in 0..3 {
+        for s in [&a, &b] {
+            let r = s
+                .post_as("rot", "/v1/chat/completions", Some(&s.key))
+                .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+    }
+    assert!(pod.log().contains("\"edges\":2"), "{}", pod.log());
+}

@@ -1,7 +1,8 @@
 //! A plugin that misbehaves on purpose, for the edge's safety tests: with configuration
 //! `{"mode": "loop"}` it never returns, `"alloc"` allocates without end, `"trap"` traps,
 //! `"ok"` behaves (and counts requests in shared data and a metric). `"on": "response"` moves
-//! the misbehaviour to the response body.
+//! the misbehaviour to the response body. `"tick_ms": N` asks for ticks and counts them in the
+//! metric `misbehave_ticks`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -13,6 +14,8 @@ struct Config {
     mode: String,
     #[serde(default)]
     on: String,
+    #[serde(default)]
+    tick_ms: u64,
 }
 
 proxy_wasm::main! {{
@@ -24,6 +27,7 @@ proxy_wasm::main! {{
 struct Root {
     config: Config,
     metric: u32,
+    ticks: u32,
 }
 
 impl Context for Root {}
@@ -35,7 +39,16 @@ impl RootContext for Root {
         self.metric =
             proxy_wasm::hostcalls::define_metric(MetricType::Counter, "misbehave_requests")
                 .unwrap_or(0);
+        self.ticks = proxy_wasm::hostcalls::define_metric(MetricType::Counter, "misbehave_ticks")
+            .unwrap_or(0);
+        if self.config.tick_ms > 0 {
+            self.set_tick_period(std::time::Duration::from_millis(self.config.tick_ms));
+        }
         true
+    }
+
+    fn on_tick(&mut self) {
+        let _ = proxy_wasm::hostcalls::increment_metric(self.ticks, 1);
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {

@@ -60,6 +60,8 @@ pub struct Options {
     pub runtime: Option<(SocketAddr, Arc<Stats>)>,
     /// Also listen for TLS (the `[tls]` section goes in `extra`).
     pub https: bool,
+    /// Files written into the data directory before the edge starts (name, contents).
+    pub files: Vec<(&'static str, String)>,
 }
 
 /// A running edge and runtime.
@@ -131,6 +133,9 @@ impl Stack {
         }
         let conf_path = dir.path().join("edge.toml");
         std::fs::write(&conf_path, cfg).unwrap();
+        for (name, contents) in &opts.files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let log = dir.path().join("edge.log");
         let child = spawn_edge(&conf_path, &log);
         let mut s = Self {
