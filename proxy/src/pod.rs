@@ -17,7 +17,7 @@ use moltghost_protocol::head;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::identity::{CallerIdentity, IdentityVerifier};
-use crate::tunnel::{bind_udp, keys, Link, LinkConfig, Role, Stream, POD_PORT};
+use crate::tunnel::{bind_udp, keys, Link, LinkConfig, Role, POD_PORT};
 
 /// Where the sidecar gets the edge's identity keys.
 #[derive(Debug, Clone)]
@@ -45,6 +45,9 @@ pub struct PodConfig {
     pub jwks: JwksSource,
     /// Largest packet inside the tunnel.
     pub mtu: usize,
+    /// `--tun NAME`: carry the connections with the kernel's TCP through this TUN device
+    /// (address 10.7.0.2/24) instead of smoltcp.
+    pub tun: Option<String>,
 }
 
 /// A running sidecar.
@@ -101,13 +104,54 @@ pub async fn start(cfg: PodConfig) -> Result<Pod, String> {
     });
     for link in &links {
         tokio::spawn(link.clone().run_timers());
-        let (link, forward) = (link.clone(), forward.clone());
-        tokio::spawn(async move {
-            loop {
-                let stream = link.accept().await;
-                tokio::spawn(forward.clone().serve(stream));
+    }
+    match &cfg.tun {
+        Some(name) => {
+            let addr = format!("{}/24", crate::tunnel::POD_ADDR);
+            let tun = Arc::new(
+                crate::tunnel::tun::TunDevice::create(name, &addr, cfg.mtu)
+                    .map_err(|e| format!("--tun {name}: {e}"))?,
+            );
+            for link in &links {
+                link.attach_tun(tun.clone());
             }
-        });
+            // The kernel's answers go back through the edge heard from last (every edge is
+            // 10.7.0.1 inside its tunnel; two only during a key rotation).
+            let out = links.clone();
+            let reader = tun.clone();
+            tokio::spawn(async move {
+                reader
+                    .read_loop(|packet| {
+                        if let Some(link) = out.iter().max_by_key(|l| l.last_heard()) {
+                            link.send_packet(packet);
+                        }
+                    })
+                    .await
+            });
+            let listener = tokio::net::TcpListener::bind((crate::tunnel::POD_ADDR, POD_PORT))
+                .await
+                .map_err(|e| format!("listening on the TUN address: {e}"))?;
+            let forward = forward.clone();
+            tokio::spawn(async move {
+                // The device lives as long as its listener.
+                let _tun = tun;
+                while let Ok((conn, _)) = listener.accept().await {
+                    let _ = conn.set_nodelay(true);
+                    tokio::spawn(forward.clone().serve(conn));
+                }
+            });
+        }
+        None => {
+            for link in &links {
+                let (link, forward) = (link.clone(), forward.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let stream = link.accept().await;
+                        tokio::spawn(forward.clone().serve(stream));
+                    }
+                });
+            }
+        }
     }
     let demux = Demux {
         secret: cfg.secret.clone(),
@@ -213,7 +257,7 @@ struct Forward {
     refreshed: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-type TunnelWriter = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<Stream>>>;
+type EdgeWriter<S> = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<S>>>;
 
 impl Forward {
     /// Refetching the JWKS on a failed check is allowed every 10 s, so that a flood of bad
@@ -247,9 +291,12 @@ impl Forward {
     /// rewritten for the runtime; bodies and answers pass as bytes on one kept-alive
     /// connection to the runtime per tunnel connection (the edge sends one request at a time
     /// on a connection, so answers need no parsing).
-    async fn serve(self: Arc<Self>, stream: Stream) {
+    async fn serve<S>(self: Arc<Self>, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
         let (mut from_edge, to_edge) = tokio::io::split(stream);
-        let to_edge: TunnelWriter = Arc::new(tokio::sync::Mutex::new(to_edge));
+        let to_edge: EdgeWriter<S> = Arc::new(tokio::sync::Mutex::new(to_edge));
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut runtime: Option<tokio::net::tcp::OwnedWriteHalf> = None;
@@ -353,7 +400,10 @@ impl Forward {
 }
 
 /// Copies the runtime's answers to the edge until the runtime closes the connection.
-async fn copy_answers(mut from: tokio::net::tcp::OwnedReadHalf, to: TunnelWriter) {
+async fn copy_answers<S: tokio::io::AsyncWrite>(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    to: EdgeWriter<S>,
+) {
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut chunk).await {
@@ -369,7 +419,7 @@ async fn copy_answers(mut from: tokio::net::tcp::OwnedReadHalf, to: TunnelWriter
 }
 
 /// Answers the edge with an error in the API's JSON shape, and closes the connection.
-async fn reply(to: &TunnelWriter, status: u16, message: &str) {
+async fn reply<S: tokio::io::AsyncWrite>(to: &EdgeWriter<S>, status: u16, message: &str) {
     let (reason, kind, code) = match status {
         401 => ("Unauthorized", "authentication_error", "invalid_identity"),
         502 => ("Bad Gateway", "upstream_error", "runtime_unreachable"),

@@ -496,3 +496,63 @@ async fn a_pod_accepts_both_edge_keys_during_a_rotation() {
     }
     assert!(pod.log().contains("\"edges\":2"), "{}", pod.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tun_mode_carries_the_tunnel_with_the_pods_kernel_tcp() {
+    let root = run(Command::new("id").arg("-u")).1.trim() == "0";
+    if !root || !std::path::Path::new("/dev/net/tun").exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs as root with /dev/net/tun: the --tun test must run"
+        );
+        eprintln!("skipping: --tun needs root and /dev/net/tun");
+        return;
+    }
+    let (tunnel_cfg, edge_public, _) = common::edge_tunnel_key();
+    let s = Stack::start(&tunnel_cfg).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], common::free_udp_port()).into();
+    let name = format!("mgtun{}", std::process::id() % 10_000);
+    let pod = PodProc::start_with(
+        addr,
+        &edge_public,
+        s.runtime,
+        &s.admin_url(),
+        &["--tun", &name],
+    );
+    // Through a lossy path, where the kernel's TCP recovers faster than smoltcp.
+    let relay = LossyRelay::start(pod.addr, 7, 0.01, 0.0, 0.0).await;
+    s.admin_post(
+        "/v1/admin/agents",
+        json!({"name": "tun", "endpoint_id": "tun", "upstream": format!("wg://{}@{}", pod.key, relay.addr)}),
+    )
+    .await;
+    let chat = |stream: bool| {
+        s.post_as("tun", "/v1/chat/completions", Some(&s.key)).json(
+            &json!({"model": "m", "stream": stream, "stream_options": {"include_usage": true},
+                    "messages": [{"role": "user", "content": "hi"}]}),
+        )
+    };
+    let r = chat(false).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["x-mock-caller"]
+        .to_str()
+        .unwrap()
+        .ends_with("/tun"));
+    for _ in 0..10 {
+        let body = chat(true)
+            .header("x-mock-tokens", "64")
+            .header("x-mock-interval-ms", "2")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(tokens_and_usage(&body).0, 64);
+    }
+    assert!(
+        run(Command::new("ip").args(["link", "show", &name])).0 == 0,
+        "the TUN device exists while the pod runs"
+    );
+    println!("tun mode over 1% loss: {:?}", relay.stats());
+}

@@ -155,6 +155,7 @@ struct State {
     deadline: Instant,
     last_rx: Instant,
     last_forced: Instant,
+    tun: Option<Arc<super::tun::TunDevice>>,
 }
 
 impl Link {
@@ -206,6 +207,7 @@ impl Link {
             deadline: now,
             last_rx: now,
             last_forced: now,
+            tun: None,
         };
         state.replenish_listeners();
         Arc::new(Self {
@@ -216,6 +218,33 @@ impl Link {
             peer_key,
             counters: Counters::default(),
         })
+    }
+
+    /// From now on, decrypted packets go to `tun` (the kernel's TCP) instead of smoltcp; the
+    /// kernel's answers come back through [`Link::send_packet`].
+    pub fn attach_tun(&self, tun: Arc<super::tun::TunDevice>) {
+        self.lock().tun = Some(tun);
+    }
+
+    /// Encrypts one inner packet (from a TUN device) and sends it to the peer.
+    pub fn send_packet(&self, packet: &[u8]) {
+        let mut st = self.lock();
+        let State {
+            tunn,
+            out,
+            endpoint,
+            ..
+        } = &mut *st;
+        if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(packet, out) {
+            if let Some(to) = *endpoint {
+                send(&self.udp, &self.counters, d, to);
+            }
+        }
+    }
+
+    /// When the peer was last heard from.
+    pub fn last_heard(&self) -> Instant {
+        self.lock().last_rx
     }
 
     /// The peer's public key.
@@ -246,6 +275,8 @@ impl Link {
             dev,
             endpoint,
             peer,
+            tun,
+            last_rx,
             ..
         } = st;
         let packet = match tunn.decapsulate(Some(from.ip()), datagram, out) {
@@ -267,11 +298,11 @@ impl Link {
             TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
         };
         self.counters.rx_datagrams.fetch_add(1, Relaxed);
+        *last_rx = Instant::now();
         // Message types 1 and 2 (initiation, response) that passed the noise layer.
         if matches!(datagram.first(), Some(1 | 2)) {
             self.counters.handshakes.fetch_add(1, Relaxed);
         }
-        st.last_rx = Instant::now();
         // Authenticated: the peer is where this came from (roaming).
         if *endpoint != Some(from) {
             tracing::debug!(%from, "wireguard peer endpoint set");
@@ -283,7 +314,10 @@ impl Link {
                 self.counters.spoofed.fetch_add(1, Relaxed);
                 return;
             }
-            dev.push_rx(p);
+            match tun {
+                Some(t) => t.write(p),
+                None => dev.push_rx(p),
+            }
         }
     }
 

@@ -5,10 +5,12 @@
 //! - [`link`]: one peer: boringtun's noise state machine and smoltcp's TCP, as tokio streams.
 //! - [`bridge`]: the edge side: a tunnel per pod and the in-process Unix-socket CONNECT bridge
 //!   through which Pingora's pooled connector reaches them.
+//! - [`tun`]: the pod's `--tun` mode, where its kernel's TCP carries the connections.
 
 pub mod bridge;
 pub mod keys;
 pub mod link;
+pub mod tun;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};

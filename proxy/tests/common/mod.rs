@@ -518,13 +518,24 @@ impl PodProc {
     /// Starts a sidecar on `addr` accepting `edge_key`, forwarding to `runtime`, checking
     /// identities against the JWKS of the edge whose admin API is `admin_url`.
     pub fn start(addr: SocketAddr, edge_key: &str, runtime: SocketAddr, admin_url: &str) -> Self {
+        Self::start_with(addr, edge_key, runtime, admin_url, &[])
+    }
+
+    /// As [`PodProc::start`], with more `run` arguments.
+    pub fn start_with(
+        addr: SocketAddr,
+        edge_key: &str,
+        runtime: SocketAddr,
+        admin_url: &str,
+        more: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (code, key, err) = run(Command::new(env!("CARGO_BIN_EXE_moltghost-pod"))
             .arg("--state-dir")
             .arg(dir.path())
             .arg("keygen"));
         assert_eq!(code, 0, "{err}");
-        let args = vec![
+        let args: Vec<String> = vec![
             "--state-dir".to_string(),
             dir.path().display().to_string(),
             "run".into(),
@@ -536,7 +547,10 @@ impl PodProc {
             format!("http://{runtime}"),
             "--jwks".into(),
             format!("{admin_url}/.well-known/jwks.json"),
-        ];
+        ]
+        .into_iter()
+        .chain(more.iter().map(|m| m.to_string()))
+        .collect();
         let mut p = Self {
             child: Command::new("true").spawn().unwrap(),
             key: key.trim().to_owned(),
