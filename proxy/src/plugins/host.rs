@@ -133,6 +133,11 @@ pub enum Phase {
 /// Compiles `wasm` and links every import it declares.
 pub fn compile(engine: &Engine, wasm: &[u8], memory_limit: usize) -> Result<Compiled, String> {
     let module = Module::new(engine, wasm).map_err(|e| format!("not a valid module: {e:#}"))?;
+    link(engine, module, memory_limit)
+}
+
+/// Links a compiled module's imports (see [`compile`]).
+pub fn link(engine: &Engine, module: Module, memory_limit: usize) -> Result<Compiled, String> {
     let abi = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
     if !module.exports().any(|e| abi.contains(&e.name())) {
         return Err("not a Proxy-Wasm plugin (no proxy_abi_version_0_2_1 or _0_2_0 export)".into());

@@ -86,6 +86,26 @@ pub fn engine() -> &'static Engine {
 
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
+/// The module compiled from `wasm`, compiled once per distinct file content in this process
+/// (a reload of unchanged plugins, or one file listed twice, does not compile again).
+fn compiled_module(wasm: &[u8]) -> Result<wasmtime::Module, String> {
+    use sha2::Digest;
+    static MODULES: OnceLock<std::sync::Mutex<HashMap<[u8; 32], wasmtime::Module>>> =
+        OnceLock::new();
+    let key: [u8; 32] = sha2::Sha256::digest(wasm).into();
+    let cache = MODULES.get_or_init(Default::default);
+    if let Some(m) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(m.clone());
+    }
+    let m =
+        wasmtime::Module::new(engine(), wasm).map_err(|e| format!("not a valid module: {e:#}"))?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, m.clone());
+    Ok(m)
+}
+
 /// A loaded plugin.
 pub struct Plugin {
     uid: u64,
@@ -102,7 +122,9 @@ impl Plugin {
     pub fn load(cfg: PluginConfig) -> Result<Arc<Self>, String> {
         let wasm = std::fs::read(&cfg.path)
             .map_err(|e| format!("plugin `{}`: {}: {e}", cfg.name, cfg.path.display()))?;
-        let compiled = host::compile(engine(), &wasm, cfg.memory_bytes)
+        let module =
+            |wasm: &[u8]| compiled_module(wasm).map_err(|e| format!("plugin `{}`: {e}", cfg.name));
+        let compiled = host::link(engine(), module(&wasm)?, cfg.memory_bytes)
             .map_err(|e| format!("plugin `{}`: {e}", cfg.name))?;
         let shared = Arc::new(Shared::new(&cfg.name, cfg.config.clone().into_bytes()));
         // Started and configured once now, so that a bad plugin fails the load, not a request.

@@ -166,7 +166,8 @@ impl Stack {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: under a loaded CI machine an edge with several plugins compiles them first.
+        let deadline = Instant::now() + Duration::from_secs(90);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err()
             || TcpStream::connect(("127.0.0.1", self.admin_port)).is_err()
         {
