@@ -34,8 +34,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut ex = Exchange {
         request_headers: vec![(":path".into(), b"/v1/chat".to_vec()), ("x".into(), b"y".to_vec())],
-        request_body: rest.to_vec(),
-        response_body: b"answer".to_vec(),
+        request_body: rest.to_vec().into(),
+        response_body: b"answer".to_vec().into(),
         ..Exchange::default()
     };
     let mut vm = vm.lock().unwrap();

@@ -298,6 +298,7 @@ impl Forward {
         let (mut from_edge, to_edge) = tokio::io::split(stream);
         let to_edge: EdgeWriter<S> = Arc::new(tokio::sync::Mutex::new(to_edge));
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut runtime: Option<tokio::net::tcp::OwnedWriteHalf> = None;
         loop {
@@ -308,7 +309,6 @@ impl Forward {
                     Err(e) => break Err(e),
                     Ok(None) => {}
                 }
-                let mut chunk = [0u8; 8192];
                 match from_edge.read(&mut chunk).await {
                     Ok(0) | Err(_) => {
                         if let Some(mut w) = runtime.take() {
@@ -378,8 +378,8 @@ impl Forward {
             }
             let mut left = body_len - now as u64;
             while left > 0 {
-                let mut chunk = vec![0u8; left.min(64 * 1024) as usize];
-                match from_edge.read(&mut chunk).await {
+                let want = left.min(chunk.len() as u64) as usize;
+                match from_edge.read(&mut chunk[..want]).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         if w.write_all(&chunk[..n]).await.is_err() {

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use wasmtime::{
     Caller, Engine, Extern, FuncType, Linker, Memory, Module, Store, StoreLimits,
     StoreLimitsBuilder, TypedFunc, Val, ValType,
@@ -22,12 +23,13 @@ use super::abi::{self, BufferType, Headers, MapType, Status};
 pub struct Exchange {
     /// The request's headers (names lowercase), as the runtime will get them.
     pub request_headers: Headers,
-    /// The request body, as the runtime will get it.
-    pub request_body: Vec<u8>,
+    /// The request body, as the runtime will get it (shared with the edge until a plugin
+    /// replaces it).
+    pub request_body: Bytes,
     /// The response's headers, once known.
     pub response_headers: Headers,
-    /// The response body chunk being passed.
-    pub response_body: Vec<u8>,
+    /// The response body chunk being passed (shared with the edge until a plugin replaces it).
+    pub response_body: Bytes,
     /// Properties by name (`request.path`, `moltghost.account`, ...).
     pub properties: Arc<HashMap<&'static str, Vec<u8>>>,
     /// Properties a plugin set.
@@ -115,6 +117,8 @@ pub struct Vm {
 pub struct Compiled {
     pre: wasmtime::InstancePre<Host>,
     memory_limit: usize,
+    /// The plugin handles response bodies (`proxy_on_response_body`).
+    pub sees_response_body: bool,
 }
 
 /// Which phase a request callback is for.
@@ -166,7 +170,12 @@ pub fn link(engine: &Engine, module: Module, memory_limit: usize) -> Result<Comp
     let pre = linker
         .instantiate_pre(&module)
         .map_err(|e| format!("cannot link: {e:#}"))?;
-    Ok(Compiled { pre, memory_limit })
+    let sees_response_body = module.get_export("proxy_on_response_body").is_some();
+    Ok(Compiled {
+        pre,
+        memory_limit,
+        sees_response_body,
+    })
 }
 
 fn dummy_host() -> Host {
@@ -759,7 +768,11 @@ fn define_host(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 return Status::BadArgument as i32;
             }
             let end = start.saturating_add(size).min(b.len());
-            b.splice(start..end, data);
+            let mut next = Vec::with_capacity(b.len() - (end - start) + data.len());
+            next.extend_from_slice(&b[..start]);
+            next.extend_from_slice(&data);
+            next.extend_from_slice(&b[end..]);
+            *b = Bytes::from(next);
             Status::Ok as i32
         },
     )?;
@@ -1226,7 +1239,7 @@ mod tests {
             .unwrap();
         let mut ex = Exchange {
             request_headers: vec![("a".into(), b"b".to_vec())],
-            request_body: b"body".to_vec(),
+            request_body: Bytes::from_static(b"body"),
             ..Exchange::default()
         };
         let n = host_calls().len();

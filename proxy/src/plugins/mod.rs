@@ -367,7 +367,9 @@ impl PluginRun {
     /// True when some active plugin handles response bodies (answers are then re-framed,
     /// since their length may change).
     pub fn sees_response_body(&self) -> bool {
-        !self.contexts.is_empty()
+        self.contexts
+            .iter()
+            .any(|(i, _)| self.set.plugins[*i].compiled.sees_response_body)
     }
 
     /// Runs `phase` through every active plugin in order.
@@ -432,7 +434,7 @@ impl PluginRun {
     /// connection. Plugins may change both, or answer instead.
     pub fn on_request(&mut self, headers: &mut Headers, body: &mut Bytes) -> Result<(), Verdict> {
         self.exchange.request_headers = std::mem::take(headers);
-        self.exchange.request_body = body.to_vec();
+        self.exchange.request_body = body.clone();
         let r = self
             .run(Phase::RequestHeaders, body.is_empty())
             .and_then(|()| {
@@ -443,9 +445,7 @@ impl PluginRun {
                 }
             });
         *headers = std::mem::take(&mut self.exchange.request_headers);
-        if self.exchange.request_body.as_slice() != body.as_ref() {
-            *body = Bytes::from(std::mem::take(&mut self.exchange.request_body));
-        }
+        *body = std::mem::take(&mut self.exchange.request_body);
         if r.is_ok() && self.decisions.is_empty() {
             self.decisions.push("allow".into());
         }
@@ -466,14 +466,12 @@ impl PluginRun {
         chunk: Bytes,
         end_of_stream: bool,
     ) -> Result<Bytes, Verdict> {
-        self.exchange.response_body = chunk.to_vec();
+        if !self.sees_response_body() {
+            return Ok(chunk);
+        }
+        self.exchange.response_body = chunk;
         self.run(Phase::ResponseBody, end_of_stream)?;
-        let out = std::mem::take(&mut self.exchange.response_body);
-        Ok(if out.as_slice() == chunk.as_ref() {
-            chunk
-        } else {
-            Bytes::from(out)
-        })
+        Ok(std::mem::take(&mut self.exchange.response_body))
     }
 
     /// Ends the request in every plugin (`proxy_on_log`, `_done`, `_delete`).
