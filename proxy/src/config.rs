@@ -117,6 +117,7 @@ struct FileLimits {
     request_timeout: Option<String>,
     max_timeout: Option<String>,
     stream_idle_timeout: Option<String>,
+    websocket_ping_interval: Option<String>,
     connect_timeout: Option<String>,
     upstream_keepalive: Option<String>,
     default_max_tokens: Option<u64>,
@@ -226,6 +227,8 @@ pub struct Config {
     pub max_timeout: Duration,
     /// Longest silence between two reads from the runtime.
     pub stream_idle_timeout: Duration,
+    /// How often an idle WebSocket is pinged; one that stays silent for two intervals is closed.
+    pub websocket_ping_interval: Duration,
     /// Timeout of connecting to an upstream.
     pub connect_timeout: Duration,
     /// How long an idle upstream connection stays pooled.
@@ -710,6 +713,11 @@ impl Config {
                 "limits.stream_idle_timeout",
                 &f.limits.stream_idle_timeout,
                 Duration::from_secs(120),
+            )?,
+            websocket_ping_interval: duration(
+                "limits.websocket_ping_interval",
+                &f.limits.websocket_ping_interval,
+                Duration::from_secs(30),
             )?,
             connect_timeout: duration(
                 "limits.connect_timeout",

@@ -38,6 +38,7 @@ use crate::registry::{Agent, AgentState};
 use crate::routing::{self, Route};
 use crate::sse::{SseEvent, SseScanner};
 use crate::usage::{self, EventKind};
+use crate::ws::{self, ClientMessage};
 use crate::{body, lifecycle, response};
 
 /// The largest non-streamed answer the edge reads whole (native `/v1/chat`, usage of OpenAI
@@ -46,9 +47,9 @@ const MAX_READ_ANSWER: usize = 16 * 1024 * 1024;
 
 /// The edge service.
 pub struct Edge {
-    control: Arc<Control>,
+    pub(crate) control: Arc<Control>,
     forwarder: Forwarder,
-    ids: RequestIds,
+    pub(crate) ids: RequestIds,
 }
 
 /// What one request carries through its phases, and what the access log reports.
@@ -90,12 +91,12 @@ pub struct RequestCtx {
 
 /// How the runtime's answer is turned into the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Relay {
+pub(crate) enum Relay {
     /// OpenAI routes: status, headers and body as they are.
     Passthrough,
     /// Native chat, whole answer.
     NativeAnswer,
-    /// Native chat, streamed.
+    /// Native chat, streamed (as SSE, or as WebSocket frames by [`crate::websocket`]).
     NativeStream,
 }
 
@@ -110,6 +111,91 @@ struct Prepared {
     cost: Option<(u64, u64)>,
     /// The edge asked for usage the client did not ask for.
     hide_usage: bool,
+}
+
+/// The client a request came from, as the shared request path needs it: an HTTP request's
+/// session, or a WebSocket message (the upgrade's head; the bridge watches the socket itself).
+pub(crate) enum Downstream<'a> {
+    /// An HTTP request.
+    Http(&'a mut Session),
+    /// One message of a WebSocket.
+    WebSocket {
+        /// The upgrade request's head, a fresh copy per message (plugins may change it).
+        head: Box<pingora_http::RequestHeader>,
+        /// The client's address.
+        addr: Option<std::net::SocketAddr>,
+        /// Whether the socket came over TLS.
+        tls: bool,
+    },
+}
+
+impl Downstream<'_> {
+    /// The request head.
+    fn head(&self) -> &pingora_http::RequestHeader {
+        match self {
+            Self::Http(s) => s.req_header(),
+            Self::WebSocket { head, .. } => head,
+        }
+    }
+
+    /// The request head, to change.
+    fn head_mut(&mut self) -> &mut pingora_http::RequestHeader {
+        match self {
+            Self::Http(s) => s.req_header_mut(),
+            Self::WebSocket { head, .. } => head,
+        }
+    }
+
+    /// The client's address.
+    fn client_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Http(s) => s.client_addr().and_then(|a| a.as_inet()).copied(),
+            Self::WebSocket { addr, .. } => *addr,
+        }
+    }
+
+    /// Whether the request came over TLS.
+    fn is_tls(&self) -> bool {
+        match self {
+            Self::Http(s) => is_tls(s),
+            Self::WebSocket { tls, .. } => *tls,
+        }
+    }
+
+    /// Resolves when the client hangs up while the edge waits on the runtime.
+    async fn hangup(&mut self) {
+        match self {
+            Self::Http(s) => forward::hangup(s).await,
+            Self::WebSocket { .. } => forward::unwatched().await,
+        }
+    }
+}
+
+/// Whether `session` came over TLS.
+pub(crate) fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// What the shared request path led to.
+pub(crate) enum Opened {
+    /// The runtime answered: its response header is in.
+    Runtime(Box<Exchange>),
+    /// A plugin decided instead (its own answer, or fail-closed).
+    Plugin(crate::plugins::Verdict),
+}
+
+/// A request sent on to the runtime: what relaying its answer needs.
+pub(crate) struct Exchange {
+    /// The runtime's response.
+    pub inbound: Inbound,
+    /// How its answer is turned into the client's.
+    pub relay: Relay,
+    /// Its deadline and revocation watch.
+    pub guard: Guard,
+    /// Its token accounting, when limits are on and the route costs tokens.
+    pub metering: Option<Metering>,
+    /// Its place under the concurrent-stream cap, held until the exchange ends.
+    pub _stream_slot: Option<pingora_limits::inflight::Guard>,
 }
 
 fn invalid(msg: String) -> EdgeError {
@@ -128,13 +214,22 @@ impl Edge {
     }
 
     /// The config in force (a reload replaces it between requests).
-    fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
+    pub(crate) fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
         self.control.config.load()
     }
 
     /// Admission: the caller's key and the agent it reaches (see [`policy::admit`]).
-    fn admit(&self, session: &Session) -> Result<Admission, EdgeError> {
+    fn admit(&self, session: &Session, route: Route) -> Result<Admission, EdgeError> {
         let req = session.req_header();
+        let offer = match route {
+            Route::Ws => ws::offer(
+                req.headers
+                    .get_all("sec-websocket-protocol")
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            ),
+            _ => ws::Offer::default(),
+        };
         let host = req
             .headers
             .get("host")
@@ -144,6 +239,7 @@ impl Edge {
         let view = RequestView {
             host,
             authorization: req.headers.get("authorization").map(|v| v.as_bytes()),
+            subprotocol_key: offer.key,
             now: crate::store::now(),
         };
         policy::admit(
@@ -159,17 +255,11 @@ impl Edge {
         &self,
         route: Route,
         agent: &Agent,
-        session: &Session,
+        query: &str,
         body: Bytes,
         now: Instant,
     ) -> Result<Prepared, EdgeError> {
         let default_deadline = now + self.cfg().request_timeout;
-        let query = session
-            .req_header()
-            .uri
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
         let default_cap = self.cfg().default_max_tokens;
         let prepared =
             |method, path, body, content_type, relay, stream, cost, hide_usage| Prepared {
@@ -187,40 +277,53 @@ impl Edge {
                 cost,
                 hide_usage,
             };
+        let native = |mut req: NativeChatRequest, relay: Relay| {
+            let mut deadline = default_deadline;
+            if let Some(t) = req.timeout_seconds {
+                let t = Duration::from_secs_f64(t);
+                if t > self.cfg().max_timeout {
+                    return Err(invalid(format!(
+                        "`timeout_seconds` may be at most {}",
+                        self.cfg().max_timeout.as_secs()
+                    )));
+                }
+                deadline = now + t;
+            }
+            let stream = relay != Relay::NativeAnswer;
+            req.stream = stream;
+            let cost = (req.prompt_estimate(), req.max_tokens.unwrap_or(default_cap));
+            let mut p = prepared(
+                Method::POST,
+                agent.upstream.path(Route::ChatCompletions.path()),
+                Bytes::from(req.to_openai()),
+                Some("application/json"),
+                relay,
+                stream,
+                Some(cost),
+                false,
+            );
+            p.deadline = deadline;
+            Ok(p)
+        };
         Ok(match route {
             Route::Chat => {
                 let req = NativeChatRequest::parse(&body)?;
-                let mut deadline = default_deadline;
-                if let Some(t) = req.timeout_seconds {
-                    let t = Duration::from_secs_f64(t);
-                    if t > self.cfg().max_timeout {
-                        return Err(invalid(format!(
-                            "`timeout_seconds` may be at most {}",
-                            self.cfg().max_timeout.as_secs()
-                        )));
-                    }
-                    deadline = now + t;
-                }
                 let relay = if req.stream {
                     Relay::NativeStream
                 } else {
                     Relay::NativeAnswer
                 };
-                let cost = (req.prompt_estimate(), req.max_tokens.unwrap_or(default_cap));
-                let path = agent.upstream.path(Route::ChatCompletions.path());
-                let mut p = prepared(
-                    Method::POST,
-                    path,
-                    Bytes::from(req.to_openai()),
-                    Some("application/json"),
-                    relay,
-                    req.stream,
-                    Some(cost),
-                    false,
-                );
-                p.deadline = deadline;
-                p
+                native(req, relay)?
             }
+            // A WebSocket message: always streamed, as frames.
+            Route::Ws => match ClientMessage::parse(&body)? {
+                ClientMessage::Message(req) => native(*req, Relay::NativeStream)?,
+                ClientMessage::Cancel => {
+                    return Err(invalid(
+                        "nothing to cancel: no answer is in progress".into(),
+                    ))
+                }
+            },
             Route::ChatCompletions | Route::Completions => {
                 let req = usage::inspect_openai(&body).map_err(invalid)?;
                 // Ask a stream for its usage so it is counted exactly; hide it from a client that
@@ -234,7 +337,7 @@ impl Edge {
                 let cost = (req.prompt_estimate(), req.max_tokens.unwrap_or(default_cap));
                 prepared(
                     Method::POST,
-                    agent.upstream.path(route.path()) + &query,
+                    agent.upstream.path(route.path()) + query,
                     body,
                     None,
                     Relay::Passthrough,
@@ -247,7 +350,7 @@ impl Edge {
                 chat::check_json_object(&body)?;
                 prepared(
                     Method::POST,
-                    agent.upstream.path(route.path()) + &query,
+                    agent.upstream.path(route.path()) + query,
                     body,
                     None,
                     Relay::Passthrough,
@@ -258,7 +361,7 @@ impl Edge {
             }
             Route::Models | Route::Health => prepared(
                 Method::GET,
-                agent.upstream.path(route.path()) + &query,
+                agent.upstream.path(route.path()) + query,
                 Bytes::new(),
                 None,
                 Relay::Passthrough,
@@ -279,7 +382,7 @@ impl Edge {
         let Some(tls) = &self.cfg().tls else {
             return Ok(false);
         };
-        let is_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let is_tls = is_tls(session);
         match tls.plain_http {
             _ if is_tls => Ok(false),
             PlainHttp::Serve => Ok(false),
@@ -327,33 +430,86 @@ impl Edge {
             session.req_header().uri.path(),
         )?;
         ctx.route = Some(route);
-        let admission = self.admit(session)?;
-        let agent = admission.agent.clone();
-        let plan = &admission.account.plan;
-        ctx.agent = Some(agent.endpoint_id.clone());
+        let admission = self.admit(session, route)?;
+        ctx.agent = Some(admission.agent.endpoint_id.clone());
         ctx.account = Some(admission.account.id.clone());
         ctx.key_id = Some(admission.key.id.clone());
-        let limits = self.cfg().limits_enabled;
-        if limits {
+        self.rate(&admission, ctx)?;
+        match route {
+            Route::Health => return self.health(session, ctx, &admission.agent).await,
+            Route::Ws => {
+                lifecycle::admit(admission.agent.state)?;
+                return crate::websocket::serve(self, session, ctx, admission).await;
+            }
+            _ => {}
+        }
+        lifecycle::admit(admission.agent.state)?;
+        let body = body::read(session, self.cfg().max_body_bytes).await?;
+        let mut down = Downstream::Http(session);
+        let exchange = match self
+            .exchange(&mut down, ctx, &admission, route, body, now)
+            .await?
+        {
+            Opened::Runtime(x) => *x,
+            Opened::Plugin(verdict) => return self.plugin_verdict(session, ctx, verdict).await,
+        };
+        let Exchange {
+            mut inbound,
+            relay,
+            mut guard,
+            mut metering,
+            ..
+        } = exchange;
+        let result = self
+            .relay(
+                session,
+                ctx,
+                &mut inbound,
+                relay,
+                &mut guard,
+                metering.as_mut(),
+            )
+            .await;
+        self.conclude(ctx, &admission.agent, inbound, metering, &result)
+            .await;
+        result
+    }
+
+    /// Request rate: one more request of the caller's key, or `rate_limited`.
+    pub(crate) fn rate(
+        &self,
+        admission: &Admission,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), EdgeError> {
+        if self.cfg().limits_enabled {
             ctx.rate = Some(self.control.limiter.admit(
                 &admission.key,
-                plan,
+                &admission.account.plan,
                 self.cfg().rate_limit_status,
             )?);
         }
+        Ok(())
+    }
 
-        if route == Route::Health {
-            return self.health(session, ctx, &agent).await;
+    /// An admitted request's way to the runtime, shared by HTTP and the WebSocket bridge:
+    /// plugins, translation, identity, stream cap, quota reservation, then the upstream
+    /// exchange up to the runtime's response header.
+    pub(crate) async fn exchange(
+        &self,
+        down: &mut Downstream<'_>,
+        ctx: &mut RequestCtx,
+        admission: &Admission,
+        route: Route,
+        mut body: Bytes,
+        now: Instant,
+    ) -> Result<Opened, EdgeError> {
+        if let Some(verdict) = self.plugins(down, ctx, admission, route, &mut body) {
+            return Ok(Opened::Plugin(verdict));
         }
-        lifecycle::admit(agent.state)?;
-        let mut body = body::read(session, self.cfg().max_body_bytes).await?;
-        if self
-            .plugins(session, ctx, &admission, route, &mut body)
-            .await?
-        {
-            return Ok(());
-        }
-        let mut prepared = self.outbound(route, &agent, session, body, now)?;
+        let agent = &admission.agent;
+        let query = down.head().uri.query().map(|q| format!("?{q}"));
+        let mut prepared =
+            self.outbound(route, agent, query.as_deref().unwrap_or(""), body, now)?;
         if agent.upstream.tunnel().is_some() {
             prepared.outbound.identity = Some(self.control.identity.sign(
                 &admission.account.id,
@@ -362,7 +518,9 @@ impl Edge {
                 &ctx.request_id,
             ));
         }
-        let _stream_slot = if limits && prepared.stream {
+        let limits = self.cfg().limits_enabled;
+        let plan = &admission.account.plan;
+        let stream_slot = if limits && prepared.stream {
             Some(self.control.limiter.open_stream(
                 &admission.key,
                 plan,
@@ -371,7 +529,7 @@ impl Edge {
         } else {
             None
         };
-        let mut metering = match prepared.cost.filter(|_| limits) {
+        let metering = match prepared.cost.filter(|_| limits) {
             Some((prompt, cap)) => {
                 let reservation = self.control.quota.reserve(
                     &admission.account.id,
@@ -400,87 +558,91 @@ impl Edge {
             .upstream
             .peer()
             .map_err(|e| EdgeError::UpstreamUnavailable(e.to_owned().into()))?;
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let header = forward::upstream_header(
-            session.req_header(),
+            down.head(),
             &prepared.outbound,
             &ctx.request_id,
-            client_ip,
+            down.client_addr().map(|a| a.ip()),
         )?;
         let mut guard = Guard {
             deadline: prepared.deadline,
             watch: Some(AdmissionWatch::new(
                 self.control.registry.clone(),
-                admission,
+                admission.clone(),
             )),
         };
         ctx.upstream_sent = Some(StdInstant::now());
         let mut inbound = self
             .forwarder
-            .open(session, peer, &header, &prepared.outbound.body, &mut guard)
+            .open(
+                down.hangup(),
+                peer,
+                &header,
+                &prepared.outbound.body,
+                &mut guard,
+            )
             .await?;
         ctx.first_byte = Some(StdInstant::now());
         inbound.set_idle_timeout(self.cfg().stream_idle_timeout);
-        let result = self
-            .relay(
-                session,
-                ctx,
-                &mut inbound,
-                prepared.relay,
-                &mut guard,
-                metering.as_mut(),
-            )
-            .await;
-        self.forwarder
-            .close(inbound, peer, self.cfg().upstream_keepalive)
-            .await;
+        Ok(Opened::Runtime(Box::new(Exchange {
+            inbound,
+            relay: prepared.relay,
+            guard,
+            metering,
+            _stream_slot: stream_slot,
+        })))
+    }
+
+    /// After the relay: the upstream connection back to the pool (or closed), and the tokens of
+    /// an answer that ended early accounted for what was delivered.
+    pub(crate) async fn conclude(
+        &self,
+        ctx: &mut RequestCtx,
+        agent: &Agent,
+        inbound: Inbound,
+        mut metering: Option<Metering>,
+        result: &Result<(), EdgeError>,
+    ) {
+        if let Ok(peer) = agent.upstream.peer() {
+            self.forwarder
+                .close(inbound, peer, self.cfg().upstream_keepalive)
+                .await;
+        }
         if let Some(m) = metering.as_mut() {
-            // Ended early: account for what was delivered.
-            let outcome = match &result {
+            let outcome = match result {
                 Ok(()) => "ok",
                 Err(e) => e.code(),
             };
             ctx.tokens = Some(m.finish(None, outcome, &self.control.ledger));
         }
-        result
     }
 
     /// Plugins: the request's headers and whole body go through the policy plugins that apply,
-    /// before any upstream connection. True when a plugin answered instead (the answer is sent).
-    async fn plugins(
+    /// before any upstream connection. `Some` when a plugin decided instead (its own answer, or
+    /// fail-closed); header changes are applied to the request.
+    fn plugins(
         &self,
-        session: &mut Session,
+        down: &mut Downstream<'_>,
         ctx: &mut RequestCtx,
         admission: &Admission,
         route: Route,
         body: &mut Bytes,
-    ) -> Result<bool, EdgeError> {
+    ) -> Option<crate::plugins::Verdict> {
         let set = self.control.plugins.load_full();
         if set.plugins().is_empty() {
-            return Ok(false);
+            return None;
         }
         let agent = &admission.agent;
-        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let client = down.client_addr();
+        let head = down.head();
         let props = std::collections::HashMap::from([
-            (
-                "request.path",
-                session.req_header().uri.path().as_bytes().to_vec(),
-            ),
-            (
-                "request.url_path",
-                session.req_header().uri.path().as_bytes().to_vec(),
-            ),
-            (
-                "request.method",
-                session.req_header().method.as_str().as_bytes().to_vec(),
-            ),
+            ("request.path", head.uri.path().as_bytes().to_vec()),
+            ("request.url_path", head.uri.path().as_bytes().to_vec()),
+            ("request.method", head.method.as_str().as_bytes().to_vec()),
             ("request.id", ctx.request_id.as_bytes().to_vec()),
             (
                 "request.protocol",
-                format!("{:?}", session.req_header().version).into_bytes(),
+                format!("{:?}", head.version).into_bytes(),
             ),
             (
                 "source.address",
@@ -508,23 +670,17 @@ impl Edge {
             ),
             ("moltghost.route", route.path().as_bytes().to_vec()),
         ]);
-        let Some(mut run) = set.start(route.path(), &agent.endpoint_id, &agent.name, props) else {
-            return Ok(false);
-        };
-        let scheme = if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
-            "https"
-        } else {
-            "http"
-        };
-        let mut headers = crate::plugins::request_headers(session.req_header(), scheme);
+        let mut run = set.start(route.path(), &agent.endpoint_id, &agent.name, props)?;
+        let scheme = if down.is_tls() { "https" } else { "http" };
+        let mut headers = crate::plugins::request_headers(down.head(), scheme);
         let verdict = run.on_request(&mut headers, body);
         ctx.plugins = Some(run);
         match verdict {
             Ok(()) => {
-                crate::plugins::apply_request_headers(session.req_header_mut(), &headers);
-                Ok(false)
+                crate::plugins::apply_request_headers(down.head_mut(), &headers);
+                None
             }
-            Err(v) => self.plugin_verdict(session, ctx, v).await.map(|()| true),
+            Err(v) => Some(v),
         }
     }
 
@@ -587,7 +743,9 @@ impl Edge {
             ));
         }
         if relay != Relay::Passthrough && status >= 300 {
-            let body = inbound.read_to_end(session, guard, MAX_READ_ANSWER).await?;
+            let body = inbound
+                .read_to_end(forward::hangup(session), guard, MAX_READ_ANSWER)
+                .await?;
             return Err(runtime_refusal(status, &body));
         }
         match relay {
@@ -600,7 +758,9 @@ impl Edge {
                     .await
             }
             Relay::NativeAnswer => {
-                let body = inbound.read_to_end(session, guard, MAX_READ_ANSWER).await?;
+                let body = inbound
+                    .read_to_end(forward::hangup(session), guard, MAX_READ_ANSWER)
+                    .await?;
                 let answer = chat::answer_from_openai(&body, &ctx.request_id)?;
                 if let Some(m) = metering {
                     ctx.tokens = Some(m.finish(usage::usage_of(&body), "ok", &self.control.ledger));
@@ -666,7 +826,7 @@ impl Edge {
         // The usage is read from the whole answer; it is copied only when it spans chunks.
         let mut spanned: Option<Vec<u8>> = None;
         let mut held: Option<Bytes> = None;
-        while let Some(chunk) = inbound.next_chunk(session, guard).await? {
+        while let Some(chunk) = inbound.next_chunk(forward::hangup(session), guard).await? {
             if let Some(prev) = held.replace(chunk) {
                 if metering.is_some() {
                     let copy = spanned.get_or_insert_with(Vec::new);
@@ -719,7 +879,7 @@ impl Edge {
         let _open = OpenStream::new(&self.control.metrics.open_streams);
         let Some(m) = metering else {
             loop {
-                match inbound.next_chunk(session, guard).await {
+                match inbound.next_chunk(forward::hangup(session), guard).await {
                     Ok(Some(chunk)) => {
                         if let Err(e) = write(session, ctx, chunk).await {
                             return end_stream_with_error(session, ctx, e).await;
@@ -732,11 +892,12 @@ impl Edge {
         };
         let mut scanner = SseScanner::new();
         loop {
-            let (chunk, events) = match next_events(session, inbound, guard, &mut scanner).await {
-                Ok(Some(x)) => x,
-                Ok(None) => break,
-                Err(e) => return end_stream_with_error(session, ctx, e).await,
-            };
+            let (chunk, events) =
+                match next_events(forward::hangup(session), inbound, guard, &mut scanner).await {
+                    Ok(Some(x)) => x,
+                    Ok(None) => break,
+                    Err(e) => return end_stream_with_error(session, ctx, e).await,
+                };
             let mut out = Vec::with_capacity(events.len());
             for ev in events {
                 let kind = m.meter.observe(&ev.data);
@@ -799,47 +960,92 @@ impl Edge {
         let mut native = NativeStream::new();
         let mut saw_done = false;
         loop {
-            let events = match next_events(session, inbound, guard, &mut scanner).await {
-                Ok(Some((_, events))) => events,
-                Ok(None) => break,
+            let events =
+                match next_events(forward::hangup(session), inbound, guard, &mut scanner).await {
+                    Ok(Some((_, events))) => events,
+                    Ok(None) => break,
+                    Err(e) => return end_stream_with_error(session, ctx, e).await,
+                };
+            let out = match self.native_events(
+                ctx,
+                &mut native,
+                &events,
+                metering.as_deref_mut(),
+                &mut saw_done,
+            ) {
+                Ok(out) => out,
                 Err(e) => return end_stream_with_error(session, ctx, e).await,
             };
-            let mut out = Vec::new();
-            for ev in events {
-                saw_done |= ev.data == b"[DONE]";
-                if let Some(m) = metering.as_deref_mut() {
-                    m.meter.observe(&ev.data);
-                }
-                if let Some(event) = native.on_data(&ev.data) {
-                    out.extend_from_slice(&chat::sse_event(&event));
-                }
-            }
-            if let Some(m) = metering.as_deref_mut() {
-                if m.crossed() {
-                    ctx.tokens = Some(m.finish(None, "quota_exceeded", &self.control.ledger));
-                    return end_stream_with_error(session, ctx, EdgeError::QuotaExceeded).await;
-                }
-            }
             if !out.is_empty() {
-                if let Err(e) = write(session, ctx, out.into()).await {
+                let mut bytes = Vec::new();
+                for event in &out {
+                    bytes.extend_from_slice(&chat::sse_event(event));
+                }
+                if let Err(e) = write(session, ctx, bytes.into()).await {
                     return end_stream_with_error(session, ctx, e).await;
                 }
             }
         }
-        if !saw_done && !native.finished() {
-            let err = EdgeError::UpstreamUnavailable("the agent ended its stream early".into());
-            return end_stream_with_error(session, ctx, err).await;
-        }
-        if let Some(m) = metering {
-            ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
-        }
-        let mut tail = chat::sse_event(&native.finish(&ctx.request_id)).to_vec();
+        let last = match self.native_end(ctx, &native, saw_done, metering) {
+            Ok(last) => last,
+            Err(e) => return end_stream_with_error(session, ctx, e).await,
+        };
+        let mut tail = chat::sse_event(&last).to_vec();
         tail.extend_from_slice(b"data: [DONE]\n\n");
         let tail = plugin_body(ctx, Bytes::from(tail), true)?;
         session
             .write_response_body(Some(tail), true)
             .await
             .map_err(|_| EdgeError::ClientClosed)
+    }
+
+    /// A native stream's events (SSE and WebSocket alike) for the runtime's `events`, metered;
+    /// a stream that crosses the quota ends with `quota_exceeded`.
+    pub(crate) fn native_events(
+        &self,
+        ctx: &mut RequestCtx,
+        native: &mut NativeStream,
+        events: &[SseEvent],
+        mut metering: Option<&mut Metering>,
+        saw_done: &mut bool,
+    ) -> Result<Vec<serde_json::Value>, EdgeError> {
+        let mut out = Vec::new();
+        for ev in events {
+            *saw_done |= ev.data == b"[DONE]";
+            if let Some(m) = metering.as_deref_mut() {
+                m.meter.observe(&ev.data);
+            }
+            if let Some(event) = native.on_data(&ev.data) {
+                out.push(event);
+            }
+        }
+        if let Some(m) = metering {
+            if m.crossed() {
+                ctx.tokens = Some(m.finish(None, "quota_exceeded", &self.control.ledger));
+                return Err(EdgeError::QuotaExceeded);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A native stream's last event (`done`, finish reason, usage), once its tokens are in the
+    /// ledger; an error when the runtime cut the stream short.
+    pub(crate) fn native_end(
+        &self,
+        ctx: &mut RequestCtx,
+        native: &NativeStream,
+        saw_done: bool,
+        metering: Option<&mut Metering>,
+    ) -> Result<serde_json::Value, EdgeError> {
+        if !saw_done && !native.finished() {
+            return Err(EdgeError::UpstreamUnavailable(
+                "the agent ended its stream early".into(),
+            ));
+        }
+        if let Some(m) = metering {
+            ctx.tokens = Some(m.finish(None, "ok", &self.control.ledger));
+        }
+        Ok(native.finish(&ctx.request_id))
     }
 
     /// `/v1/health`: answered by the edge: the agent's state and whether its runtime answers.
@@ -916,12 +1122,20 @@ impl Edge {
         };
         match self
             .forwarder
-            .open(session, peer, &header, &out.body, &mut guard)
+            .open(
+                forward::hangup(session),
+                peer,
+                &header,
+                &out.body,
+                &mut guard,
+            )
             .await
         {
             Ok(mut inbound) => {
                 let ok = inbound.header.status.is_success();
-                let _ = inbound.read_to_end(session, &mut guard, 64 * 1024).await;
+                let _ = inbound
+                    .read_to_end(forward::hangup(session), &mut guard, 64 * 1024)
+                    .await;
                 self.forwarder
                     .close(inbound, peer, self.cfg().upstream_keepalive)
                     .await;
@@ -949,10 +1163,11 @@ async fn write(session: &mut Session, ctx: &mut RequestCtx, bytes: Bytes) -> Res
 }
 
 /// Counts a stream in the open-streams gauge for as long as it lives.
-struct OpenStream<'a>(&'a prometheus::IntGauge);
+pub(crate) struct OpenStream<'a>(&'a prometheus::IntGauge);
 
 impl<'a> OpenStream<'a> {
-    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+    /// Counts one more open stream until dropped.
+    pub(crate) fn new(gauge: &'a prometheus::IntGauge) -> Self {
         gauge.inc();
         Self(gauge)
     }
@@ -966,7 +1181,7 @@ impl Drop for OpenStream<'_> {
 
 /// Plugins' view of the response header; true when they will see (and may rewrite) the body,
 /// which is then re-framed.
-fn plugin_response_headers(
+pub(crate) fn plugin_response_headers(
     ctx: &mut RequestCtx,
     h: &mut pingora_http::ResponseHeader,
 ) -> Result<bool, EdgeError> {
@@ -991,7 +1206,11 @@ fn plugin_response_headers(
 }
 
 /// A response body chunk through the plugins.
-fn plugin_body(ctx: &mut RequestCtx, bytes: Bytes, end: bool) -> Result<Bytes, EdgeError> {
+pub(crate) fn plugin_body(
+    ctx: &mut RequestCtx,
+    bytes: Bytes,
+    end: bool,
+) -> Result<Bytes, EdgeError> {
     match ctx.plugins.as_mut() {
         None => Ok(bytes),
         Some(run) => run.on_response_body(bytes, end).map_err(|v| match v {
@@ -1021,13 +1240,13 @@ async fn finish(session: &mut Session, ctx: &mut RequestCtx) -> Result<(), EdgeE
 
 /// Reads the runtime's next chunk of an event stream: the chunk and the events it completed;
 /// `None` at the end of the body.
-async fn next_events(
-    session: &mut Session,
+pub(crate) async fn next_events(
+    hangup: impl std::future::Future<Output = ()>,
     inbound: &mut Inbound,
     guard: &mut Guard,
     scanner: &mut SseScanner,
 ) -> Result<Option<(Bytes, Vec<SseEvent>)>, EdgeError> {
-    let Some(chunk) = inbound.next_chunk(session, guard).await? else {
+    let Some(chunk) = inbound.next_chunk(hangup, guard).await? else {
         return Ok(None);
     };
     scanner.push(&chunk);
@@ -1041,7 +1260,7 @@ async fn next_events(
 }
 
 /// The runtime's own 4xx, with its message when it gave one.
-fn runtime_refusal(status: u16, body: &[u8]) -> EdgeError {
+pub(crate) fn runtime_refusal(status: u16, body: &[u8]) -> EdgeError {
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
@@ -1173,7 +1392,11 @@ impl ProxyHttp for Edge {
             // The plugins' log phase, then their contexts end.
             run.finish();
         }
-        crate::logging::access(session, ctx);
+        crate::logging::access(
+            ctx,
+            session.req_header().method.as_str(),
+            session.body_bytes_sent() as u64,
+        );
         self.control.metrics.record(ctx);
     }
 }

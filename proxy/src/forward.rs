@@ -172,7 +172,7 @@ pub struct Guard {
 
 /// Races `fut` against the client going away, the deadline and revocation.
 pub async fn guarded<T>(
-    down: &mut Session,
+    hangup: impl Future<Output = ()>,
     guard: &mut Guard,
     fut: impl Future<Output = Result<T, EdgeError>>,
 ) -> Result<T, EdgeError> {
@@ -188,9 +188,18 @@ pub async fn guarded<T>(
         r = fut => r,
         _ = tokio::time::sleep_until(deadline) => Err(EdgeError::Timeout),
         e = revoked => Err(e),
-        // With the body fully read, this only returns when the client closes (or misbehaves).
-        _ = down.downstream_session.read_body_or_idle(true) => Err(EdgeError::ClientClosed),
+        _ = hangup => Err(EdgeError::ClientClosed),
     }
+}
+
+/// Resolves when an HTTP client hangs up (or sends what it should not), for [`guarded`].
+pub async fn hangup(down: &mut Session) {
+    let _ = down.downstream_session.read_body_or_idle(true).await;
+}
+
+/// Never resolves: for a client watched elsewhere (the WebSocket bridge reads its own socket).
+pub fn unwatched() -> impl Future<Output = ()> {
+    std::future::pending()
 }
 
 impl Forwarder {
@@ -259,13 +268,13 @@ impl Forwarder {
     /// and the deadline.
     pub async fn open(
         &self,
-        down: &mut Session,
+        hangup: impl Future<Output = ()>,
         peer: &HttpPeer,
         header: &RequestHeader,
         body: &Bytes,
         guard: &mut Guard,
     ) -> Result<Inbound, EdgeError> {
-        guarded(down, guard, self.exchange(peer, header, body)).await
+        guarded(hangup, guard, self.exchange(peer, header, body)).await
     }
 
     /// Returns the connection to the pool if its response was read to the end, else closes it.
@@ -284,38 +293,42 @@ impl Inbound {
     /// The next body chunk, `None` at the end; races the client and the deadline.
     pub async fn next_chunk(
         &mut self,
-        down: &mut Session,
+        hangup: impl Future<Output = ()>,
         guard: &mut Guard,
     ) -> Result<Option<Bytes>, EdgeError> {
-        let read = async {
-            match self.session.read_response_body().await {
-                Ok(b) => Ok(b),
-                Err(e) if matches!(e.etype(), ErrorType::ReadTimedout) => Err(EdgeError::Timeout),
-                Err(e) => Err(EdgeError::UpstreamUnavailable(
-                    format!("the agent broke off its response: {}", e.etype().as_str()).into(),
-                )),
-            }
-        };
-        guarded(down, guard, read).await
+        guarded(hangup, guard, self.read_chunk()).await
     }
 
-    /// Reads the rest of the body, up to `limit` bytes.
+    /// Reads the rest of the body, up to `limit` bytes; races the client and the deadline.
     pub async fn read_to_end(
         &mut self,
-        down: &mut Session,
+        hangup: impl Future<Output = ()>,
         guard: &mut Guard,
         limit: usize,
     ) -> Result<Bytes, EdgeError> {
-        let mut buf = bytes::BytesMut::new();
-        while let Some(chunk) = self.next_chunk(down, guard).await? {
-            if buf.len() + chunk.len() > limit {
-                return Err(EdgeError::UpstreamUnavailable(
-                    "the agent's answer is too large".into(),
-                ));
+        let read_all = async {
+            let mut buf = bytes::BytesMut::new();
+            while let Some(chunk) = self.read_chunk().await? {
+                if buf.len() + chunk.len() > limit {
+                    return Err(EdgeError::UpstreamUnavailable(
+                        "the agent's answer is too large".into(),
+                    ));
+                }
+                buf.extend_from_slice(&chunk);
             }
-            buf.extend_from_slice(&chunk);
+            Ok(buf.freeze())
+        };
+        guarded(hangup, guard, read_all).await
+    }
+
+    async fn read_chunk(&mut self) -> Result<Option<Bytes>, EdgeError> {
+        match self.session.read_response_body().await {
+            Ok(b) => Ok(b),
+            Err(e) if matches!(e.etype(), ErrorType::ReadTimedout) => Err(EdgeError::Timeout),
+            Err(e) => Err(EdgeError::UpstreamUnavailable(
+                format!("the agent broke off its response: {}", e.etype().as_str()).into(),
+            )),
         }
-        Ok(buf.freeze())
     }
 
     /// Whether the runtime answered with server-sent events.

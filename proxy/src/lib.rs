@@ -5,7 +5,7 @@
 //! [`forward`] (upstream exchange over [`upstream`]) → [`response`] and [`sse`] → [`logging`].
 //! Errors from any of them are one type, [`error::EdgeError`].
 
-pub use moltghost_protocol::{chat, error, keys, routing, sse, usage};
+pub use moltghost_protocol::{chat, error, keys, routing, sse, usage, ws};
 
 pub mod admin;
 pub mod body;
@@ -34,6 +34,7 @@ pub mod store;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod websocket;
 
 /// Sets up `tracing`: JSON lines on stdout, filtered by `RUST_LOG` (default `info`), buffered
 /// off the request path ([`logwriter`]). Keep the guard for the life of the process: dropping

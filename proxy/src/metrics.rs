@@ -25,6 +25,8 @@ pub struct Metrics {
     plugin_time: HistogramVec,
     /// Streams being relayed now.
     pub open_streams: IntGauge,
+    /// WebSockets open now.
+    pub open_websockets: IntGauge,
     store_up: IntGauge,
     store_stale: IntGauge,
     generation: IntGauge,
@@ -69,6 +71,7 @@ impl Metrics {
             tokens: IntCounterVec::new(Opts::new("moltghost_tokens_total", "Tokens accounted, by agent"), &["agent"]).expect("valid counter"),
             plugin_time: histogram("moltghost_plugin_seconds", "Time a request spent in WASM policy plugins (every phase, every plugin)", &["route"]),
             open_streams: IntGauge::new("moltghost_open_streams", "Streams being relayed now").expect("valid gauge"),
+            open_websockets: IntGauge::new("moltghost_open_websockets", "WebSockets open now").expect("valid gauge"),
             store_up: IntGauge::new("moltghost_store_up", "1 when the last contact with the store succeeded").expect("valid gauge"),
             store_stale: IntGauge::new("moltghost_store_stale_seconds", "Seconds since the last successful contact with the store").expect("valid gauge"),
             generation: IntGauge::new("moltghost_snapshot_generation", "Store revision the edge serves from").expect("valid gauge"),
@@ -86,7 +89,13 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
         }
-        for g in [&m.open_streams, &m.store_up, &m.store_stale, &m.generation] {
+        for g in [
+            &m.open_streams,
+            &m.open_websockets,
+            &m.store_up,
+            &m.store_stale,
+            &m.generation,
+        ] {
             m.registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");

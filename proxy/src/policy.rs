@@ -20,6 +20,9 @@ pub struct RequestView<'a> {
     pub host: &'a str,
     /// The raw `Authorization` header value, if any.
     pub authorization: Option<&'a [u8]>,
+    /// A key a browser's WebSocket carried in its subprotocol (`bearer.<key>`), used when
+    /// there is no `Authorization` header.
+    pub subprotocol_key: Option<&'a str>,
     /// Now, in Unix seconds.
     pub now: i64,
 }
@@ -82,10 +85,11 @@ pub fn authenticate(
     hasher: &KeyHasher,
     view: &RequestView<'_>,
 ) -> Result<Arc<ApiKey>, EdgeError> {
-    let credential = view
-        .authorization
-        .and_then(keys::bearer)
-        .ok_or(EdgeError::InvalidApiKey)?;
+    let credential = match view.authorization {
+        Some(value) => keys::bearer(value),
+        None => view.subprotocol_key,
+    }
+    .ok_or(EdgeError::InvalidApiKey)?;
     let parsed = keys::parse_key(credential).ok_or(EdgeError::InvalidApiKey)?;
     let hash = hasher.hash(credential);
     let key = snap.keys.get(&hash).ok_or(EdgeError::InvalidApiKey)?;

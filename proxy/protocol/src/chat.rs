@@ -88,8 +88,20 @@ pub fn validate_messages(messages: &[Message]) -> Result<(), EdgeError> {
 impl NativeChatRequest {
     /// Parses and checks a body; every message names the field at fault.
     pub fn parse(body: &[u8]) -> Result<Self, EdgeError> {
-        let req: Self =
-            serde_json::from_slice(body).map_err(|e| invalid(format!("invalid JSON body: {e}")))?;
+        serde_json::from_slice::<Self>(body)
+            .map_err(|e| invalid(format!("invalid JSON body: {e}")))?
+            .checked()
+    }
+
+    /// Takes and checks a request already parsed as JSON (a WebSocket message's fields).
+    pub fn from_value(v: Value) -> Result<Self, EdgeError> {
+        serde_json::from_value::<Self>(v)
+            .map_err(|e| invalid(format!("invalid message: {e}")))?
+            .checked()
+    }
+
+    fn checked(self) -> Result<Self, EdgeError> {
+        let req = self;
         validate_messages(&req.messages)?;
         if let Some(t) = req.temperature {
             if !(0.0..=2.0).contains(&t) {
@@ -100,8 +112,9 @@ impl NativeChatRequest {
             return Err(invalid("`max_tokens` must be at least 1"));
         }
         if let Some(t) = req.timeout_seconds {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(invalid("`timeout_seconds` must be a positive number"));
+            // A deadline under a second is a mistake (an answer takes longer), never a policy.
+            if !(t.is_finite() && t >= 1.0) {
+                return Err(invalid("`timeout_seconds` must be at least 1"));
             }
         }
         for (i, t) in req.tools.iter().flatten().enumerate() {

@@ -19,6 +19,8 @@ pub enum Route {
     Models,
     /// `GET /v1/health`: answered by the edge.
     Health,
+    /// `GET /ws`: the WebSocket; each message is a native chat request.
+    Ws,
 }
 
 impl Route {
@@ -31,6 +33,7 @@ impl Route {
             Self::Tools => "/v1/tools",
             Self::Models => "/v1/models",
             Self::Health => "/v1/health",
+            Self::Ws => "/ws",
         }
     }
 
@@ -56,6 +59,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, EdgeError> {
         "/v1/tools" => (Route::Tools, "POST"),
         "/v1/models" => (Route::Models, "GET"),
         "/v1/health" => (Route::Health, "GET"),
+        "/ws" => (Route::Ws, "GET"),
         _ => return Err(EdgeError::NotFound(format!("No route for {path}").into())),
     };
     let ok = match allow {

@@ -206,7 +206,9 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
         "# Written by `moltghost dev`.\n[listen]\nhttp = [\"127.0.0.1:{}\"]\n{https}admin = \"127.0.0.1:{}\"\n\n\
          [edge]\ndata_dir = \"{}\"\n{public_url}grace_period = \"1s\"\nshutdown_timeout = \"2s\"\n\n\
          [store]\nurl = \"sqlite://moltghost.db\"\n\n\
-         [[plans]]\nname = \"dev\"\nrequests_per_minute = 6000\ntokens_per_month = 100000000\nconcurrent_streams = 64\n{tls}",
+         [[plans]]\nname = \"dev\"\nrequests_per_minute = 6000\ntokens_per_month = 100000000\nconcurrent_streams = 64\n\n\
+         # A small plan, to see the limits at work: `moltghost account create NAME --plan trial`.\n\
+         [[plans]]\nname = \"trial\"\nrequests_per_minute = 20\ntokens_per_month = 1000\nconcurrent_streams = 2\n{tls}",
         args.port,
         args.admin_port,
         data_dir.display()
