@@ -64,6 +64,16 @@ const WORDS: &[&str] = &[
     ".",
 ];
 
+/// The message roles the runtime knows.
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
 /// Skills the runtime knows for `/v1/tools`.
 const SKILLS: &[&str] = &["crm_query", "slack_notify", "echo"];
 
@@ -248,14 +258,14 @@ struct ChatRequest {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
-    messages: Vec<Value>,
+    messages: Vec<ChatMessage>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "moltghost_protocol::chat::count")]
     max_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "moltghost_protocol::chat::count")]
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     tools: Option<Vec<Value>>,
@@ -271,7 +281,7 @@ struct CompletionRequest {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "moltghost_protocol::chat::count")]
     max_tokens: Option<u64>,
 }
 
@@ -293,10 +303,10 @@ fn text_of(v: &Value) -> String {
     }
 }
 
-fn prompt_tokens_chat(messages: &[Value]) -> u64 {
+fn prompt_tokens_chat(messages: &[ChatMessage]) -> u64 {
     messages
         .iter()
-        .map(|m| 3 + count_words(&text_of(m.get("content").unwrap_or(&Value::Null))))
+        .map(|m| 3 + count_words(&text_of(&m.content)))
         .sum()
 }
 
@@ -304,7 +314,11 @@ fn error_response(status: u16, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         status,
-        Json(json!({"error": {"message": message, "type": "runtime_error", "code": status.as_u16()}})),
+        Json(json!({"error": {"message": message, "type": if status.is_server_error() { "server_error" } else { "invalid_request_error" }, "code": match status.as_u16() {
+            404 => "not_found",
+            s if s < 500 => "invalid_request",
+            _ => "runtime_error",
+        }}})),
     )
         .into_response()
 }
@@ -438,6 +452,16 @@ async fn chat_completions(State(st): State<AppState>, headers: HeaderMap, body: 
     if let Some(status) = plan.status {
         return error_response(status, "error requested by x-mock-status");
     }
+    if req.messages.is_empty() {
+        return bad_request("`messages` must hold at least one message");
+    }
+    if let Some(m) = req
+        .messages
+        .iter()
+        .find(|m| !ROLES.contains(&m.role.as_str()))
+    {
+        return bad_request(format!("unknown role `{}`", m.role));
+    }
     let id = format!("chatcmpl-{}", st.next_id.fetch_add(1, Ordering::Relaxed));
     let model = req.model.clone().unwrap_or_else(|| st.cfg.model.clone());
     let created = now_secs();
@@ -500,6 +524,11 @@ async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes
     if let Some(status) = plan.status {
         return error_response(status, "error requested by x-mock-status");
     }
+    let strings =
+        |v: &Value| v.is_string() || v.as_array().is_some_and(|a| a.iter().all(Value::is_string));
+    if !req.prompt.is_null() && !strings(&req.prompt) {
+        return bad_request("`prompt` must be a string or an array of strings");
+    }
     let id = format!("cmpl-{}", st.next_id.fetch_add(1, Ordering::Relaxed));
     let model = req.model.clone().unwrap_or_else(|| st.cfg.model.clone());
     let created = now_secs();
@@ -548,7 +577,15 @@ async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes
 struct ToolCall {
     tool: String,
     #[serde(default)]
-    arguments: Value,
+    arguments: serde_json::Map<String, Value>,
+}
+
+/// One chat message: a role (a string) and any content; other fields are ignored.
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
 }
 
 async fn tools(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -7,6 +7,26 @@ use serde_json::{json, Map, Value};
 
 use crate::error::EdgeError;
 
+/// The largest `max_tokens` a request may ask for: more than any model answers, small enough
+/// that a quota reservation never overflows.
+pub const MAX_TOKENS: u64 = 1_000_000;
+
+/// A count (`max_tokens`): a non-negative integer, also written as an integral number such as
+/// `16.0` (JSON does not tell them apart; JSON Schema's `integer` allows both).
+pub fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Option::<serde_json::Number>::deserialize(d)?;
+    v.map(|n| {
+        n.as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && (0.0..9.007_199_254_740_992e15).contains(f))
+                    .map(|f| f as u64)
+            })
+            .ok_or_else(|| serde::de::Error::custom(format!("expected a count, got {n}")))
+    })
+    .transpose()
+}
+
 /// A native chat request, as the spec writes it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,7 +40,7 @@ pub struct NativeChatRequest {
     #[serde(default)]
     pub temperature: Option<f64>,
     /// Cap on completion tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "count")]
     pub max_tokens: Option<u64>,
     /// Skill names, offered to the runtime as function tools.
     #[serde(default)]
@@ -76,9 +96,14 @@ pub fn validate_messages(messages: &[Message]) -> Result<(), EdgeError> {
                 m.role
             )));
         }
-        if !(m.content.is_string() || m.content.is_array()) {
+        let parts_ok = match &m.content {
+            Value::String(_) => true,
+            Value::Array(parts) => parts.iter().all(Value::is_object),
+            _ => false,
+        };
+        if !parts_ok {
             return Err(invalid(format!(
-                "messages[{i}].content: expected a string or an array of parts"
+                "messages[{i}].content: expected a string or an array of parts (objects)"
             )));
         }
     }
@@ -108,8 +133,13 @@ impl NativeChatRequest {
                 return Err(invalid("`temperature` must be between 0 and 2"));
             }
         }
-        if req.max_tokens == Some(0) {
-            return Err(invalid("`max_tokens` must be at least 1"));
+        if req
+            .max_tokens
+            .is_some_and(|m| !(1..=MAX_TOKENS).contains(&m))
+        {
+            return Err(invalid(format!(
+                "`max_tokens` must be between 1 and {MAX_TOKENS}"
+            )));
         }
         if let Some(t) = req.timeout_seconds {
             // A deadline under a second is a mistake (an answer takes longer), never a policy.

@@ -238,10 +238,13 @@ pub fn inspect_openai(body: &[u8]) -> Result<OpenAiRequest, String> {
     };
     let max = |v: Option<serde_json::Value>, name: &str| match v {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("`{name}` must be a non-negative integer")),
+        Some(v) => match crate::chat::count(v) {
+            Ok(Some(n)) if (1..=crate::chat::MAX_TOKENS).contains(&n) => Ok(Some(n)),
+            _ => Err(format!(
+                "`{name}` must be an integer between 1 and {}",
+                crate::chat::MAX_TOKENS
+            )),
+        },
     };
     let max_tokens =
         max(p.max_completion_tokens, "max_completion_tokens")?.or(max(p.max_tokens, "max_tokens")?);
@@ -289,6 +292,9 @@ pub fn request_usage(body: &[u8]) -> Result<Vec<u8>, String> {
     let opts = obj
         .entry("stream_options")
         .or_insert_with(|| serde_json::json!({}));
+    if opts.is_null() {
+        *opts = serde_json::json!({});
+    }
     match opts.as_object_mut() {
         Some(o) => {
             o.insert("include_usage".into(), serde_json::Value::Bool(true));
