@@ -118,6 +118,16 @@ if os.path.exists(plug):
     print("is each edge process's own.\n")
     print(open(plug).read())
 
+ws = os.path.join(out, "websocket", "tables.md")
+if os.path.exists(ws):
+    print("## The WebSocket\n")
+    print("Regenerate with `loadtest/websocket.sh` (about a minute): one edge, its runtime direct")
+    print("(`direct`, OpenAI SSE), the edge's native SSE route (`sse`, `/v1/chat`: the baseline, the same")
+    print("translation) and its WebSocket (`ws`, `/ws`: one message per request on kept sockets),")
+    print("interleaved in one run. What the WebSocket adds to time to first token is `ws` minus `sse`.")
+    print("CPU µs/request is the one edge process's, shared by both targets.\n")
+    print(open(ws).read())
+
 print("## All runs\n")
 tables = os.path.join(out, "tables.md")
 if os.path.exists(tables):

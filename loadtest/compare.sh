@@ -40,27 +40,12 @@ if [ "${SKIP_LITELLM:-0}" != 1 ] && ! command -v litellm >/dev/null; then
 fi
 ulimit -n 20000
 
-wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+. loadtest/bench-lib.sh
 fill() { sed -e "s#__DIR__#$WORK#g" -e "s#__RUNTIME__#127.0.0.1:$RT_PORT#g" -e "s#__PORT__#$2#g" "$1"; }
 
 echo "== starting the runtime, the edge and the peers in $WORK"
 "$BIN/agent-runtime" --listen 127.0.0.1:$RT_PORT > "$WORK/runtime.log" 2>&1 & PIDS+=($!)
-cat > "$WORK/edge.toml" <<TOML
-[listen]
-http = ["127.0.0.1:$EDGE_PORT"]
-admin = "127.0.0.1:$ADMIN_PORT"
-[edge]
-data_dir = "$WORK/edge"
-shutdown_timeout = "1s"
-[[plans]]
-name = "bench"
-requests_per_minute = 10000000
-tokens_per_month = 100000000000
-concurrent_streams = 100000
-[[agents]]
-id = "bench"
-upstream = "http://127.0.0.1:$RT_PORT"
-TOML
+bench_edge_conf $EDGE_PORT $ADMIN_PORT edge bench "http://127.0.0.1:$RT_PORT" > "$WORK/edge.toml"
 "$BIN/moltghost-proxy" --config "$WORK/edge.toml" > "$WORK/edge.log" 2>&1 & EDGE_PID=$!; PIDS+=($EDGE_PID)
 # The same edge with limits, quotas and metering off (keys still checked): what the policy
 # chain costs, same run.

@@ -26,29 +26,11 @@ PLUGIN_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/plugins
 WASM=$PLUGIN_TARGET/wasm32-wasip1/release
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 ulimit -n 20000
-wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+. loadtest/bench-lib.sh
 
 "$BIN/agent-runtime" --listen 127.0.0.1:$RT_PORT > "$WORK/runtime.log" 2>&1 & PIDS+=($!)
-edge_conf() { # port admin dir [plugins]
-  cat <<TOML
-[listen]
-http = ["127.0.0.1:$1"]
-admin = "127.0.0.1:$2"
-[edge]
-data_dir = "$WORK/$3"
-shutdown_timeout = "1s"
-[[plans]]
-name = "bench"
-requests_per_minute = 10000000
-tokens_per_month = 100000000000
-concurrent_streams = 100000
-[[agents]]
-id = "bench"
-upstream = "http://127.0.0.1:$RT_PORT"
-TOML
-}
-edge_conf $BARE_PORT $BARE_ADMIN bare > "$WORK/bare.toml"
-{ edge_conf $PLUG_PORT $PLUG_ADMIN plug; cat <<TOML
+bench_edge_conf $BARE_PORT $BARE_ADMIN bare bench "http://127.0.0.1:$RT_PORT" > "$WORK/bare.toml"
+{ bench_edge_conf $PLUG_PORT $PLUG_ADMIN plug bench "http://127.0.0.1:$RT_PORT"; cat <<TOML
 [[plugins]]
 name = "allowlist"
 path = "$WASM/allowlist.wasm"
@@ -65,9 +47,7 @@ TOML
 "$BIN/moltghost-proxy" --config "$WORK/bare.toml" > "$WORK/bare.log" 2>&1 & BARE_PID=$!; PIDS+=($BARE_PID)
 "$BIN/moltghost-proxy" --config "$WORK/plug.toml" > "$WORK/plug.log" 2>&1 & PLUG_PID=$!; PIDS+=($PLUG_PID)
 wait_port $RT_PORT; wait_port $BARE_PORT; wait_port $PLUG_PORT; wait_port $BARE_ADMIN; wait_port $PLUG_ADMIN
-key() { MOLTGHOST_ADMIN_URL=http://127.0.0.1:$1 MOLTGHOST_ADMIN_TOKEN=$("$BIN/moltghost" --data-dir "$WORK/$2" token --ttl 2h) \
-  "$BIN/moltghost" auth create-key --agent bench --name bench; }
-BARE_KEY=$(key $BARE_ADMIN bare); PLUG_KEY=$(key $PLUG_ADMIN plug)
+BARE_KEY=$(bench_key $BARE_ADMIN bare bench); PLUG_KEY=$(bench_key $PLUG_ADMIN plug bench)
 
 rm -rf "$OUT"; mkdir -p "$OUT"
 LT=("$BIN/loadtest" --quiet --markdown "$OUT/tables.md"

@@ -396,7 +396,9 @@ fn sse_response(stats: Arc<Stats>, spec: StreamSpec) -> Response {
             }
         }
         for i in 0..plan.tokens {
-            if i > 0 {
+            // No timer for back-to-back tokens: a zero sleep still waits for the timer's next
+            // tick (a millisecond).
+            if i > 0 && !plan.interval.is_zero() {
                 tokio::time::sleep(plan.interval).await;
             }
             if plan.abort_after == Some(i) {

@@ -359,6 +359,12 @@ impl Connection {
         let end = match result {
             Ok(()) => None,
             Err(Failure::Socket(end)) => Some(end),
+            Err(Failure::Plugin { status, frame }) => {
+                ctx.status = status;
+                ctx.error = Some("policy_denied");
+                sent += frame.len() as u64;
+                self.send(session, frame).await.err()
+            }
             Err(Failure::Edge(e)) => {
                 ctx.error = Some(e.code());
                 if ctx.status == 0 {
@@ -414,6 +420,15 @@ impl Connection {
                 return Err(EdgeError::PluginFailed(m.into()).into())
             }
             Opened::Plugin(crate::plugins::Verdict::Respond(local)) => {
+                // A plugin's own JSON error goes out as it wrote it (its code, its message).
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&local.body) {
+                    if v.get("error").is_some() {
+                        return Err(Failure::Plugin {
+                            status: local.status,
+                            frame: v.to_string(),
+                        });
+                    }
+                }
                 return Err(EdgeError::Denied {
                     status: local.status,
                     message: if local.details.is_empty() {
@@ -422,7 +437,7 @@ impl Connection {
                         local.details
                     },
                 }
-                .into())
+                .into());
             }
         };
         let Exchange {
@@ -445,7 +460,7 @@ impl Connection {
         let outcome = match &result {
             Ok(()) => Ok(()),
             Err(Failure::Edge(e)) => Err(e.clone()),
-            Err(Failure::Socket(_)) => Err(EdgeError::ClientClosed),
+            Err(Failure::Socket(_) | Failure::Plugin { .. }) => Err(EdgeError::ClientClosed),
         };
         edge.conclude(ctx, &self.admission.agent, inbound, metering, &outcome)
             .await;
@@ -622,10 +637,11 @@ async fn read_more(session: &mut Session, socket: &mut WebSocket<Wire>) -> Resul
     }
 }
 
-/// Why a message's answer stopped: the edge's error (sent as an error frame) or the socket's
-/// end.
+/// Why a message's answer stopped: the edge's error (sent as an error frame), a plugin's own
+/// error answer (sent as it wrote it), or the socket's end.
 enum Failure {
     Edge(EdgeError),
+    Plugin { status: u16, frame: String },
     Socket(End),
 }
 

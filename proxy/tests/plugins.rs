@@ -386,3 +386,75 @@ async fn reloading_the_plugin_set_drops_no_request() {
     // The last set (round 3: none) is in force; with round 2's, a request without x-team was 403.
     assert_eq!(chat(&s, "abc123", hi(false), &[]).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_websocket_messages_and_frames() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = Stack::start(&format!(
+        "{}{}",
+        plugin(
+            "tools",
+            "tool_policy",
+            "config = { deny = { \"*\" = [\"slack_notify\"] } }"
+        ),
+        plugin("redact", "redact", "")
+    ))
+    .await;
+    let mut req = format!("ws://127.0.0.1:{}/ws", s.port)
+        .into_client_request()
+        .unwrap();
+    let h = req.headers_mut();
+    h.insert(
+        "host",
+        format!("abc123.agent.localhost:{}", s.port)
+            .parse()
+            .unwrap(),
+    );
+    h.insert(
+        "authorization",
+        format!("Bearer {}", s.key).parse().unwrap(),
+    );
+    h.insert("x-mock-tokens", "32".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ask = async |body: Value| {
+        ws.send(Message::text(body.to_string())).await.unwrap();
+        let mut frames = Vec::new();
+        loop {
+            let Some(Ok(Message::Text(t))) = ws.next().await else {
+                panic!("socket ended")
+            };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            let last = v.get("error").is_some() || v["done"] == true;
+            frames.push(v);
+            if last {
+                return frames;
+            }
+        }
+    };
+    // The tool policy reads the message and refuses it with its own error; the socket stays.
+    let frames = ask(
+        json!({"action": "message", "messages": [{"role": "user", "content": "hi"}],
+                            "tools": ["slack_notify"]}),
+    )
+    .await;
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0]["error"]["code"], "tool_denied", "{frames:?}");
+    // Redaction sees every answer frame.
+    let frames =
+        ask(json!({"action": "message", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let text: String = frames
+        .iter()
+        .filter_map(|f| f["content"].as_str())
+        .collect();
+    assert!(
+        text.contains("[email]") && text.contains("[card]"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("sales@acme") && !text.contains("4111"),
+        "{text}"
+    );
+    assert_eq!(frames.last().unwrap()["done"], true);
+}

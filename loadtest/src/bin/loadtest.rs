@@ -35,10 +35,16 @@ use serde_json::{json, Value};
 ///            --scenario idle --streams 1000,5000
 ///   # any endpoint, HTTPS too (--http2 NAME lets that target negotiate HTTP/2)
 ///   loadtest --target prod=https://abc123.agent.example.com --key prod=$KEY --http2 prod --rate 20
+///   # the WebSocket against native SSE on the same edge: ws:// or wss:// targets send each
+///   # request as a message on a kept socket (/ws); --native NAME uses /v1/chat
+///   loadtest --target sse=http://abc123.agent.localhost:8080 --native sse \
+///            --target ws=ws://abc123.agent.localhost:8080 --key sse=$KEY --key ws=$KEY \
+///            --scenario sse --tokens 32 --interval-ms 20 --rate 100
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// NAME=URL of an endpoint (repeat; the first is the baseline).
+    /// NAME=URL of an endpoint (repeat; the first is the baseline): http(s):// for HTTP,
+    /// ws(s):// for the WebSocket (/ws, a message per request on kept sockets).
     #[arg(long = "target", required = true)]
     targets: Vec<String>,
     /// NAME=KEY: send `Authorization: Bearer KEY` to that target.
@@ -53,6 +59,9 @@ struct Args {
     /// NAME: let that target use HTTP/2 (negotiated by ALPN over https); others use HTTP/1.1.
     #[arg(long = "http2")]
     http2: Vec<String>,
+    /// NAME: that target's chats go to the native route, /v1/chat, instead of OpenAI's.
+    #[arg(long = "native")]
+    native: Vec<String>,
     /// What each request does.
     #[arg(long, value_enum, default_value = "chat")]
     scenario: ScenarioArg,
@@ -194,6 +203,10 @@ fn specs(a: &Args) -> Result<Vec<TargetSpec>, String> {
     for n in &a.http2 {
         let i = find(&mut specs, n)?;
         specs[i].http2 = true;
+    }
+    for n in &a.native {
+        let i = find(&mut specs, n)?;
+        specs[i].native = true;
     }
     for p in &a.pids {
         let (n, v) = split_pair(p, "--pid")?;

@@ -10,3 +10,4 @@ pub mod procfs;
 pub mod report;
 pub mod run;
 pub mod target;
+pub mod websocket;

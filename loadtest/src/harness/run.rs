@@ -135,24 +135,32 @@ pub async fn one(
     }
 }
 
-async fn exchange(target: &Target, scenario: Scenario, mut clock: TokenClock) -> Sample {
-    let client = if scenario == Scenario::Churn {
-        &target.fresh
-    } else {
-        &target.client
-    };
-    let mut req = client
-        .post(format!("{}/v1/chat/completions", target.base))
-        .header("content-type", "application/json");
-    // The reference runtime's timing is pinned per scenario (other runtimes ignore these).
-    let (tokens, interval_ms) = match scenario {
+/// The reference runtime's timing for a scenario, (tokens, ms between them): pinned per
+/// scenario (other runtimes ignore the headers that carry it).
+pub fn pacing(scenario: Scenario) -> (u32, u64) {
+    match scenario {
         Scenario::Sse {
             tokens,
             interval_ms,
         } => (tokens, interval_ms),
         Scenario::Cancel { .. } => (64, 20),
         Scenario::Chat | Scenario::Churn => (16, 0),
+    }
+}
+
+async fn exchange(target: &Target, scenario: Scenario, mut clock: TokenClock) -> Sample {
+    if let Some(ws) = &target.websocket {
+        return ws.exchange(scenario, clock).await;
+    }
+    let client = if scenario == Scenario::Churn {
+        &target.fresh
+    } else {
+        &target.client
     };
+    let mut req = client
+        .post(format!("{}{}", target.base, target.chat_path))
+        .header("content-type", "application/json");
+    let (tokens, interval_ms) = pacing(scenario);
     req = req
         .header("x-mock-ttft-ms", "0")
         .header("x-mock-tokens", tokens.to_string())

@@ -12,6 +12,10 @@ pub struct Target {
     pub name: String,
     /// Base URL; scenario paths (`/v1/chat/completions`) are appended.
     pub base: String,
+    /// The chat route: `/v1/chat/completions`, or the native `/v1/chat` (`--native`).
+    pub chat_path: &'static str,
+    /// For `ws://` and `wss://` targets: the WebSocket dialer (and its socket pool).
+    pub websocket: Option<super::websocket::Dialer>,
     /// Pooled client (keep-alive).
     pub client: reqwest::Client,
     /// A client that opens a new connection for every request (churn).
@@ -35,6 +39,8 @@ pub struct TargetSpec {
     pub pid: Option<u32>,
     /// Allow HTTP/2 (negotiated by ALPN over TLS); HTTP/1.1 only otherwise.
     pub http2: bool,
+    /// Use the native chat route (`/v1/chat`) instead of OpenAI's.
+    pub native: bool,
 }
 
 impl TargetSpec {
@@ -43,9 +49,12 @@ impl TargetSpec {
         let (name, url) = s
             .split_once('=')
             .ok_or_else(|| format!("expected NAME=URL, got {s:?}"))?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !["http://", "https://", "ws://", "wss://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
             return Err(format!(
-                "{name}: expected an http:// or https:// URL, got {url:?}"
+                "{name}: expected an http(s):// or ws(s):// URL, got {url:?}"
             ));
         }
         Ok(Self {
@@ -75,6 +84,13 @@ impl Target {
                 HeaderValue::from_str(v).map_err(|e| format!("header {k}: {e}"))?,
             );
         }
+        let websocket = spec.url.starts_with("ws").then(|| {
+            let mut hs = spec.headers.clone();
+            if let Some(k) = &spec.key {
+                hs.push(("authorization".into(), format!("Bearer {k}")));
+            }
+            super::websocket::Dialer::new(&spec.url, hs, insecure)
+        });
         let url = reqwest::Url::parse(&spec.url).map_err(|e| format!("{}: {e}", spec.url))?;
         let build = |pool: bool| {
             let mut b = reqwest::Client::builder()
@@ -98,6 +114,12 @@ impl Target {
         Ok(Self {
             name: spec.name.clone(),
             base: spec.url.clone(),
+            chat_path: if spec.native {
+                "/v1/chat"
+            } else {
+                "/v1/chat/completions"
+            },
+            websocket,
             client: build(true)?,
             fresh: build(false)?,
             pid: spec.pid,

@@ -1,11 +1,4 @@
-import {
-  AbortedError,
-  ConnectionError,
-  MoltGhostError,
-  TimeoutError,
-  UpstreamUnavailableError,
-  errorFrom,
-} from "./errors.js";
+import { MoltGhostError, UpstreamUnavailableError, errorFrom, localError } from "./errors.js";
 import { readEvents } from "./sse.js";
 import { MoltGhostSession, type SessionOptions } from "./session.js";
 
@@ -134,7 +127,7 @@ export class MoltGhostAgent {
     } catch (e) {
       if (e instanceof MoltGhostError) throw e;
       if (options.signal?.aborted) {
-        throw new AbortedError("the request was aborted", { status: 0, code: "aborted", type: "aborted" });
+        throw localError("aborted", "the request was aborted");
       }
       throw new UpstreamUnavailableError(`the stream broke: ${(e as Error).message}`, streamInfo(res));
     }
@@ -252,16 +245,12 @@ export class MoltGhostAgent {
       });
     } catch (e) {
       if (signal?.aborted) {
-        throw new AbortedError("the request was aborted", { status: 0, code: "aborted", type: "aborted" });
+        throw localError("aborted", "the request was aborted");
       }
       if (timer.aborted) {
-        throw new TimeoutError(`no answer within ${limit} s`, { status: 0, code: "timeout", type: "timeout" });
+        throw localError("timeout", `no answer within ${limit} s`);
       }
-      throw new ConnectionError(`cannot reach ${this.url.origin}: ${(e as Error).message}`, {
-        status: 0,
-        code: "connection_error",
-        type: "connection_error",
-      });
+      throw localError("connection_error", `cannot reach ${this.url.origin}: ${(e as Error).message}`);
     }
     // 202 is "agent initializing": an error here, not a success.
     if (res.status >= 200 && res.status < 300 && res.status !== 202) return res;
@@ -305,7 +294,7 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
       "abort",
       () => {
         clearTimeout(t);
-        reject(new AbortedError("the request was aborted", { status: 0, code: "aborted", type: "aborted" }));
+        reject(localError("aborted", "the request was aborted"));
       },
       { once: true },
     );

@@ -145,3 +145,9 @@ function codeForStatus(status: number): string {
       return status >= 500 ? "upstream_unavailable" : "invalid_request";
   }
 }
+
+/** An error of the SDK's own (no answer from the edge): `aborted`, `timeout`, `connection_error`. */
+export function localError(code: "aborted" | "timeout" | "connection_error", message: string): MoltGhostError {
+  const Class = CLASSES[code];
+  return new Class(message, { status: 0, code, type: code });
+}

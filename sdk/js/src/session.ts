@@ -1,4 +1,4 @@
-import { AbortedError, ConnectionError, MoltGhostError, errorFrom } from "./errors.js";
+import { MoltGhostError, errorFrom, localError } from "./errors.js";
 import type { ChatMessage, ChatOptions, ChatResponse, Usage } from "./agent.js";
 import { chatBody } from "./agent.js";
 
@@ -51,9 +51,9 @@ export class MoltGhostSession {
     this.#socket = socket;
     this.closed = new Promise((resolve) => {
       socket.addEventListener("close", ((ev: { code: number; reason: string }) => {
-        const err = new ConnectionError(
+        const err = localError(
+          "connection_error",
           `the WebSocket closed (${ev.code}${ev.reason ? `: ${ev.reason}` : ""})`,
-          { status: 0, code: "connection_error", type: "connection_error" },
         );
         this.#fail(err);
         resolve({ code: ev.code, reason: ev.reason });
@@ -75,7 +75,7 @@ export class MoltGhostSession {
     await new Promise<void>((resolve, reject) => {
       const abort = () => {
         socket.close();
-        reject(new AbortedError("aborted", { status: 0, code: "aborted", type: "aborted" }));
+        reject(localError("aborted", "the session was aborted while opening"));
       };
       options.signal?.addEventListener("abort", abort, { once: true });
       socket.addEventListener("open", (() => resolve()) as never);
@@ -100,11 +100,7 @@ export class MoltGhostSession {
       });
       socket.addEventListener("error", (() =>
         reject(
-          new ConnectionError(`cannot open ${url}`, {
-            status: 0,
-            code: "connection_error",
-            type: "connection_error",
-          }),
+          localError("connection_error", `cannot open ${url}`),
         )) as never);
     });
     return new MoltGhostSession(socket);

@@ -1,0 +1,32 @@
+# Shared by the benchmark scripts (sourced, after they set BIN and WORK): waiting for a port,
+# an edge config for benchmarks, and a key for its agent.
+
+# Waits up to 30 s for 127.0.0.1:PORT to accept connections.
+wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+# bench_edge_conf PORT ADMIN_PORT DATA_DIR AGENT_ID UPSTREAM: an edge with a plan no benchmark
+# reaches and one agent (data in $WORK/DATA_DIR).
+bench_edge_conf() {
+  cat <<TOML
+[listen]
+http = ["127.0.0.1:$1"]
+admin = "127.0.0.1:$2"
+[edge]
+data_dir = "$WORK/$3"
+shutdown_timeout = "1s"
+[[plans]]
+name = "bench"
+requests_per_minute = 10000000
+tokens_per_month = 100000000000
+concurrent_streams = 100000
+[[agents]]
+id = "$4"
+upstream = "$5"
+TOML
+}
+
+# bench_key ADMIN_PORT DATA_DIR AGENT_ID: a new key for the agent, from the edge's admin API.
+bench_key() {
+  MOLTGHOST_ADMIN_URL=http://127.0.0.1:$1 MOLTGHOST_ADMIN_TOKEN=$("$BIN/moltghost" --data-dir "$WORK/$2" token --ttl 2h) \
+    "$BIN/moltghost" auth create-key --agent "$3" --name bench
+}
