@@ -402,7 +402,9 @@ fn sse_response(stats: Arc<Stats>, spec: StreamSpec) -> Response {
                 tokio::time::sleep(plan.interval).await;
             }
             if plan.abort_after == Some(i) {
-                // An error item makes hyper drop the connection mid-body: a broken stream.
+                // An error item makes hyper drop the connection mid-body: a broken stream. The
+                // tokens before it go out first (hyper drops what it has not written yet).
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 let _ = send(Err(std::io::Error::other("aborted on request"))).await;
                 return;
             }

@@ -214,6 +214,9 @@ pub struct Control {
     pub plugins: arc_swap::ArcSwap<crate::plugins::PluginSet>,
     /// TLS certificates, when the edge terminates TLS.
     pub certs: Option<Arc<crate::tls::CertResolver>>,
+    /// True once the process drains (an upgrade or a stop): long-lived connections (WebSockets)
+    /// finish what they are doing and close, without each polling for it.
+    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Control {
@@ -459,6 +462,16 @@ impl Control {
         }
     }
 
+    /// Says "draining" to whoever watches [`Control::draining`] once shutdown begins.
+    async fn on_shutdown(self: Arc<Self>, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        self.draining.send_replace(true);
+    }
+
     /// Writes key last-used times every `last_used_flush`, and once more at shutdown.
     async fn flush(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(self.cfg().last_used_flush);
@@ -509,7 +522,8 @@ impl BackgroundService for ControlPlane {
         let fleet = tokio::spawn(control.clone().sync_fleet(store.clone(), shutdown.clone()));
         let certs = tokio::spawn(control.clone().watch_certs(shutdown.clone()));
         let hup = tokio::spawn(control.clone().on_sighup(store.clone(), shutdown.clone()));
+        let draining = tokio::spawn(control.clone().on_shutdown(shutdown.clone()));
         let admin = tokio::spawn(crate::admin::serve(control.clone(), store, shutdown));
-        let _ = tokio::join!(watcher, flusher, fleet, certs, hup, admin);
+        let _ = tokio::join!(watcher, flusher, fleet, certs, hup, draining, admin);
     }
 }

@@ -142,6 +142,7 @@ fn prepare(
         certs,
         tunnels,
         plugins: arc_swap::ArcSwap::from_pointee(plugins),
+        draining: tokio::sync::watch::Sender::new(false),
     }))
 }
 

@@ -41,9 +41,6 @@ use crate::ws::{self, ClientMessage};
 /// Messages a client may send ahead while an answer streams; more is refused, one by one.
 const MAX_QUEUED: usize = 16;
 
-/// How often an idle socket looks at the process draining (an upgrade or a stop).
-const DRAIN_CHECK: Duration = Duration::from_millis(100);
-
 /// How long the edge waits for the client's reply to its close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -220,13 +217,14 @@ impl Connection {
     async fn run(&mut self, edge: &Edge, session: &mut Session) -> End {
         let ping_every = edge.cfg().websocket_ping_interval;
         let mut next_ping = Instant::now() + ping_every;
+        let mut draining = edge.control.draining.subscribe();
         loop {
             while let Some(text) = self.queue.pop_front() {
                 if let Some(end) = self.answer(edge, session, text).await {
                     return end;
                 }
             }
-            if session.is_process_shutting_down() {
+            if *draining.borrow_and_update() {
                 return End::Draining;
             }
             let incoming = tokio::select! {
@@ -235,7 +233,8 @@ impl Connection {
                     let code = ws::close_code(&e);
                     return End::Error(e, code);
                 }
-                _ = tokio::time::sleep(DRAIN_CHECK) => None,
+                _ = draining.changed() => None,
+                _ = tokio::time::sleep_until(next_ping) => None,
                 r = read_more(session, &mut self.socket) => Some(r),
             };
             match incoming {

@@ -338,3 +338,28 @@ async fn cancel_stops_the_answer_and_revocation_and_pause_close_the_socket() {
     s.admin_post("/v1/admin/agents/abc123/start", json!({}))
         .await;
 }
+
+#[tokio::test]
+async fn idle_sockets_are_pinged_and_silent_ones_closed() {
+    let s = Stack::start("[limits]\nwebsocket_ping_interval = \"1s\"\n").await;
+    // A client that reads answers the edge's pings (tungstenite pongs as it reads): it stays.
+    let mut alive = connect(&s, &[bearer(&s.key)]).await;
+    // One that reads nothing for 3.5 s never pongs: closed with 1001 after two silent intervals.
+    let mut silent = connect(&s, &[bearer(&s.key)]).await;
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, alive.next()).await {
+            if let Ok(Message::Ping(_)) = m {
+                pings += 1;
+            }
+        }
+        (alive, pings)
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (mut alive, pings) = reader.await.unwrap();
+    assert!(pings >= 2, "{pings} pings");
+    let (text, _) = ask(&mut alive, hello()).await;
+    assert!(!text.is_empty(), "the answering client is still served");
+    assert_eq!(close_code(&mut silent).await, 1001);
+}
