@@ -183,8 +183,10 @@ enum End {
     Draining,
     /// The client stopped answering pings.
     Silent,
-    /// An error that ends the socket, sent as an error frame first when it is the edge's.
+    /// An error that ends the socket, sent as an error frame first, then the close code.
     Error(EdgeError, u16),
+    /// An error already sent as a frame that ends the socket: its code, and the close code.
+    Refused(&'static str, u16),
 }
 
 /// One open WebSocket.
@@ -246,9 +248,6 @@ impl Connection {
                 Ok(()) => {}
                 Err(end) => return end,
             }
-            if let Err(end) = self.flush(session).await {
-                return end;
-            }
             let now = Instant::now();
             if now >= next_ping {
                 if now.duration_since(self.heard) > 2 * ping_every {
@@ -256,6 +255,10 @@ impl Connection {
                 }
                 let _ = self.socket.write(Message::Ping(Bytes::new()));
                 next_ping = now + ping_every;
+            }
+            // Pongs, pings and error frames go out now, not with the next wake-up.
+            if let Err(end) = self.flush(session).await {
+                return end;
             }
         }
     }
@@ -377,9 +380,13 @@ impl Connection {
                     Ok(()) => {
                         policy::still_admitted(&edge.control.registry.load(), &self.admission)
                             .err()
-                            .map(|e| {
-                                let code = ws::close_code(&e);
-                                End::Error(e, code)
+                            .map(|now| {
+                                let code = ws::close_code(&now);
+                                if now.code() == e.code() {
+                                    End::Refused(now.code(), code) // its frame just went
+                                } else {
+                                    End::Error(now, code)
+                                }
                             })
                     }
                 }
@@ -595,6 +602,7 @@ impl Connection {
                 let _ = self.socket.write(Message::text(e.to_json().to_string()));
                 (*code, e.code().to_owned())
             }
+            End::Refused(error, code) => (*code, (*error).to_owned()),
         };
         if !self.closed || matches!(end, End::Client) {
             let _ = self.socket.close(Some(CloseFrame {
