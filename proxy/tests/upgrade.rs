@@ -71,10 +71,15 @@ async fn upgrade_and_reload_under_streaming_load_lose_nothing() {
                         false
                     }
                     // Pingora drops a connection it accepted just before it began to drain
-                    // if the request's bytes had not arrived yet (Pingora's
-                    // `handle_new_request`): closed with no answer at all, the request never
-                    // reached the edge's phases. Sent again, as a client would; counted apart.
-                    Err(e) if format!("{e:?}").contains("IncompleteMessage") => {
+                    // if the request's bytes had not been read yet (Pingora's
+                    // `handle_new_request`): closed with no answer at all (a FIN, or a reset
+                    // when the bytes had arrived), the request never reached the edge's phases.
+                    // Sent again, as a client would; counted apart, and bounded below.
+                    Err(e)
+                        if ["IncompleteMessage", "ConnectionReset", "BrokenPipe"]
+                            .iter()
+                            .any(|s| format!("{e:?}").contains(s)) =>
+                    {
                         unanswered.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -204,6 +209,8 @@ async fn upgrade_and_reload_under_streaming_load_lose_nothing() {
     let _ = new.wait();
     assert!(status.success(), "old edge: {status}");
     assert_eq!(failed, 0, "old log:\n{}\nnew log:\n{new_log}", s.log());
+    // The hand-over race hits at most the few connections accepted in its instant.
+    assert!(unanswered.load(Ordering::Relaxed) <= 3);
     assert!(
         streams > 20 && calls > 50 && ws_answers > 20,
         "{streams} streams, {calls} calls, {ws_answers} WebSocket answers"
