@@ -64,19 +64,11 @@ async fn metrics_count_what_was_served() {
         .unwrap();
     assert_eq!(r.status(), 401);
 
-    let scrape = || async {
-        reqwest::get(format!("{}/metrics", s.admin_url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
     let ok = r#"moltghost_requests_total{agent="abc123",code="",route="/v1/chat/completions",status="200"}"#;
     let t0 = Instant::now();
     let text = loop {
         // Requests are recorded in the logging phase, just after their answer.
-        let text = scrape().await;
+        let text = s.metrics().await;
         if value(&text, ok) == Some(3.0)
             && value(
                 &text,

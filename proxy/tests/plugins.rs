@@ -225,12 +225,7 @@ async fn plugins_that_loop_hoard_or_trap_follow_their_fail_policy_and_the_edge_k
         "{body}"
     );
     // Metrics: failures counted, the plugin's own metric and shared data worked.
-    let metrics = reqwest::get(format!("{}/metrics", s.admin_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     let value = |prefix: &str| -> f64 {
         metrics
             .lines()

@@ -146,12 +146,7 @@ async fn requests_and_streams_go_through_the_tunnel_with_a_signed_identity() {
         status["tunnel"]["pods"][0]["tunnel"]["up"], true,
         "{status}"
     );
-    let metrics = reqwest::get(format!("{}/metrics", p.s.admin_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = p.s.metrics().await;
     let pod_label = format!("pod=\"{}@{}\"", p.pod.key, p.pod.addr);
     for name in [
         "moltghost_tunnel_up",

@@ -151,9 +151,14 @@ async fn messages_stream_as_frames_on_one_socket() {
     assert_eq!(frame(&mut ws).await["error"]["code"], "invalid_request");
     let (text, _) = ask(&mut ws, hello()).await;
     assert!(!text.is_empty());
-    // A clean close: 1000 echoed.
-    ws.close(None).await.unwrap();
-    assert_eq!(close_code(&mut ws).await, 1005);
+    // A clean close: the client's 1000 echoed.
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(close_code(&mut ws).await, 1000);
 
     // Every answered message is accounted: 5 answers (4 + the capped one) under the test key.
     let line = s.ledger_for("tests", 5).await;
@@ -167,12 +172,7 @@ async fn messages_stream_as_frames_on_one_socket() {
         .count();
     assert_eq!(lines, 9, "{log}");
     assert!(!log.contains(&s.key));
-    let metrics = reqwest::get(format!("{}/metrics", s.admin_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains(
             "moltghost_requests_total{agent=\"abc123\",code=\"\",route=\"/ws\",status=\"200\"}"
@@ -269,8 +269,12 @@ async fn limits_apply_per_message() {
         }
         let e = refused.unwrap_or_else(|| panic!("{plan}: never refused"));
         assert_eq!(e["code"], code, "{plan}: {e}");
-        // A refused message leaves the socket open.
-        ws.send(Message::Ping(vec![].into())).await.unwrap();
+        // A refused message leaves the socket open: the next one is answered (or refused) too.
+        let (_, next) = ask(&mut ws, hello()).await;
+        assert!(
+            next.get("error").is_some() || next["done"] == true,
+            "{next}"
+        );
     }
 }
 

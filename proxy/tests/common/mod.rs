@@ -214,6 +214,16 @@ impl Stack {
             .unwrap()
     }
 
+    /// The edge's Prometheus text (`/metrics` on the admin listener).
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin_url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Calls the admin API and returns the JSON answer, panicking on a non-2xx.
     pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
         let r = reqwest::Client::new()
