@@ -1,5 +1,13 @@
-# Shared by the benchmark scripts (sourced, after they set BIN and WORK): waiting for a port,
-# an edge config for benchmarks, and a key for its agent.
+# Shared by the benchmark scripts (sourced once ROOT and WORK are set): the processes they start
+# stopped at exit, the release binaries' directory, waiting for a port, an edge config for
+# benchmarks, and a key for its agent.
+
+# Every process a script starts goes in PIDS; all are stopped when it exits, however it exits.
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+ulimit -n 20000
 
 # Waits up to 30 s for 127.0.0.1:PORT to accept connections.
 wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }

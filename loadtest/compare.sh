@@ -17,18 +17,17 @@ SSE_DUR=${SSE_DURATION:-30s}
 [ "${QUICK:-0}" = 1 ] && DUR=3s && SSE_DUR=6s
 RT_PORT=19100 EDGE_PORT=18080 ADMIN_PORT=19901 NGINX_PORT=18081 HAPROXY_PORT=18082 LITELLM_PORT=18083
 BARE_PORT=18084 BARE_ADMIN_PORT=19904
-PIDS=()
+. loadtest/bench-lib.sh
+# nginx daemonizes: stop it by its pid file too.
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
   wait 2>/dev/null || true
 }
-trap cleanup EXIT
 
 echo "== building (release)"
 ./scripts/setup.sh
 cargo build --release --workspace --bins -q
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 
 if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
   echo "== installing nginx and haproxy (Debian)"
@@ -38,9 +37,6 @@ if [ "${SKIP_LITELLM:-0}" != 1 ] && ! command -v litellm >/dev/null; then
   echo "== installing litellm[proxy] (PyPI)"
   python3 -m pip install -q 'litellm[proxy]'
 fi
-ulimit -n 20000
-
-. loadtest/bench-lib.sh
 fill() { sed -e "s#__DIR__#$WORK#g" -e "s#__RUNTIME__#127.0.0.1:$RT_PORT#g" -e "s#__PORT__#$2#g" "$1"; }
 
 echo "== starting the runtime, the edge and the peers in $WORK"

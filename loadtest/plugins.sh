@@ -14,9 +14,7 @@ WORK=$(mktemp -d /tmp/moltghost-plugins.XXXX)
 DUR=${DURATION:-15s}
 [ "${QUICK:-0}" = 1 ] && DUR=3s
 RT_PORT=19300 BARE_PORT=18280 BARE_ADMIN=19903 PLUG_PORT=18281 PLUG_ADMIN=19904
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+. loadtest/bench-lib.sh
 
 echo "== building (release) and the example plugins (wasm32-wasip1)"
 ./scripts/setup.sh
@@ -24,9 +22,6 @@ cargo build --release --workspace --bins -q
 PLUGIN_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/plugins
 (cd plugins && CARGO_TARGET_DIR=$PLUGIN_TARGET cargo build --release --target wasm32-wasip1 -q)
 WASM=$PLUGIN_TARGET/wasm32-wasip1/release
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-ulimit -n 20000
-. loadtest/bench-lib.sh
 
 "$BIN/agent-runtime" --listen 127.0.0.1:$RT_PORT > "$WORK/runtime.log" 2>&1 & PIDS+=($!)
 bench_edge_conf $BARE_PORT $BARE_ADMIN bare bench "http://127.0.0.1:$RT_PORT" > "$WORK/bare.toml"

@@ -14,17 +14,12 @@ WORK=$(mktemp -d /tmp/moltghost-tunnel.XXXX)
 DUR=${DURATION:-15s}; SECS=${SECONDS_EACH:-5}
 [ "${QUICK:-0}" = 1 ] && DUR=3s && SECS=1
 RT_PORT=19200 EDGE_PORT=18180 ADMIN_PORT=19902 POD_PORT=51900
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+. loadtest/bench-lib.sh
 
 echo "== building (release)"
 ./scripts/setup.sh
 cargo build --release --workspace --bins -q
 cargo build --release -q --example tunnel_bench
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-ulimit -n 20000
-. loadtest/bench-lib.sh
 
 echo "== starting the runtime, the edge and the pod sidecar in $WORK"
 "$BIN/agent-runtime" --listen 127.0.0.1:$RT_PORT > "$WORK/runtime.log" 2>&1 & PIDS+=($!)

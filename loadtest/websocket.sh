@@ -15,16 +15,11 @@ WORK=$(mktemp -d /tmp/moltghost-ws.XXXX)
 DUR=${DURATION:-15s}
 [ "${QUICK:-0}" = 1 ] && DUR=3s
 RT_PORT=19400 EDGE_PORT=18380 ADMIN=19905
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+. loadtest/bench-lib.sh
 
 echo "== building (release)"
 ./scripts/setup.sh
 cargo build --release --workspace --bins -q
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-ulimit -n 20000
-. loadtest/bench-lib.sh
 
 "$BIN/agent-runtime" --listen 127.0.0.1:$RT_PORT > "$WORK/runtime.log" 2>&1 & PIDS+=($!)
 bench_edge_conf $EDGE_PORT $ADMIN edge bench "http://127.0.0.1:$RT_PORT" > "$WORK/edge.toml"

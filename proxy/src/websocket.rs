@@ -206,14 +206,6 @@ struct Connection {
     closed: bool,
 }
 
-/// What one read of the client's bytes yielded.
-enum Incoming {
-    /// A text message.
-    Text(Bytes),
-    /// The socket ended.
-    End(End),
-}
-
 impl Connection {
     /// Answers messages until the socket ends.
     async fn run(&mut self, edge: &Edge, session: &mut Session) -> End {
@@ -268,41 +260,40 @@ impl Connection {
     fn take_messages(&mut self) -> Result<(), End> {
         loop {
             match self.next_message()? {
-                Some(Incoming::Text(t)) if self.queue.len() < MAX_QUEUED => self.queue.push_back(t),
-                Some(Incoming::Text(_)) => {
-                    let e = EdgeError::InvalidRequest(
-                        format!("too many messages waiting: at most {MAX_QUEUED} may be queued")
-                            .into(),
-                    );
-                    let _ = self.socket.write(Message::text(e.to_json().to_string()));
-                }
-                Some(Incoming::End(end)) => return Err(end),
+                Some(t) if self.queue.len() < MAX_QUEUED => self.queue.push_back(t),
+                Some(_) => self.queue_error(&EdgeError::InvalidRequest(
+                    format!("too many messages waiting: at most {MAX_QUEUED} may be queued").into(),
+                )),
                 None => return Ok(()),
             }
         }
     }
 
+    /// Queues an error frame (written with the next flush).
+    fn queue_error(&mut self, e: &EdgeError) {
+        let _ = self.socket.write(Message::text(e.to_json().to_string()));
+    }
+
     /// The next message decoded from what has arrived, if whole.
-    fn next_message(&mut self) -> Result<Option<Incoming>, End> {
+    fn next_message(&mut self) -> Result<Option<Bytes>, End> {
         loop {
             return match self.socket.read() {
-                Ok(Message::Text(t)) => Ok(Some(Incoming::Text(Bytes::from(t)))),
+                Ok(Message::Text(t)) => Ok(Some(Bytes::from(t))),
                 Ok(Message::Binary(_)) => {
-                    let e = EdgeError::InvalidRequest(
+                    self.queue_error(&EdgeError::InvalidRequest(
                         "messages are JSON text frames; binary frames are not accepted".into(),
-                    );
-                    let _ = self.socket.write(Message::text(e.to_json().to_string()));
+                    ));
                     continue;
                 }
                 Ok(Message::Close(_)) => {
                     self.closed = true;
-                    Ok(Some(Incoming::End(End::Client)))
+                    Err(End::Client)
                 }
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     self.closed = true;
-                    Ok(Some(Incoming::End(End::Client)))
+                    Err(End::Client)
                 }
                 Err(tungstenite::Error::Capacity(e)) => Err(End::Error(
                     EdgeError::InvalidRequest(format!("message too large: {e}").into()),
@@ -599,7 +590,7 @@ impl Connection {
             End::Draining => (1001, "the edge is restarting: reconnect".into()),
             End::Silent => (1001, "no answer to pings".into()),
             End::Error(e, code) => {
-                let _ = self.socket.write(Message::text(e.to_json().to_string()));
+                self.queue_error(e);
                 (*code, e.code().to_owned())
             }
             End::Refused(error, code) => (*code, (*error).to_owned()),
@@ -616,13 +607,13 @@ impl Connection {
             let _ = tokio::time::timeout(CLOSE_WAIT, async {
                 loop {
                     match self.next_message() {
-                        Ok(Some(Incoming::Text(_))) => {} // too late: the edge said it closes
+                        Ok(Some(_)) => {} // too late: the edge said it closes
                         Ok(None) => {
                             if read_more(session, &mut self.socket).await.is_err() {
                                 break;
                             }
                         }
-                        Ok(Some(Incoming::End(_))) | Err(_) => break,
+                        Err(_) => break,
                     }
                 }
             })

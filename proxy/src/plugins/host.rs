@@ -961,15 +961,9 @@ fn define_host(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_increment_metric",
         |c: Caller<'_, Host>, id: i32, delta: i64| -> i32 {
-            let m = c
-                .data()
-                .shared
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match m.get(id as u32 as usize) {
-                Some((_, 2, _)) => Status::BadArgument as i32,
-                Some((_, _, v)) => {
+            match metric(c.data(), id) {
+                Some((2, _)) => Status::BadArgument as i32,
+                Some((_, v)) => {
                     v.fetch_add(delta, Relaxed);
                     Status::Ok as i32
                 }
@@ -981,14 +975,8 @@ fn define_host(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_record_metric",
         |c: Caller<'_, Host>, id: i32, value: i64| -> i32 {
-            let m = c
-                .data()
-                .shared
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match m.get(id as u32 as usize) {
-                Some((_, _, v)) => {
+            match metric(c.data(), id) {
+                Some((_, v)) => {
                     v.store(value, Relaxed);
                     Status::Ok as i32
                 }
@@ -1000,18 +988,10 @@ fn define_host(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_metric",
         |mut c: Caller<'_, Host>, id: i32, ret: i32| -> i32 {
-            let v = {
-                let m = c
-                    .data()
-                    .shared
-                    .metrics
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                match m.get(id as u32 as usize) {
-                    Some((_, 2, _)) => return Status::BadArgument as i32,
-                    Some((_, _, v)) => v.load(Relaxed),
-                    None => return Status::NotFound as i32,
-                }
+            let v = match metric(c.data(), id) {
+                Some((2, _)) => return Status::BadArgument as i32,
+                Some((_, v)) => v.load(Relaxed),
+                None => return Status::NotFound as i32,
             };
             try_raw!(
                 write_bytes(&mut c, ret, &v.to_le_bytes()),
@@ -1021,6 +1001,17 @@ fn define_host(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// A plugin's metric by id: its kind (0 counter, 1 gauge, 2 histogram) and its value.
+fn metric(host: &Host, id: i32) -> Option<(i32, Arc<AtomicI64>)> {
+    let m = host
+        .shared
+        .metrics
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    m.get(id as u32 as usize)
+        .map(|(_, kind, v)| (*kind, v.clone()))
 }
 
 /// `request.headers.<name>`-style lookups that Envoy offers as attributes.
