@@ -16,6 +16,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use moltghost_protocol::head;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::error::EdgeError;
 use crate::identity::{CallerIdentity, IdentityVerifier};
 use crate::tunnel::{bind_udp, keys, Link, LinkConfig, Role, POD_PORT};
 
@@ -327,14 +328,14 @@ impl Forward {
                         head::HeadError::TooLarge => "request head too large",
                         head::HeadError::Malformed => "malformed request head",
                     };
-                    return reply(&to_edge, 400, why).await;
+                    return reply(&to_edge, &EdgeError::InvalidRequest(why.into())).await;
                 }
             };
             let caller = match self.verify(h.identity).await {
                 Ok(c) => c,
                 Err(why) => {
                     tracing::warn!(reason = %why, "request without a valid caller identity refused");
-                    return reply(&to_edge, 401, &why).await;
+                    return reply(&to_edge, &EdgeError::InvalidIdentity(why.into())).await;
                 }
             };
             out.clear();
@@ -359,12 +360,10 @@ impl Forward {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "runtime unreachable");
-                        return reply(
-                            &to_edge,
-                            502,
-                            "the agent runtime is unreachable from its pod",
-                        )
-                        .await;
+                        let e = EdgeError::RuntimeUnreachable(
+                            "the agent runtime is unreachable from its pod".into(),
+                        );
+                        return reply(&to_edge, &e).await;
                     }
                 }
             }
@@ -418,20 +417,21 @@ async fn copy_answers<S: tokio::io::AsyncWrite>(
     let _ = to.lock().await.shutdown().await;
 }
 
-/// Answers the edge with an error in the API's JSON shape, and closes the connection.
-async fn reply<S: tokio::io::AsyncWrite>(to: &EdgeWriter<S>, status: u16, message: &str) {
-    let (reason, kind, code) = match status {
-        401 => ("Unauthorized", "authentication_error", "invalid_identity"),
-        502 => ("Bad Gateway", "upstream_error", "runtime_unreachable"),
-        _ => ("Bad Request", "invalid_request_error", "invalid_request"),
-    };
-    let body =
-        serde_json::json!({"error": {"message": message, "type": kind, "code": code}}).to_string();
+/// Answers the edge with an error from the table, and closes the connection.
+async fn reply<S: tokio::io::AsyncWrite>(to: &EdgeWriter<S>, err: &EdgeError) {
+    let status = err.status();
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let body = err.body();
     let answer = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
+    let mut answer = answer.into_bytes();
+    answer.extend_from_slice(&body);
     let mut w = to.lock().await;
-    let _ = w.write_all(answer.as_bytes()).await;
+    let _ = w.write_all(&answer).await;
     let _ = w.shutdown().await;
 }

@@ -80,6 +80,15 @@ pub enum EdgeError {
     /// A policy plugin whose fail policy is `closed` failed (trapped, ran past its deadline or
     /// its memory limit, or is backing off after doing so).
     PluginFailed(Cow<'static, str>),
+    /// Plain HTTP on an edge configured to redirect it: the same URL over HTTPS.
+    HttpsRequired {
+        /// The `https://` URL to use instead.
+        location: String,
+    },
+    /// The pod sidecar refused a request whose caller identity did not verify.
+    InvalidIdentity(Cow<'static, str>),
+    /// The pod sidecar could not reach the agent runtime beside it.
+    RuntimeUnreachable(Cow<'static, str>),
 }
 
 impl EdgeError {
@@ -104,6 +113,9 @@ impl EdgeError {
             Self::Forbidden(_) => 403,
             Self::Conflict(_) => 409,
             Self::PluginFailed(_) => 503,
+            Self::HttpsRequired { .. } => 308,
+            Self::InvalidIdentity(_) => 401,
+            Self::RuntimeUnreachable(_) => 502,
         }
     }
 
@@ -132,6 +144,9 @@ impl EdgeError {
             Self::Forbidden(_) => "forbidden",
             Self::Conflict(_) => "conflict",
             Self::PluginFailed(_) => "plugin_failed",
+            Self::HttpsRequired { .. } => "https_required",
+            Self::InvalidIdentity(_) => "invalid_identity",
+            Self::RuntimeUnreachable(_) => "runtime_unreachable",
         }
     }
 
@@ -177,7 +192,10 @@ impl EdgeError {
             | Self::Unauthenticated(m)
             | Self::Forbidden(m)
             | Self::Conflict(m)
-            | Self::PluginFailed(m) => m.as_ref().into(),
+            | Self::PluginFailed(m)
+            | Self::InvalidIdentity(m)
+            | Self::RuntimeUnreachable(m) => m.as_ref().into(),
+            Self::HttpsRequired { .. } => "use https://".into(),
             Self::BodyTooLarge { limit } => {
                 format!("Request body exceeds the limit of {limit} bytes").into()
             }
@@ -198,6 +216,7 @@ impl EdgeError {
             Self::AgentPaused => vec![("retry-after", "60".into())],
             Self::AgentInitializing => vec![("retry-after", "60".into())],
             Self::MethodNotAllowed { allow } => vec![("allow", (*allow).into())],
+            Self::HttpsRequired { location } => vec![("location", location.clone())],
             _ => Vec::new(),
         }
     }
@@ -265,5 +284,31 @@ mod tests {
         assert!(EdgeError::QuotaExceeded
             .headers()
             .contains(&("x-should-retry", "false".into())));
+    }
+
+    #[test]
+    fn bodies_once_built_by_hand_come_from_the_table() {
+        let redirect = EdgeError::HttpsRequired {
+            location: "https://a.example/v1/models".into(),
+        };
+        assert_eq!(redirect.status(), 308);
+        assert_eq!(
+            redirect.to_json(),
+            serde_json::json!({"error": {"message": "use https://", "code": "https_required", "type": "invalid_request_error"}})
+        );
+        assert_eq!(
+            redirect.headers(),
+            vec![("location", "https://a.example/v1/models".to_string())]
+        );
+        let identity = EdgeError::InvalidIdentity("no caller identity".into());
+        assert_eq!(
+            (identity.status(), identity.code(), identity.kind()),
+            (401, "invalid_identity", "authentication_error")
+        );
+        let runtime = EdgeError::RuntimeUnreachable("connection refused".into());
+        assert_eq!(
+            (runtime.status(), runtime.code(), runtime.kind()),
+            (502, "runtime_unreachable", "upstream_error")
+        );
     }
 }
