@@ -13,7 +13,9 @@
 //! back-off, and the request in flight follows the plugin's fail policy.
 
 pub mod abi;
+mod calls;
 pub mod host;
+mod wasi;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -346,6 +348,24 @@ pub enum Verdict {
     Respond(LocalResponse),
     /// A fail-closed plugin failed; the message names it.
     Failed(String),
+}
+
+impl Verdict {
+    /// The verdict as the edge's error, from the one table: a fail-closed failure is
+    /// `plugin_failed`, a local answer `policy_denied` with the plugin's status and reason.
+    pub fn into_error(self) -> crate::error::EdgeError {
+        match self {
+            Self::Failed(m) => crate::error::EdgeError::PluginFailed(m.into()),
+            Self::Respond(local) => crate::error::EdgeError::Denied {
+                status: local.status,
+                message: if local.details.is_empty() {
+                    "Denied by policy".into()
+                } else {
+                    local.details
+                },
+            },
+        }
+    }
 }
 
 /// One request's walk through the plugins: contexts in this thread's VMs, the exchange they

@@ -1,0 +1,679 @@
+//! The Proxy-Wasm ABI's host calls (the `env` imports), defined in groups: log and time,
+//! header maps, buffers, the local response, properties, shared data, metrics.
+//!
+//! Host calls never trust the plugin: every pointer and length is checked against its memory
+//! (`InvalidMemoryAccess`), every map it writes is decoded defensively (`ParseFailure`), and what
+//! this host does not offer answers `InternalFailure` or `NotFound`, statuses the SDKs handle.
+
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use wasmtime::{Caller, Extern, Linker, Memory};
+
+use super::abi::{self, BufferType, Headers, MapType, Status};
+use super::host::{Exchange, Host, LocalResponse};
+
+/// The plugin's memory.
+fn memory(caller: &mut Caller<'_, Host>) -> Option<Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// The guest bytes at `ptr..ptr+len`, copied; `None` when out of bounds.
+pub(super) fn read(caller: &mut Caller<'_, Host>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let mem = memory(caller)?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    mem.data(&*caller)
+        .get(ptr..ptr.checked_add(len)?)
+        .map(<[u8]>::to_vec)
+}
+
+pub(super) fn write_bytes(caller: &mut Caller<'_, Host>, ptr: i32, bytes: &[u8]) -> Option<()> {
+    let mem = memory(caller)?;
+    let ptr = ptr as u32 as usize;
+    mem.data_mut(&mut *caller)
+        .get_mut(ptr..ptr.checked_add(bytes.len())?)?
+        .copy_from_slice(bytes);
+    Some(())
+}
+
+pub(super) fn write_u32(caller: &mut Caller<'_, Host>, ptr: i32, v: u32) -> Option<()> {
+    write_bytes(caller, ptr, &v.to_le_bytes())
+}
+
+/// Copies `bytes` into memory the guest allocates, and writes its address and size to the
+/// guest's `ret_ptr` and `ret_size`. A trap in the guest's allocator propagates.
+fn give(
+    caller: &mut Caller<'_, Host>,
+    bytes: &[u8],
+    ret_ptr: i32,
+    ret_size: i32,
+) -> wasmtime::Result<Status> {
+    let alloc = ["proxy_on_memory_allocate", "malloc"]
+        .iter()
+        .find_map(|n| caller.get_export(n).and_then(Extern::into_func));
+    let Some(alloc) = alloc else {
+        return Ok(Status::InternalFailure);
+    };
+    let alloc = alloc.typed::<i32, i32>(&*caller)?;
+    let addr = if bytes.is_empty() {
+        0
+    } else {
+        alloc.call(&mut *caller, bytes.len() as i32)?
+    };
+    if !bytes.is_empty() && (addr == 0 || write_bytes(caller, addr, bytes).is_none()) {
+        return Ok(Status::InvalidMemoryAccess);
+    }
+    if write_u32(caller, ret_ptr, addr as u32).is_none()
+        || write_u32(caller, ret_size, bytes.len() as u32).is_none()
+    {
+        return Ok(Status::InvalidMemoryAccess);
+    }
+    Ok(Status::Ok)
+}
+
+fn exchange<'a>(caller: &'a mut Caller<'_, Host>) -> Option<&'a mut Exchange> {
+    caller.data_mut().exchange.as_mut()
+}
+
+fn map(ex: &mut Exchange, t: MapType) -> Option<&mut Headers> {
+    match t {
+        MapType::RequestHeaders => Some(&mut ex.request_headers),
+        MapType::ResponseHeaders => Some(&mut ex.response_headers),
+        MapType::RequestTrailers | MapType::ResponseTrailers => None,
+    }
+}
+
+/// The value, or return the status (from a host call returning `wasmtime::Result<i32>`).
+macro_rules! try_status {
+    ($e:expr, $s:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok($s as i32),
+        }
+    };
+}
+
+/// The value, or return the status (from a host call returning `i32`).
+macro_rules! try_raw {
+    ($e:expr, $s:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return $s as i32,
+        }
+    };
+}
+
+// ------------------------------------------------------------------ the env imports
+
+/// Defines every `env` import of the ABI, group by group.
+pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    log_and_time(l)?;
+    header_maps(l)?;
+    buffers(l)?;
+    local_response(l)?;
+    properties(l)?;
+    shared_data(l)?;
+    metrics(l)
+}
+
+/// Logging, time, ticks, and the stream and context calls.
+fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: Caller<'_, Host>, level: i32, ptr: i32, len: i32| -> i32 {
+            let Some(msg) = read(&mut c, ptr, len) else {
+                return Status::InvalidMemoryAccess as i32;
+            };
+            let msg = String::from_utf8_lossy(&msg);
+            let plugin = c.data().shared.name.as_str();
+            match level {
+                0 => tracing::trace!(target: "plugin", plugin, "{msg}"),
+                1 => tracing::debug!(target: "plugin", plugin, "{msg}"),
+                2 => tracing::info!(target: "plugin", plugin, "{msg}"),
+                3 => tracing::warn!(target: "plugin", plugin, "{msg}"),
+                _ => tracing::error!(target: "plugin", plugin, "{msg}"),
+            }
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_log_level",
+        |mut c: Caller<'_, Host>, ret: i32| -> i32 {
+            let level = if tracing::enabled!(target: "plugin", tracing::Level::TRACE) {
+                0
+            } else if tracing::enabled!(target: "plugin", tracing::Level::DEBUG) {
+                1
+            } else {
+                2
+            };
+            try_raw!(write_u32(&mut c, ret, level), Status::InvalidMemoryAccess);
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: Caller<'_, Host>, ret: i32| -> i32 {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            try_raw!(
+                write_bytes(&mut c, ret, &now.to_le_bytes()),
+                Status::InvalidMemoryAccess
+            );
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |c: Caller<'_, Host>, ms: i32| -> i32 {
+            c.data().shared.tick_ms.store(ms as u32, Relaxed);
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |_: Caller<'_, Host>, _ctx: i32| -> i32 { Status::Ok as i32 },
+    )?;
+    l.func_wrap("env", "proxy_done", |_: Caller<'_, Host>| -> i32 {
+        Status::Ok as i32
+    })?;
+    for name in ["proxy_continue_stream", "proxy_close_stream"] {
+        l.func_wrap("env", name, |_: Caller<'_, Host>, _stream: i32| -> i32 {
+            Status::Ok as i32
+        })?;
+    }
+    // ABI 0.2.0's names for the same.
+    for name in [
+        "proxy_continue_request",
+        "proxy_continue_response",
+        "proxy_clear_route_cache",
+    ] {
+        l.func_wrap("env", name, |_: Caller<'_, Host>| -> i32 {
+            Status::Ok as i32
+        })?;
+    }
+
+    Ok(())
+}
+
+/// The header maps: get, set, add, replace, remove, pairs (trailers are not offered).
+fn header_maps(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: Caller<'_, Host>, t: i32, ret_ptr: i32, ret_size: i32| -> wasmtime::Result<i32> {
+            let t = try_status!(MapType::from_raw(t), Status::BadArgument);
+            let bytes = {
+                let ex = try_status!(exchange(&mut c), Status::NotFound);
+                match map(ex, t) {
+                    Some(m) => abi::encode_map(m.iter().map(|(k, v)| (k.as_str(), v.as_slice()))),
+                    None => abi::encode_map(std::iter::empty()),
+                }
+            };
+            Ok(give(&mut c, &bytes, ret_ptr, ret_size)? as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: Caller<'_, Host>, t: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            let t = try_status!(MapType::from_raw(t), Status::BadArgument);
+            let raw = try_status!(read(&mut c, ptr, len), Status::InvalidMemoryAccess);
+            let pairs = try_status!(abi::decode_map(&raw), Status::ParseFailure);
+            if !pairs
+                .iter()
+                .all(|(k, _)| abi::valid_header_name(k) || k.starts_with(':'))
+                || !pairs.iter().all(|(_, v)| abi::valid_header_value(v))
+            {
+                return Ok(Status::BadArgument as i32);
+            }
+            let ex = try_status!(exchange(&mut c), Status::NotFound);
+            let m = try_status!(map(ex, t), Status::BadArgument);
+            *m = pairs;
+            Ok(Status::Ok as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: Caller<'_, Host>,
+         t: i32,
+         kp: i32,
+         kl: i32,
+         ret_ptr: i32,
+         ret_size: i32|
+         -> wasmtime::Result<i32> {
+            let t = try_status!(MapType::from_raw(t), Status::BadArgument);
+            let key = try_status!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
+            let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
+            let value = {
+                let ex = try_status!(exchange(&mut c), Status::NotFound);
+                let m = try_status!(map(ex, t), Status::NotFound);
+                try_status!(
+                    m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()),
+                    Status::NotFound
+                )
+            };
+            Ok(give(&mut c, &value, ret_ptr, ret_size)? as i32)
+        },
+    )?;
+    for (name, mode) in [
+        ("proxy_add_header_map_value", 0),
+        ("proxy_replace_header_map_value", 1),
+    ] {
+        l.func_wrap(
+            "env",
+            name,
+            move |mut c: Caller<'_, Host>, t: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+                let t = try_raw!(MapType::from_raw(t), Status::BadArgument);
+                let key = try_raw!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
+                let value = try_raw!(read(&mut c, vp, vl), Status::InvalidMemoryAccess);
+                let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
+                if !(abi::valid_header_name(&key) || key.starts_with(':'))
+                    || !abi::valid_header_value(&value)
+                {
+                    return Status::BadArgument as i32;
+                }
+                let ex = try_raw!(exchange(&mut c), Status::NotFound);
+                let m = try_raw!(map(ex, t), Status::BadArgument);
+                if mode == 1 {
+                    m.retain(|(k, _)| *k != key);
+                }
+                m.push((key, value));
+                Status::Ok as i32
+            },
+        )?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: Caller<'_, Host>, t: i32, kp: i32, kl: i32| -> i32 {
+            let t = try_raw!(MapType::from_raw(t), Status::BadArgument);
+            let key = try_raw!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
+            let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
+            let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            let m = try_raw!(map(ex, t), Status::BadArgument);
+            m.retain(|(k, _)| *k != key);
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_size",
+        |mut c: Caller<'_, Host>, t: i32, ret: i32| -> i32 {
+            let t = try_raw!(MapType::from_raw(t), Status::BadArgument);
+            let n = {
+                let ex = try_raw!(exchange(&mut c), Status::NotFound);
+                map(ex, t).map_or(0, |m| m.len())
+            };
+            try_raw!(
+                write_u32(&mut c, ret, n as u32),
+                Status::InvalidMemoryAccess
+            );
+            Status::Ok as i32
+        },
+    )?;
+
+    Ok(())
+}
+
+/// The buffers: bodies, the plugin and VM configuration, and their replacement.
+fn buffers(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: Caller<'_, Host>,
+         t: i32,
+         start: i32,
+         max: i32,
+         ret_ptr: i32,
+         ret_size: i32|
+         -> wasmtime::Result<i32> {
+            let t = try_status!(BufferType::from_raw(t), Status::BadArgument);
+            let (start, max) = (start as u32 as usize, max as u32 as usize);
+            let bytes = {
+                let config = c.data().shared.config.clone();
+                let buf: &[u8] = match t {
+                    BufferType::PluginConfiguration => &config,
+                    BufferType::VmConfiguration => &[],
+                    BufferType::RequestBody | BufferType::ResponseBody => {
+                        let ex = try_status!(c.data().exchange.as_ref(), Status::NotFound);
+                        let b = if t == BufferType::RequestBody {
+                            &ex.request_body
+                        } else {
+                            &ex.response_body
+                        };
+                        let end = start.saturating_add(max).min(b.len());
+                        if start > b.len() {
+                            return Ok(Status::BadArgument as i32);
+                        }
+                        let out = b[start..end].to_vec();
+                        return Ok(give(&mut c, &out, ret_ptr, ret_size)? as i32);
+                    }
+                };
+                if start > buf.len() {
+                    return Ok(Status::BadArgument as i32);
+                }
+                buf[start..start.saturating_add(max).min(buf.len())].to_vec()
+            };
+            if bytes.is_empty() && t != BufferType::PluginConfiguration {
+                return Ok(Status::NotFound as i32);
+            }
+            Ok(give(&mut c, &bytes, ret_ptr, ret_size)? as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |mut c: Caller<'_, Host>, t: i32, start: i32, size: i32, ptr: i32, len: i32| -> i32 {
+            let t = try_raw!(BufferType::from_raw(t), Status::BadArgument);
+            let data = try_raw!(read(&mut c, ptr, len), Status::InvalidMemoryAccess);
+            let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            let b = match t {
+                BufferType::RequestBody => &mut ex.request_body,
+                BufferType::ResponseBody => &mut ex.response_body,
+                _ => return Status::BadArgument as i32,
+            };
+            let (start, size) = (start as u32 as usize, size as u32 as usize);
+            if start > b.len() {
+                return Status::BadArgument as i32;
+            }
+            let end = start.saturating_add(size).min(b.len());
+            let mut next = Vec::with_capacity(b.len() - (end - start) + data.len());
+            next.extend_from_slice(&b[..start]);
+            next.extend_from_slice(&data);
+            next.extend_from_slice(&b[end..]);
+            *b = Bytes::from(next);
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut c: Caller<'_, Host>, t: i32, len_ptr: i32, flags_ptr: i32| -> i32 {
+            let t = try_raw!(BufferType::from_raw(t), Status::BadArgument);
+            let n = match (t, c.data().exchange.as_ref()) {
+                (BufferType::RequestBody, Some(ex)) => ex.request_body.len(),
+                (BufferType::ResponseBody, Some(ex)) => ex.response_body.len(),
+                (BufferType::PluginConfiguration, _) => c.data().shared.config.len(),
+                _ => 0,
+            };
+            try_raw!(
+                write_u32(&mut c, len_ptr, n as u32),
+                Status::InvalidMemoryAccess
+            );
+            try_raw!(write_u32(&mut c, flags_ptr, 0), Status::InvalidMemoryAccess);
+            Status::Ok as i32
+        },
+    )?;
+
+    Ok(())
+}
+
+/// The local response: the request ends here with the plugin's answer.
+fn local_response(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: Caller<'_, Host>,
+         status: i32,
+         dp: i32,
+         dl: i32,
+         bp: i32,
+         bl: i32,
+         hp: i32,
+         hl: i32,
+         _grpc: i32|
+         -> i32 {
+            let details = try_raw!(read(&mut c, dp, dl), Status::InvalidMemoryAccess);
+            let body = try_raw!(read(&mut c, bp, bl), Status::InvalidMemoryAccess);
+            let raw = try_raw!(read(&mut c, hp, hl), Status::InvalidMemoryAccess);
+            let headers = try_raw!(abi::decode_map(&raw), Status::ParseFailure);
+            if !(200..600).contains(&status) {
+                return Status::BadArgument as i32;
+            }
+            let headers = headers
+                .into_iter()
+                .filter(|(k, v)| abi::valid_header_name(k) && abi::valid_header_value(v))
+                .collect();
+            let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            ex.local_response = Some(LocalResponse {
+                status: status as u16,
+                details: String::from_utf8_lossy(&details).into_owned(),
+                body,
+                headers,
+            });
+            Status::Ok as i32
+        },
+    )?;
+
+    Ok(())
+}
+
+/// Properties: Envoy's attribute names and the edge's own.
+fn properties(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: Caller<'_, Host>,
+         pp: i32,
+         pl: i32,
+         ret_ptr: i32,
+         ret_size: i32|
+         -> wasmtime::Result<i32> {
+            let path = try_status!(read(&mut c, pp, pl), Status::InvalidMemoryAccess);
+            let name = try_status!(abi::property_name(&path), Status::BadArgument);
+            let value = match name.as_str() {
+                "plugin_name" => Some(c.data().shared.name.as_bytes().to_vec()),
+                "plugin_root_id" | "root_id" => Some(c.data().shared.name.as_bytes().to_vec()),
+                "plugin_vm_id" | "vm_id" => Some(Vec::new()),
+                _ => c.data().exchange.as_ref().and_then(|ex| {
+                    ex.set_properties
+                        .get(&name)
+                        .cloned()
+                        .or_else(|| ex.properties.get(name.as_str()).cloned())
+                        .or_else(|| request_header_property(ex, &name))
+                }),
+            };
+            let value = try_status!(value, Status::NotFound);
+            Ok(give(&mut c, &value, ret_ptr, ret_size)? as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: Caller<'_, Host>, pp: i32, pl: i32, vp: i32, vl: i32| -> i32 {
+            let path = try_raw!(read(&mut c, pp, pl), Status::InvalidMemoryAccess);
+            let value = try_raw!(read(&mut c, vp, vl), Status::InvalidMemoryAccess);
+            let name = try_raw!(abi::property_name(&path), Status::BadArgument);
+            let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            ex.set_properties.insert(name, value);
+            Status::Ok as i32
+        },
+    )?;
+
+    Ok(())
+}
+
+/// Shared data with compare-and-swap.
+fn shared_data(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: Caller<'_, Host>,
+         kp: i32,
+         kl: i32,
+         ret_ptr: i32,
+         ret_size: i32,
+         ret_cas: i32|
+         -> wasmtime::Result<i32> {
+            let key = try_status!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let found = c
+                .data()
+                .shared
+                .data
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .cloned();
+            let (value, cas) = try_status!(found, Status::NotFound);
+            let s = give(&mut c, &value, ret_ptr, ret_size)?;
+            if s != Status::Ok {
+                return Ok(s as i32);
+            }
+            try_status!(write_u32(&mut c, ret_cas, cas), Status::InvalidMemoryAccess);
+            Ok(Status::Ok as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: Caller<'_, Host>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
+            let key = try_raw!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
+            let value = try_raw!(read(&mut c, vp, vl), Status::InvalidMemoryAccess);
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let mut data = c
+                .data()
+                .shared
+                .data
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let current = data.get(&key).map_or(0, |(_, cas)| *cas);
+            if cas != 0 && cas as u32 != current {
+                return Status::CasMismatch as i32;
+            }
+            data.insert(key, (value, current.wrapping_add(1).max(1)));
+            Status::Ok as i32
+        },
+    )?;
+
+    Ok(())
+}
+
+/// Metrics: define, increment, record, get.
+fn metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: Caller<'_, Host>, kind: i32, np: i32, nl: i32, ret: i32| -> i32 {
+            if !(0..=2).contains(&kind) {
+                return Status::BadArgument as i32;
+            }
+            let name = try_raw!(read(&mut c, np, nl), Status::InvalidMemoryAccess);
+            let name = String::from_utf8_lossy(&name).into_owned();
+            let id = {
+                let mut m = c
+                    .data()
+                    .shared
+                    .metrics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match m.iter().position(|(n, k, _)| *n == name && *k == kind) {
+                    Some(i) => i,
+                    None => {
+                        m.push((name, kind, Arc::new(AtomicI64::new(0))));
+                        m.len() - 1
+                    }
+                }
+            };
+            try_raw!(
+                write_u32(&mut c, ret, id as u32),
+                Status::InvalidMemoryAccess
+            );
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |c: Caller<'_, Host>, id: i32, delta: i64| -> i32 {
+            match metric(c.data(), id) {
+                Some((2, _)) => Status::BadArgument as i32,
+                Some((_, v)) => {
+                    v.fetch_add(delta, Relaxed);
+                    Status::Ok as i32
+                }
+                None => Status::NotFound as i32,
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |c: Caller<'_, Host>, id: i32, value: i64| -> i32 {
+            match metric(c.data(), id) {
+                Some((_, v)) => {
+                    v.store(value, Relaxed);
+                    Status::Ok as i32
+                }
+                None => Status::NotFound as i32,
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: Caller<'_, Host>, id: i32, ret: i32| -> i32 {
+            let v = match metric(c.data(), id) {
+                Some((2, _)) => return Status::BadArgument as i32,
+                Some((_, v)) => v.load(Relaxed),
+                None => return Status::NotFound as i32,
+            };
+            try_raw!(
+                write_bytes(&mut c, ret, &v.to_le_bytes()),
+                Status::InvalidMemoryAccess
+            );
+            Status::Ok as i32
+        },
+    )?;
+    Ok(())
+}
+
+/// A plugin's metric by id: its kind (0 counter, 1 gauge, 2 histogram) and its value.
+fn metric(host: &Host, id: i32) -> Option<(i32, Arc<AtomicI64>)> {
+    let m = host
+        .shared
+        .metrics
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    m.get(id as u32 as usize)
+        .map(|(_, kind, v)| (*kind, v.clone()))
+}
+
+/// `request.headers.<name>`-style lookups that Envoy offers as attributes.
+fn request_header_property(ex: &Exchange, name: &str) -> Option<Vec<u8>> {
+    let (map, key) = if let Some(k) = name.strip_prefix("request.headers.") {
+        (&ex.request_headers, k)
+    } else if let Some(k) = name.strip_prefix("response.headers.") {
+        (&ex.response_headers, k)
+    } else if name == "request.headers" {
+        return Some(abi::encode_map(
+            ex.request_headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice())),
+        ));
+    } else if name == "response.headers" {
+        return Some(abi::encode_map(
+            ex.response_headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice())),
+        ));
+    } else {
+        return None;
+    };
+    map.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.clone())
+}
