@@ -1,32 +1,97 @@
-//! The access log: one JSON line per request through `tracing` (target `access`), buffered off
-//! the request path ([`crate::logwriter`]). Keys appear by id only, never the key.
+//! The access record: what one request did, as the access log and the metrics report it. One
+//! JSON line per request through `tracing` (target `access`), buffered off the request path
+//! ([`crate::logwriter`]). Keys appear by id only, never the key.
 
-use crate::edge::RequestCtx;
+use std::time::{Duration, Instant};
 
-/// Logs the finished request (`method` and `bytes_sent` from its session; a WebSocket message
-/// is logged as method `WS`).
-pub fn access(ctx: &RequestCtx, method: &str, bytes_sent: u64) {
-    let since = |t: Option<std::time::Instant>, from: std::time::Instant| {
-        t.map(|t| t.duration_since(from).as_micros() as u64)
-    };
-    tracing::info!(
-        target: "access",
-        request_id = %ctx.request_id,
-        method = method,
-        route = ctx.route.map(|r| r.path()).unwrap_or("-"),
-        agent = ctx.agent.as_deref().unwrap_or("-"),
-        account = ctx.account.as_deref().unwrap_or("-"),
-        key_id = ctx.key_id.as_deref().unwrap_or("-"),
-        status = ctx.status,
-        error = ctx.error.unwrap_or(""),
-        bytes_sent = bytes_sent,
-        tokens = ctx.tokens,
-        duration_us = ctx.started.elapsed().as_micros() as u64,
-        // Edge time before the runtime saw the request: the latency the edge adds up front.
-        overhead_us = since(ctx.upstream_sent, ctx.started),
-        upstream_ttfb_us = ctx.upstream_sent.and_then(|sent| since(ctx.first_byte, sent)),
-        ttft_us = since(ctx.first_token, ctx.started),
-        plugins = ctx.plugins.as_ref().map(|p| p.decisions.join(",")),
-        plugin_us = ctx.plugins.as_ref().map(|p| p.spent.as_micros() as u64),
-    );
+use crate::routing::Route;
+
+/// What the access log and the metrics say of one request (an HTTP request, or one WebSocket
+/// message). Filled in as the request lives; read once, when it ends.
+#[derive(Debug)]
+pub struct AccessRecord {
+    /// The request's id (the client's, or a fresh one).
+    pub request_id: String,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Its route, once known.
+    pub route: Option<Route>,
+    /// Its agent's endpoint id, once known.
+    pub agent: Option<String>,
+    /// The caller's account id, once admitted.
+    pub account: Option<String>,
+    /// The caller's key id (never the key), once admitted.
+    pub key_id: Option<String>,
+    /// The status sent (or the error's, for a refusal).
+    pub status: u16,
+    /// The error code, if the request was refused or failed.
+    pub error: Option<&'static str>,
+    /// When the edge started sending the request to the runtime.
+    pub upstream_sent: Option<Instant>,
+    /// When the first response byte from the runtime arrived.
+    pub first_byte: Option<Instant>,
+    /// When the first streamed bytes went to the client.
+    pub first_token: Option<Instant>,
+    /// Tokens accounted for this request.
+    pub tokens: Option<u64>,
+    /// The plugins' decisions, comma-separated, when plugins ran.
+    pub plugins: Option<String>,
+    /// Time spent in plugins, when plugins ran.
+    pub plugin_time: Option<Duration>,
+}
+
+impl AccessRecord {
+    /// The record of a request that arrives now.
+    pub fn new() -> Self {
+        Self {
+            request_id: String::new(),
+            started: Instant::now(),
+            route: None,
+            agent: None,
+            account: None,
+            key_id: None,
+            status: 0,
+            error: None,
+            upstream_sent: None,
+            first_byte: None,
+            first_token: None,
+            tokens: None,
+            plugins: None,
+            plugin_time: None,
+        }
+    }
+
+    /// Logs the finished request (`method` and `bytes_sent` from its session; a WebSocket
+    /// message is logged as method `WS`).
+    pub fn log(&self, method: &str, bytes_sent: u64) {
+        let since = |t: Option<Instant>, from: Instant| {
+            t.map(|t| t.duration_since(from).as_micros() as u64)
+        };
+        tracing::info!(
+            target: "access",
+            request_id = %self.request_id,
+            method = method,
+            route = self.route.map(|r| r.path()).unwrap_or("-"),
+            agent = self.agent.as_deref().unwrap_or("-"),
+            account = self.account.as_deref().unwrap_or("-"),
+            key_id = self.key_id.as_deref().unwrap_or("-"),
+            status = self.status,
+            error = self.error.unwrap_or(""),
+            bytes_sent = bytes_sent,
+            tokens = self.tokens,
+            duration_us = self.started.elapsed().as_micros() as u64,
+            // Edge time before the runtime saw the request: the latency the edge adds up front.
+            overhead_us = since(self.upstream_sent, self.started),
+            upstream_ttfb_us = self.upstream_sent.and_then(|sent| since(self.first_byte, sent)),
+            ttft_us = since(self.first_token, self.started),
+            plugins = self.plugins.as_deref(),
+            plugin_us = self.plugin_time.map(|t| t.as_micros() as u64),
+        );
+    }
+}
+
+impl Default for AccessRecord {
+    fn default() -> Self {
+        Self::new()
+    }
 }

@@ -221,39 +221,41 @@ pub async fn serve(control: Arc<Control>, store: Store, mut shutdown: ShutdownWa
 }
 
 async fn health(State(st): State<AppState>) -> Json<Value> {
-    let s = &st.control.status;
+    let s = st.control.status();
     Json(json!({"status": if s.healthy() { "ok" } else { "degraded" }, "store": store_json(&st)}))
 }
 
 fn store_json(st: &AppState) -> Value {
-    let s = &st.control.status;
+    let s = st.control.status();
     json!({
         "backend": if st.store.is_postgres() { "postgres" } else { "sqlite" },
         "healthy": s.healthy(),
         "stale_seconds": s.stale_for(),
-        "generation": st.control.registry.load().generation,
+        "generation": st.control.plane.registry.load().generation,
     })
 }
 
 /// Prometheus scrape endpoint (unauthenticated, like health: keep the admin listener private).
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
-    let s = &st.control.status;
-    let mut body = st.control.metrics.render(
+    let s = st.control.status();
+    let mut body = st.control.plane.metrics.render(
         s.healthy(),
         s.stale_for(),
-        st.control.registry.load().generation,
+        st.control.plane.registry.load().generation,
     );
     body.push_str(&st.control.tunnels.prometheus());
-    body.push_str(&crate::plugins::prometheus(&st.control.plugins.load()));
+    body.push_str(&crate::plugins::prometheus(
+        &st.control.plane.plugins.load(),
+    ));
     ([("content-type", "text/plain; version=0.0.4")], body)
 }
 
 async fn jwks(State(st): State<AppState>) -> Json<Value> {
-    Json(st.control.identity.jwks())
+    Json(st.control.plane.identity.jwks())
 }
 
 async fn status(_: Read, State(st): State<AppState>) -> Json<Value> {
-    let snap = st.control.registry.load();
+    let snap = st.control.plane.registry.load();
     let pods: Vec<Value> = snap
         .agents
         .values()
@@ -409,7 +411,7 @@ async fn find_agent(st: &AppState, r: &str) -> ApiResult<AgentRow> {
 fn agent_json(st: &AppState, a: &AgentRow) -> Value {
     let mut v = serde_json::to_value(a).expect("rows serialize");
     v["url"] = json!(st.control.cfg().endpoint_url(&a.endpoint_id));
-    let snap = st.control.registry.load();
+    let snap = st.control.plane.registry.load();
     if let Some(t) = snap
         .agents
         .get(&a.endpoint_id)
@@ -598,7 +600,7 @@ async fn create_key(
         id: format!("key_{}", hex::encode(rand::random::<[u8; 6]>())),
         account_id: account.id,
         name: n.name,
-        hash: hex::encode(st.control.hasher.hash(&key)),
+        hash: hex::encode(st.control.plane.hasher.hash(&key)),
         prefix: crate::keys::display_prefix(&key),
         agents: agents.iter().map(|a| a.endpoint_id.clone()).collect(),
         created_at: now,
@@ -653,7 +655,7 @@ async fn revoke_key(
 ) -> ApiResult<Json<Value>> {
     let Json(r) = body?;
     let target = match (r.key, r.id) {
-        (Some(key), None) => hex::encode(st.control.hasher.hash(&key)),
+        (Some(key), None) => hex::encode(st.control.plane.hasher.hash(&key)),
         (None, Some(id)) => id,
         _ => return Err(invalid("give exactly one of `key` or `id`")),
     };

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::registry::AgentState;
+use crate::lifecycle::AgentState;
 use crate::upstream::UpstreamTarget;
 
 /// The embedded default configuration, used when no `--config` is given.
@@ -427,6 +427,15 @@ pub fn is_label(s: &str) -> bool {
 }
 
 impl Config {
+    /// Connection settings for upstream peers.
+    pub fn peer_settings(&self) -> crate::upstream::PeerSettings {
+        crate::upstream::PeerSettings {
+            connect_timeout: self.connect_timeout,
+            read_timeout: self.stream_idle_timeout,
+            keepalive: self.upstream_keepalive,
+        }
+    }
+
     /// Loads `path`, or the embedded default when `None`.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {

@@ -2,52 +2,15 @@
 //! last-used times, and serves the admin API. It runs beside the request path, never in it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
-use pingora_core::services::background::BackgroundService;
 
 use crate::config::Config;
-use crate::registry::{Account, Agent, AgentState, ApiKey, LastUsed, Registry, Snapshot};
-use crate::secrets::KeyHasher;
-use crate::store::{self, AccountRow, AgentRow, Contents, Store, StoreError};
+use crate::plane::DataPlane;
+use crate::registry::{Account, Agent, AgentState, ApiKey, LastUsed, Snapshot};
+use crate::store::{self, AccountRow, AgentRow, Contents, Store, StoreError, StoreStatus};
 use crate::upstream::{Upstream, UpstreamTarget};
-
-/// Health of the edge's link to the store, for `/v1/health`, the admin API and the log.
-#[derive(Debug, Default)]
-pub struct StoreStatus {
-    healthy: AtomicBool,
-    /// Unix seconds of the last successful contact.
-    last_ok: AtomicI64,
-}
-
-impl StoreStatus {
-    /// Whether the last contact succeeded.
-    pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// Seconds since the last successful contact.
-    pub fn stale_for(&self) -> i64 {
-        store::now() - self.last_ok.load(Ordering::Relaxed)
-    }
-
-    fn ok(&self) {
-        self.last_ok.store(store::now(), Ordering::Relaxed);
-        if !self.healthy.swap(true, Ordering::Relaxed) {
-            tracing::info!("store reachable; snapshot follows the store again");
-        }
-    }
-
-    fn failed(&self, e: &StoreError) {
-        if self.healthy.swap(false, Ordering::Relaxed) {
-            tracing::error!(error = %e, "store unreachable; serving from the last snapshot");
-        }
-    }
-}
 
 /// Builds the snapshot from the store's contents. Agents whose upstream does not parse, and
 /// accounts on a plan the config does not declare, are logged and served as unreachable or
@@ -58,7 +21,7 @@ pub fn build_snapshot(
     last_used: &LastUsed,
     tunnels: &crate::tunnel::bridge::Tunnels,
 ) -> Snapshot {
-    let settings = crate::server::peer_settings(cfg);
+    let settings = cfg.peer_settings();
     let accounts: HashMap<String, Arc<Account>> = c
         .accounts
         .iter()
@@ -180,49 +143,34 @@ pub async fn seed(store: &Store, cfg: &Config) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Everything the control plane shares with the admin API.
+/// The control plane's state: what it needs to follow the store and reload, and the data
+/// plane it publishes into.
 pub struct Control {
-    /// The validated config, replaced whole by a reload.
-    pub config: arc_swap::ArcSwap<Config>,
-    /// The file it came from (`None`: the embedded default, nothing to reload).
+    /// What the request path reads; the control plane publishes into it.
+    pub plane: Arc<DataPlane>,
+    /// The file the config came from (`None`: the embedded default, nothing to reload).
     pub config_path: Option<std::path::PathBuf>,
-    /// The snapshot the edge serves from.
-    pub registry: Arc<Registry>,
-    /// Key last-used slots.
+    /// Key last-used slots (shared with the snapshot's keys).
     pub last_used: Arc<LastUsed>,
-    /// The API-key hasher.
-    pub hasher: KeyHasher,
     /// Admin JWT secret.
     pub admin_secret: String,
-    /// Identity signing key (Ed25519).
-    pub identity: Arc<crate::identity::IdentityKey>,
-    /// The store link's health.
-    pub status: Arc<StoreStatus>,
     /// Serializes reloads, so an older snapshot never replaces a newer one.
     pub reload: tokio::sync::Mutex<()>,
-    /// Request-rate and stream limits.
-    pub limiter: crate::limits::Limiter,
-    /// Token quotas.
-    pub quota: crate::quota::QuotaBook,
-    /// The usage journal and this edge's ledger identity.
-    pub ledger: crate::metering::Ledger,
-    /// Prometheus metrics.
-    pub metrics: crate::metrics::Metrics,
     /// WireGuard tunnels to pods.
     pub tunnels: Arc<crate::tunnel::bridge::Tunnels>,
-    /// The WASM policy plugins in force.
-    pub plugins: arc_swap::ArcSwap<crate::plugins::PluginSet>,
     /// TLS certificates, when the edge terminates TLS.
     pub certs: Option<Arc<crate::tls::CertResolver>>,
-    /// True once the process drains (an upgrade or a stop): long-lived connections (WebSockets)
-    /// finish what they are doing and close, without each polling for it.
-    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Control {
     /// The config in force.
     pub fn cfg(&self) -> Arc<Config> {
-        self.config.load_full()
+        self.plane.config.load_full()
+    }
+
+    /// The store link's health.
+    pub fn status(&self) -> &StoreStatus {
+        &self.plane.store_status
     }
 
     /// Re-reads the config file and puts it in force: plans, agents domain, limits, timeouts,
@@ -273,9 +221,9 @@ impl Control {
             certs.replace(tls.certificates.clone())?;
         }
         if let Some(p) = plugins {
-            self.plugins.store(Arc::new(p));
+            self.plane.plugins.store(Arc::new(p));
         }
-        self.config.store(Arc::new(next));
+        self.plane.config.store(Arc::new(next));
         let cfg = self.cfg();
         seed(store, &cfg).await.map_err(|e| e.to_string())?;
         self.refresh_forced(store)
@@ -289,13 +237,26 @@ impl Control {
     async fn refresh_forced(&self, store: &Store) -> Result<(), StoreError> {
         let _one_at_a_time = self.reload.lock().await;
         let contents = store.contents().await?;
-        self.registry.publish(build_snapshot(
+        self.plane.registry.publish(build_snapshot(
             &contents,
             &self.cfg(),
             &self.last_used,
             &self.tunnels,
         ));
         Ok(())
+    }
+
+    /// Follows the store and the process's signals until shutdown: the snapshot, key last-used
+    /// times, the fleet's figures, certificates, SIGHUP reloads, and the drain signal.
+    pub async fn follow(self: Arc<Self>, store: Store, shutdown: ShutdownWatch) {
+        let _ = tokio::join!(
+            tokio::spawn(self.clone().watch(store.clone(), shutdown.clone())),
+            tokio::spawn(self.clone().flush(store.clone(), shutdown.clone())),
+            tokio::spawn(self.clone().sync_fleet(store.clone(), shutdown.clone())),
+            tokio::spawn(self.clone().watch_certs(shutdown.clone())),
+            tokio::spawn(self.clone().on_sighup(store, shutdown.clone())),
+            tokio::spawn(self.on_shutdown(shutdown)),
+        );
     }
 
     /// Reloads on SIGHUP.
@@ -321,13 +282,13 @@ impl Control {
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let _one_at_a_time = self.reload.lock().await;
         let revision = store.revision().await?;
-        if revision as u64 != self.registry.load().generation {
+        if revision as u64 != self.plane.registry.load().generation {
             let contents = store.contents().await?;
             let next = build_snapshot(&contents, &self.cfg(), &self.last_used, &self.tunnels);
             tracing::debug!(generation = next.generation, "snapshot reloaded");
-            self.registry.publish(next);
+            self.plane.registry.publish(next);
         }
-        self.status.ok();
+        self.status().ok();
         Ok(())
     }
 
@@ -355,7 +316,7 @@ impl Control {
                 _ = shutdown.changed() => return,
             }
             if let Err(e) = self.refresh(&store).await {
-                self.status.failed(&e);
+                self.status().failed(&e);
             }
         }
     }
@@ -382,7 +343,7 @@ impl Control {
 
     /// One round of [`Control::sync_fleet`].
     pub async fn sync_once(&self, store: &Store) -> Result<(), StoreError> {
-        self.ledger.journal.ship(store).await?;
+        self.plane.ledger.journal.ship(store).await?;
         // A process this one replaced (an upgrade) or that crashed leaves its journal behind.
         crate::ledger::Journal::ship_orphans(&self.cfg().data_dir, store).await?;
         let now = store::now();
@@ -393,27 +354,31 @@ impl Control {
             .active_since(active_since)
             .into_iter()
             .map(|id| {
-                let n = self.limiter.local_count(&id);
+                let n = self.plane.limiter.local_count(&id);
                 (id, n)
             })
             .collect();
         let fresh = (self.cfg().fleet_sync.as_secs() as i64 * 4).max(3);
         let fleet = store
             .exchange_fleet_state(
-                &self.ledger.edge_id,
+                &self.plane.ledger.edge_id,
                 &month,
                 &rates,
-                &self.quota.reservations(),
+                &self.plane.quota.reservations(),
                 now,
                 fresh,
             )
             .await?;
-        self.limiter.set_remote(fleet.rates.into_iter().collect());
+        self.plane
+            .limiter
+            .set_remote(fleet.rates.into_iter().collect());
         let reserved: HashMap<String, u64> = fleet.reserved.into_iter().collect();
-        let totals = store.month_totals(&month, &self.ledger.edge_id).await?;
+        let totals = store
+            .month_totals(&month, &self.plane.ledger.edge_id)
+            .await?;
         let mut seen: HashSet<String> = HashSet::new();
         for (account, _mine, others) in &totals {
-            self.quota.set_fleet(
+            self.plane.quota.set_fleet(
                 account,
                 now,
                 None,
@@ -422,9 +387,9 @@ impl Control {
             );
             seen.insert(account.clone());
         }
-        for account in self.quota.accounts() {
+        for account in self.plane.quota.accounts() {
             if !seen.contains(&account) {
-                self.quota.set_fleet(
+                self.plane.quota.set_fleet(
                     &account,
                     now,
                     None,
@@ -469,7 +434,7 @@ impl Control {
                 break;
             }
         }
-        self.draining.send_replace(true);
+        self.plane.draining.send_replace(true);
     }
 
     /// Writes key last-used times every `last_used_flush`, and once more at shutdown.
@@ -495,35 +460,4 @@ async fn connect_listener(url: &str) -> Option<sqlx::postgres::PgListener> {
     let mut l = sqlx::postgres::PgListener::connect(url).await.ok()?;
     l.listen(store::CHANNEL).await.ok()?;
     Some(l)
-}
-
-/// The control plane as a Pingora background service.
-pub struct ControlPlane {
-    /// Shared state.
-    pub control: Arc<Control>,
-}
-
-#[async_trait]
-impl BackgroundService for ControlPlane {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let control = self.control.clone();
-        let store = loop {
-            match Store::open(&control.cfg().store_url, &control.cfg().data_dir).await {
-                Ok(s) => break s,
-                Err(e) => {
-                    control.status.failed(&e);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
-        control.status.ok();
-        let watcher = tokio::spawn(control.clone().watch(store.clone(), shutdown.clone()));
-        let flusher = tokio::spawn(control.clone().flush(store.clone(), shutdown.clone()));
-        let fleet = tokio::spawn(control.clone().sync_fleet(store.clone(), shutdown.clone()));
-        let certs = tokio::spawn(control.clone().watch_certs(shutdown.clone()));
-        let hup = tokio::spawn(control.clone().on_sighup(store.clone(), shutdown.clone()));
-        let draining = tokio::spawn(control.clone().on_shutdown(shutdown.clone()));
-        let admin = tokio::spawn(crate::admin::serve(control.clone(), store, shutdown));
-        let _ = tokio::join!(watcher, flusher, fleet, certs, hup, draining, admin);
-    }
 }

@@ -1,7 +1,7 @@
 //! The upstream exchange: the edge has already read and judged the whole request body, so it
 //! sends the request itself through Pingora's pooled [`Connector`] and streams the answer back.
 //! (Pingora's own proxy path can only replay 64 KiB of a body read in `request_filter`; see
-//! DESIGN.md.) Every wait here races the client's disconnect and the request's deadline.
+//! ARCHITECTURE.md.) Every wait here races the client's disconnect and the request's deadline.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -57,6 +57,7 @@ pub fn dropped_downstream(name: &str) -> bool {
 }
 
 /// What to send upstream.
+#[derive(Debug)]
 pub struct Outbound {
     /// Method.
     pub method: Method,

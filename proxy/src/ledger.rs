@@ -7,17 +7,89 @@
 //! Each process writes its own journal (`usage.<pid>.journal`), so that during an upgrade the
 //! old and the new process never share one. Journals of processes that are gone (a crash, the
 //! process an upgrade replaced) are shipped by the next one and then removed.
-//!
-//! Each process writes its own journal (`usage.<pid>.journal`), so that during an upgrade the
-//! old and the new process never share one. Journals of processes that are gone (a crash, the
-//! process an upgrade replaced) are shipped by the next one and then removed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::store::{Store, StoreError, UsageRow};
+use crate::quota::month_of;
+use crate::store::{now, Store, StoreError, UsageRow};
+use crate::usage::Usage;
+
+/// Who a metered request is for.
+#[derive(Debug, Clone)]
+pub struct Payer {
+    /// Account.
+    pub account_id: String,
+    /// Key id.
+    pub key_id: String,
+    /// Agent endpoint id.
+    pub agent_id: String,
+}
+
+/// This edge's ledger: the journal, and the identity its rows carry.
+pub struct Ledger {
+    /// The journal.
+    pub journal: Journal,
+    /// This edge's id (kept in its data directory).
+    pub edge_id: String,
+    next: AtomicU64,
+    started: i64,
+}
+
+impl Ledger {
+    /// A ledger writing to `journal` as edge `edge_id`.
+    pub fn new(journal: Journal, edge_id: String) -> Self {
+        Self {
+            journal,
+            edge_id,
+            next: AtomicU64::new(0),
+            started: now(),
+        }
+    }
+
+    /// A row id unique across the fleet, restarts and the two processes of an upgrade:
+    /// edge, start time, process, counter.
+    fn row_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "{}-{:x}-{:x}-{n:x}",
+            self.edge_id,
+            self.started,
+            std::process::id()
+        )
+    }
+
+    /// The one place that decides what a settled request leaves in the journal: a row when it
+    /// used tokens, none when it used nothing. A failed write is logged, never raised: the
+    /// client's answer does not wait on the disk's health.
+    pub fn record(&self, payer: &Payer, usage: Usage, estimated: bool, outcome: &str) {
+        let total = usage.total();
+        if total == 0 {
+            return;
+        }
+        let at = now();
+        let row = UsageRow {
+            request_id: self.row_id(),
+            edge_id: self.edge_id.clone(),
+            account_id: payer.account_id.clone(),
+            key_id: payer.key_id.clone(),
+            agent_id: payer.agent_id.clone(),
+            month: month_of(at),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: total,
+            estimated,
+            outcome: outcome.into(),
+            created_at: at,
+        };
+        if let Err(e) = self.journal.append(&row) {
+            tracing::error!(error = %e, request = %row.request_id, "usage journal write failed");
+        }
+    }
+}
 
 /// Journals larger than this are emptied once everything in them is shipped.
 const COMPACT_BYTES: u64 = 4 * 1024 * 1024;

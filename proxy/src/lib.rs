@@ -1,33 +1,35 @@
 //! MoltGhost edge: the access layer for deployed AI agents.
 //!
-//! A request passes through these modules in order (see [`edge`] for the Pingora phases):
-//! [`config`] → [`routing`] → [`lifecycle`] → [`body`] → [`chat`] (native translation) →
-//! [`forward`] (upstream exchange over [`upstream`]) → [`response`] and [`sse`] → [`logging`].
-//! Errors from any of them are one type, [`error::EdgeError`].
+//! A request enters through [`edge`] (the Pingora adapter) and [`http`], or through
+//! [`websocket`] (one message at a time), and lives through the [`pipeline`]'s stages: admit →
+//! prepare → open → relay → conclude. The request path reads the [`plane`] (the data plane);
+//! [`control`] follows the store and publishes into it. Errors from anywhere are one type,
+//! [`error::EdgeError`], with one table. ARCHITECTURE.md at the repository's root has the map.
 
 pub use moltghost_protocol::{chat, error, keys, routing, sse, usage, ws};
 
+pub mod access;
 pub mod admin;
 pub mod body;
 pub mod config;
 pub mod control;
 pub mod edge;
 pub mod forward;
+pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod ledger;
 pub mod lifecycle;
 pub mod limits;
-pub mod logging;
 pub mod logwriter;
-pub mod metering;
 pub mod metrics;
+pub mod pipeline;
+pub mod plane;
 pub mod plugins;
 pub mod pod;
 pub mod policy;
 pub mod quota;
 pub mod registry;
-pub mod response;
 pub mod secrets;
 pub mod server;
 pub mod store;

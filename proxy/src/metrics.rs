@@ -5,7 +5,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::edge::RequestCtx;
+use crate::access::AccessRecord;
 
 /// Latency buckets, in seconds: 50 µs to 60 s.
 const BUCKETS: &[f64] = &[
@@ -104,7 +104,7 @@ impl Metrics {
     }
 
     /// Records a finished request.
-    pub fn record(&self, ctx: &RequestCtx) {
+    pub fn record(&self, ctx: &AccessRecord) {
         let route = ctx.route.map_or("-", |r| r.path());
         let agent = ctx.agent.as_deref().unwrap_or("-");
         let mut status = itoa::Buffer::new();
@@ -132,10 +132,10 @@ impl Metrics {
                 .with_label_values(&[route])
                 .observe(t.duration_since(ctx.started).as_secs_f64());
         }
-        if let Some(p) = &ctx.plugins {
+        if let Some(spent) = ctx.plugin_time {
             self.plugin_time
                 .with_label_values(&[route])
-                .observe(p.spent.as_secs_f64());
+                .observe(spent.as_secs_f64());
         }
         if let Some(n) = ctx.tokens.filter(|n| *n > 0) {
             self.tokens.with_label_values(&[agent]).inc_by(n);

@@ -3,8 +3,6 @@
 //! no request ever waits on the store.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,53 +10,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::Plan;
+pub use crate::lifecycle::AgentState;
 use crate::upstream::Upstream;
-
-/// An agent's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AgentState {
-    /// Starting: requests get 202 and `retry-after: 60`.
-    Initializing,
-    /// Serving.
-    Running,
-    /// Paused: requests get 503.
-    Paused,
-    /// Gone for good: requests get 410.
-    Terminated,
-}
-
-impl AgentState {
-    /// The state's name as stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Initializing => "initializing",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Terminated => "terminated",
-        }
-    }
-}
-
-impl fmt::Display for AgentState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for AgentState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "initializing" => Ok(Self::Initializing),
-            "running" => Ok(Self::Running),
-            "paused" => Ok(Self::Paused),
-            "terminated" => Ok(Self::Terminated),
-            _ => Err(format!(
-                "expected initializing, running, paused or terminated, got {s:?}"
-            )),
-        }
-    }
-}
 
 /// An agent as the hot path sees it.
 #[derive(Debug)]

@@ -7,27 +7,24 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
 use crate::config::Config;
-use crate::control::{self, Control, ControlPlane, StoreStatus};
+use crate::control::{self, Control};
 use crate::edge::Edge;
 use crate::identity::IdentityKey;
-use crate::ledger::Journal;
+use crate::ledger::{Journal, Ledger};
 use crate::limits::Limiter;
-use crate::metering::Ledger;
+use crate::pipeline::Pipeline;
+use crate::plane::DataPlane;
 use crate::quota::QuotaBook;
 use crate::registry::{LastUsed, Registry};
 use crate::secrets::{self, KeyHasher};
-use crate::store::Store;
-use crate::upstream::PeerSettings;
-
-/// Connection settings for upstream peers, from the config.
-pub fn peer_settings(cfg: &Config) -> PeerSettings {
-    PeerSettings {
-        connect_timeout: cfg.connect_timeout,
-        read_timeout: cfg.stream_idle_timeout,
-        keepalive: cfg.upstream_keepalive,
-    }
-}
+use crate::store::{Store, StoreStatus};
 
 /// Where the old and the new process of an upgrade meet to hand over listening sockets.
 pub fn upgrade_socket(cfg: &Config) -> std::path::PathBuf {
@@ -124,25 +121,27 @@ fn prepare(
         )),
         None => None,
     };
-    let status = Arc::new(StoreStatus::default());
-    Ok(Arc::new(Control {
+    let plane = DataPlane {
         config: arc_swap::ArcSwap::new(cfg.clone()),
-        config_path,
         registry: Arc::new(Registry::new(snapshot)),
-        last_used,
         hasher: KeyHasher::new(&key_secret),
-        admin_secret,
-        identity: Arc::new(identity),
-        status,
-        reload: tokio::sync::Mutex::new(()),
         limiter: Limiter::new(cfg.rate_sketch_slots),
         quota,
-        ledger: Ledger::new(journal, edge_id),
+        ledger: Arc::new(Ledger::new(journal, edge_id)),
         metrics: crate::metrics::Metrics::new(),
-        certs,
-        tunnels,
+        identity: Arc::new(identity),
         plugins: arc_swap::ArcSwap::from_pointee(plugins),
+        store_status: Arc::new(StoreStatus::default()),
         draining: tokio::sync::watch::Sender::new(false),
+    };
+    Ok(Arc::new(Control {
+        plane: Arc::new(plane),
+        config_path,
+        last_used,
+        admin_secret,
+        reload: tokio::sync::Mutex::new(()),
+        tunnels,
+        certs,
     }))
 }
 
@@ -175,7 +174,7 @@ pub fn run(
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let edge = Edge::new(control.clone());
+    let edge = Edge::new(Pipeline::new(control.plane.clone()));
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "moltghost-edge");
     for addr in &cfg.http_listen {
@@ -201,4 +200,28 @@ pub fn run(
     server.run(pingora_core::server::RunArgs::default());
     tracing::info!("moltghost edge stopped");
     Ok(())
+}
+
+/// The control plane and the admin API, as a Pingora background service beside the edge.
+struct ControlPlane {
+    control: Arc<Control>,
+}
+
+#[async_trait]
+impl BackgroundService for ControlPlane {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let control = self.control.clone();
+        let store = loop {
+            match Store::open(&control.cfg().store_url, &control.cfg().data_dir).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    control.status().failed(&e);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        control.status().ok();
+        let admin = crate::admin::serve(control.clone(), store.clone(), shutdown.clone());
+        tokio::join!(control.follow(store, shutdown), admin);
+    }
 }

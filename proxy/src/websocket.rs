@@ -1,8 +1,9 @@
 //! The WebSocket bridge: `GET /ws`, upgraded once the caller is admitted, then many messages
-//! per connection. Each `{"action":"message"}` goes the HTTP requests' way
-//! ([`Edge::exchange`]: rate, plugins, translation, stream cap, quota, upstream) and its answer
-//! streams back as `{"content"}` frames and a last `{"done":true}` (the native stream's events,
-//! [`Edge::native_events`]); errors come as `{"error"}` frames.
+//! per connection. Each `{"action":"message"}` goes the HTTP requests' way through the
+//! [`Pipeline`] (rate, then prepare: plugins and translation; open: stream cap, quota,
+//! upstream; conclude) and its answer streams back as `{"content"}` frames and a last
+//! `{"done":true}` (the native stream's translation, [`NativeRelay`], shared with SSE); errors
+//! come as `{"error"}` frames.
 //!
 //! Frames are read and written by `tungstenite`'s codec over the upgraded session's bytes
 //! ([`Wire`]): reads are cancel-safe (only the session's read is awaited in a `select!`), and
@@ -20,22 +21,23 @@ use std::time::{Duration, Instant as StdInstant};
 use bytes::{Bytes, BytesMut};
 use http::Version;
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, Session};
+use pingora_proxy::Session;
 use tokio::time::Instant;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocket, WebSocketConfig};
 use tungstenite::Message;
 
-use crate::chat::NativeStream;
-use crate::edge::{
-    self, plugin_body, plugin_response_headers, Downstream, Edge, Exchange, OpenStream, Opened,
-    RequestCtx,
-};
 use crate::error::EdgeError;
 use crate::forward;
+use crate::pipeline::accounting::Outcome;
+use crate::pipeline::open::Exchange;
+use crate::pipeline::prepare::Preparation;
+use crate::pipeline::relay::native::NativeRelay;
+use crate::pipeline::relay::{check_status, OpenGauge};
+use crate::pipeline::{self, Downstream, Pipeline, RequestCtx};
+use crate::plugins::Verdict;
 use crate::policy::{self, Admission, AdmissionWatch};
 use crate::routing::Route;
-use crate::sse::SseScanner;
 use crate::ws::{self, ClientMessage};
 
 /// Messages a client may send ahead while an answer streams; more is refused, one by one.
@@ -47,7 +49,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// Serves `GET /ws` for an admitted caller: checks the handshake, switches protocols, then
 /// answers messages until either side closes. Errors before the switch are the usual JSON.
 pub async fn serve(
-    edge: &Edge,
+    p: &Pipeline,
     session: &mut Session,
     ctx: &mut RequestCtx,
     admission: Admission,
@@ -64,9 +66,8 @@ pub async fn serve(
         h.insert_header("sec-websocket-protocol", ws::SUBPROTOCOL)
             .expect("static value");
     }
-    crate::response::decorate(&mut h, ctx);
-    ctx.status = 101;
-    ctx.responded = true;
+    pipeline::respond::decorate(&mut h, ctx);
+    ctx.responded_with(101);
     session
         .write_response_header(Box::new(h), true)
         .await
@@ -74,7 +75,7 @@ pub async fn serve(
     // The bridge keeps its own time: pings while idle, the runtime's deadlines while answering.
     session.set_read_timeout(None);
 
-    let max = edge.cfg().max_body_bytes;
+    let max = p.cfg().max_body_bytes;
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
@@ -82,15 +83,15 @@ pub async fn serve(
         socket: WebSocket::from_raw_socket(Wire::default(), Role::Server, Some(config)),
         queue: VecDeque::new(),
         head: session.req_header().clone(),
-        addr: session.client_addr().and_then(|a| a.as_inet()).copied(),
-        tls: edge::is_tls(session),
-        watch: AdmissionWatch::new(edge.control.registry.clone(), admission.clone()),
+        addr: pipeline::client_addr(session),
+        tls: pipeline::is_tls(session),
+        watch: AdmissionWatch::new(p.plane.registry.clone(), admission.clone()),
         admission,
         heard: Instant::now(),
         closed: false,
     };
-    let _open = OpenStream::new(&edge.control.metrics.open_websockets);
-    let end = conn.run(edge, session).await;
+    let _open = OpenGauge::new(&p.plane.metrics.open_websockets);
+    let end = conn.run(p, session).await;
     conn.close(session, end).await;
     Ok(())
 }
@@ -208,13 +209,13 @@ struct Connection {
 
 impl Connection {
     /// Answers messages until the socket ends.
-    async fn run(&mut self, edge: &Edge, session: &mut Session) -> End {
-        let ping_every = edge.cfg().websocket_ping_interval;
+    async fn run(&mut self, p: &Pipeline, session: &mut Session) -> End {
+        let ping_every = p.cfg().websocket_ping_interval;
         let mut next_ping = Instant::now() + ping_every;
-        let mut draining = edge.control.draining.subscribe();
+        let mut draining = p.plane.draining.subscribe();
         loop {
             while let Some(text) = self.queue.pop_front() {
-                if let Some(end) = self.answer(edge, session, text).await {
+                if let Some(end) = self.answer(p, session, text).await {
                     return end;
                 }
             }
@@ -338,195 +339,130 @@ impl Connection {
 
     /// Answers one message: its own access-log line and metrics, like an HTTP request. `Some`
     /// when the socket must end.
-    async fn answer(&mut self, edge: &Edge, session: &mut Session, text: Bytes) -> Option<End> {
-        let mut ctx = edge.new_ctx();
-        ctx.request_id = edge.ids.for_request(None);
-        ctx.route = Some(Route::Ws);
-        ctx.agent = Some(self.admission.agent.endpoint_id.clone());
-        ctx.account = Some(self.admission.account.id.clone());
-        ctx.key_id = Some(self.admission.key.id.clone());
+    async fn answer(&mut self, p: &Pipeline, session: &mut Session, text: Bytes) -> Option<End> {
+        let mut ctx = RequestCtx::new();
+        ctx.record.request_id = p.ids.for_request(None);
+        ctx.record.route = Some(Route::Ws);
+        ctx.admitted(&self.admission);
         let mut sent = 0u64;
-        let result = self
-            .exchange(edge, session, &mut ctx, text, &mut sent)
-            .await;
+        let result = self.exchange(p, session, &mut ctx, text, &mut sent).await;
         let end = match result {
             Ok(()) => None,
             Err(Failure::Socket(end)) => Some(end),
             Err(Failure::Plugin { status, frame }) => {
-                ctx.status = status;
-                ctx.error = Some("policy_denied");
+                ctx.record.status = status;
+                ctx.record.error = Some("policy_denied");
                 sent += frame.len() as u64;
                 self.send(session, frame).await.err()
             }
             Err(Failure::Edge(e)) => {
-                ctx.error = Some(e.code());
-                if ctx.status == 0 {
-                    ctx.status = e.status();
+                ctx.record.error = Some(e.code());
+                if ctx.record.status == 0 {
+                    ctx.record.status = e.status();
                 }
                 let frame = e.to_json().to_string();
                 sent += frame.len() as u64;
                 match self.send(session, frame).await {
                     Err(end) => Some(end),
                     // A key or agent that no longer admits ends the socket, not just the answer.
-                    Ok(()) => {
-                        policy::still_admitted(&edge.control.registry.load(), &self.admission)
-                            .err()
-                            .map(|now| {
-                                let code = ws::close_code(&now);
-                                if now.code() == e.code() {
-                                    End::Refused(now.code(), code) // its frame just went
-                                } else {
-                                    End::Error(now, code)
-                                }
-                            })
-                    }
+                    Ok(()) => self.still_admitted(p, &e),
                 }
             }
         };
-        if let Some(run) = ctx.plugins.as_mut() {
-            run.finish();
-        }
-        crate::logging::access(&ctx, "WS", sent);
-        edge.control.metrics.record(&ctx);
+        p.log(&mut ctx, "WS", sent);
         end
     }
 
-    /// A message's way through the edge and its answer as frames.
+    /// After an error frame for `sent`: the socket's end when the key or agent no longer
+    /// admits it.
+    fn still_admitted(&self, p: &Pipeline, sent: &EdgeError) -> Option<End> {
+        let now = policy::still_admitted(&p.plane.registry.load(), &self.admission).err()?;
+        let code = ws::close_code(&now);
+        Some(if now.code() == sent.code() {
+            End::Refused(now.code(), code) // its frame just went
+        } else {
+            End::Error(now, code)
+        })
+    }
+
+    /// A message's way through the pipeline and its answer as frames.
     async fn exchange(
         &mut self,
-        edge: &Edge,
+        p: &Pipeline,
         session: &mut Session,
         ctx: &mut RequestCtx,
         text: Bytes,
         sent: &mut u64,
     ) -> Result<(), Failure> {
         let now = Instant::now();
-        policy::still_admitted(&edge.control.registry.load(), &self.admission)?;
-        edge.rate(&self.admission, ctx)?;
+        policy::still_admitted(&p.plane.registry.load(), &self.admission)?;
+        p.rate(&self.admission, ctx)?;
         let mut down = Downstream::WebSocket {
             head: Box::new(self.head.clone()),
             addr: self.addr,
             tls: self.tls,
         };
-        let exchange = match edge
-            .exchange(&mut down, ctx, &self.admission, Route::Ws, text, now)
-            .await?
-        {
-            Opened::Runtime(x) => *x,
-            Opened::Plugin(crate::plugins::Verdict::Failed(m)) => {
-                return Err(EdgeError::PluginFailed(m.into()).into())
-            }
-            Opened::Plugin(crate::plugins::Verdict::Respond(local)) => {
-                // A plugin's own JSON error goes out as it wrote it (its code, its message).
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&local.body) {
-                    if v.get("error").is_some() {
-                        return Err(Failure::Plugin {
-                            status: local.status,
-                            frame: v.to_string(),
-                        });
-                    }
-                }
-                return Err(EdgeError::Denied {
-                    status: local.status,
-                    message: if local.details.is_empty() {
-                        "Denied by policy".into()
-                    } else {
-                        local.details
-                    },
-                }
-                .into());
-            }
+        let prepared = match p.prepare(&mut down, ctx, &self.admission, Route::Ws, text, now)? {
+            Preparation::Forward(prepared) => *prepared,
+            Preparation::Answered(verdict) => return Err(plugin_failure(verdict)),
         };
-        let Exchange {
-            mut inbound,
-            mut guard,
-            mut metering,
-            ..
-        } = exchange;
-        let result = self
-            .relay(
-                edge,
-                session,
-                ctx,
-                &mut inbound,
-                &mut guard,
-                metering.as_mut(),
-                sent,
-            )
-            .await;
+        let mut exchange = p.open(&mut down, ctx, &self.admission, prepared).await?;
+        let result = self.relay(session, ctx, &mut exchange, sent).await;
         let outcome = match &result {
-            Ok(()) => Ok(()),
-            Err(Failure::Edge(e)) => Err(e.clone()),
-            Err(Failure::Socket(_) | Failure::Plugin { .. }) => Err(EdgeError::ClientClosed),
+            Ok(Answered::Whole) => Outcome::Completed,
+            Ok(Answered::Cancelled) => Outcome::Cancelled,
+            Err(Failure::Edge(e)) => Outcome::of(&Err(e.clone())),
+            Err(Failure::Socket(_) | Failure::Plugin { .. }) => {
+                Outcome::Failed(EdgeError::ClientClosed.code())
+            }
         };
-        edge.conclude(ctx, &self.admission.agent, inbound, metering, &outcome)
+        p.conclude(ctx, &self.admission.agent, exchange, outcome)
             .await;
-        result
+        result.map(|_| ())
     }
 
     /// The runtime's stream as frames, while the client's frames are read between them
     /// (pings answered, `cancel` obeyed, messages queued).
-    #[allow(clippy::too_many_arguments)]
     async fn relay(
         &mut self,
-        edge: &Edge,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        inbound: &mut forward::Inbound,
-        guard: &mut forward::Guard,
-        mut metering: Option<&mut crate::metering::Metering>,
+        x: &mut Exchange,
         sent: &mut u64,
-    ) -> Result<(), Failure> {
-        let status = inbound.header.status.as_u16();
-        if status >= 500 {
-            return Err(EdgeError::UpstreamUnavailable(
-                format!("the agent runtime failed with status {status}").into(),
-            )
-            .into());
-        }
-        if status >= 300 {
-            let body = inbound
-                .read_to_end(forward::unwatched(), guard, 64 * 1024)
-                .await?;
-            return Err(edge::runtime_refusal(status, &body).into());
-        }
+    ) -> Result<Answered, Failure> {
+        check_status(&mut x.inbound, forward::unwatched(), &mut x.guard, true).await?;
         let mut h = ResponseHeader::build_no_case(200, Some(2)).expect("200 is a status");
         h.insert_header("content-type", "application/json")
             .expect("static value");
-        plugin_response_headers(ctx, &mut h)?;
-        ctx.status = 200;
-        let _open = OpenStream::new(&edge.control.metrics.open_streams);
-        let mut scanner = SseScanner::new();
-        let mut native = NativeStream::new();
-        let mut saw_done = false;
+        ctx.filter_response_header(&mut h)?;
+        ctx.record.status = 200;
+        let mut relay = NativeRelay::new();
+        let mut accounting = x.accounting.as_mut();
         loop {
             let events = tokio::select! {
-                r = edge::next_events(forward::unwatched(), inbound, guard, &mut scanner) => r?,
+                r = relay.next(forward::unwatched(), &mut x.inbound, &mut x.guard, accounting.as_deref_mut()) => r?,
                 r = read_more(session, &mut self.socket) => {
                     r.map_err(Failure::Socket)?;
                     self.heard = Instant::now();
                     if self.take_cancel()? {
-                        return self.finish_cancelled(session, ctx, &native, sent).await;
+                        ctx.record.error = Some("cancelled");
+                        let last = relay.cancelled(&ctx.record.request_id);
+                        self.frame(session, ctx, last, true, sent).await?;
+                        return Ok(Answered::Cancelled);
                     }
                     self.flush(session).await?;
                     continue;
                 }
             };
-            let Some((_, events)) = events else { break };
-            let out = edge.native_events(
-                ctx,
-                &mut native,
-                &events,
-                metering.as_deref_mut(),
-                &mut saw_done,
-            )?;
-            for event in out {
-                ctx.first_token.get_or_insert_with(StdInstant::now);
+            let Some(events) = events else { break };
+            for event in events {
+                ctx.record.first_token.get_or_insert_with(StdInstant::now);
                 self.frame(session, ctx, event, false, sent).await?;
             }
         }
-        let last = edge.native_end(ctx, &native, saw_done, metering)?;
-        self.frame(session, ctx, last, true, sent).await
+        let last = relay.end(&ctx.record.request_id, accounting)?;
+        self.frame(session, ctx, last, true, sent).await?;
+        Ok(Answered::Whole)
     }
 
     /// Sends one answer frame, through the response plugins.
@@ -539,7 +475,7 @@ impl Connection {
         sent: &mut u64,
     ) -> Result<(), Failure> {
         let text = Bytes::from(event.to_string());
-        let text = plugin_body(ctx, text, end)?;
+        let text = ctx.filter_response_body(text, end)?;
         if text.is_empty() {
             return Ok(());
         }
@@ -565,21 +501,6 @@ impl Connection {
             }
         }
         Ok(cancel)
-    }
-
-    /// Ends a cancelled answer: the `done` frame says `cancelled` (what was delivered is
-    /// accounted by [`Edge::conclude`]).
-    async fn finish_cancelled(
-        &mut self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        native: &NativeStream,
-        sent: &mut u64,
-    ) -> Result<(), Failure> {
-        let mut last = native.finish(&ctx.request_id);
-        last["finish_reason"] = serde_json::json!("cancelled");
-        ctx.error = Some("cancelled");
-        self.frame(session, ctx, last, true, sent).await
     }
 
     /// Ends the socket: the error frame and close frame the end calls for, the client's close
@@ -633,6 +554,28 @@ async fn read_more(session: &mut Session, socket: &mut WebSocket<Wire>) -> Resul
         }
         Ok(None) | Err(_) => Err(End::Client),
     }
+}
+
+/// How a message's answer ended well: whole, or cancelled by the client.
+enum Answered {
+    Whole,
+    Cancelled,
+}
+
+/// What a plugin's decision before the runtime means for a WebSocket message: a plugin's own
+/// JSON error goes out as it wrote it (its code, its message); anything else is the table's.
+fn plugin_failure(verdict: Verdict) -> Failure {
+    if let Verdict::Respond(local) = &verdict {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&local.body) {
+            if v.get("error").is_some() {
+                return Failure::Plugin {
+                    status: local.status,
+                    frame: v.to_string(),
+                };
+            }
+        }
+    }
+    Failure::Edge(verdict.into_error())
 }
 
 /// Why a message's answer stopped: the edge's error (sent as an error frame), a plugin's own

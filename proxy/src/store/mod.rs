@@ -11,6 +11,9 @@ use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+mod status;
+pub use status::StoreStatus;
+
 /// The notification channel on PostgreSQL.
 pub const CHANNEL: &str = "moltghost_changes";
 

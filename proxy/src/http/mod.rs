@@ -1,0 +1,96 @@
+//! An HTTP request's way through the edge: transport, route, admission, then either an answer
+//! of the edge's own (`/v1/health`), the WebSocket bridge (`/ws`), or the pipeline's stages
+//! in order: prepare → open → relay → conclude.
+
+mod health;
+mod transport;
+
+use bytes::Bytes;
+use pingora_proxy::Session;
+use tokio::time::Instant;
+
+use crate::error::EdgeError;
+use crate::pipeline::accounting::Outcome;
+use crate::pipeline::prepare::Preparation;
+use crate::pipeline::respond::Responder;
+use crate::pipeline::{Downstream, Pipeline, RequestCtx};
+use crate::plugins::Verdict;
+use crate::routing::{self, Route};
+use crate::{body, lifecycle};
+
+/// Serves one HTTP request. `Err` is the error to answer with (or, once a response header went
+/// out, the reason the connection is dropped).
+pub async fn serve(
+    p: &Pipeline,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), EdgeError> {
+    if transport::redirected(p, session, ctx).await? {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let head = session.req_header();
+    let route = routing::route(&head.method, head.uri.path())?;
+    ctx.record.route = Some(route);
+    let admission = p.admit(session.req_header(), route, ctx)?;
+    p.rate(&admission, ctx)?;
+    match route {
+        Route::Health => return health::serve(p, session, ctx, &admission.agent).await,
+        Route::Ws => {
+            lifecycle::admit(admission.agent.state)?;
+            return crate::websocket::serve(p, session, ctx, admission).await;
+        }
+        _ => lifecycle::admit(admission.agent.state)?,
+    }
+    let body = body::read(session, p.cfg().max_body_bytes).await?;
+    let mut down = Downstream::Http(session);
+    let prepared = match p.prepare(&mut down, ctx, &admission, route, body, now)? {
+        Preparation::Forward(prepared) => *prepared,
+        Preparation::Answered(verdict) => {
+            let Downstream::Http(session) = down else {
+                unreachable!("an HTTP request")
+            };
+            return plugin_answer(&mut Responder::new(session, ctx), verdict).await;
+        }
+    };
+    let mut exchange = p.open(&mut down, ctx, &admission, prepared).await?;
+    let Downstream::Http(session) = down else {
+        unreachable!("an HTTP request")
+    };
+    let result = p
+        .relay(&mut Responder::new(session, ctx), &mut exchange)
+        .await;
+    p.conclude(ctx, &admission.agent, exchange, Outcome::of(&result))
+        .await;
+    result
+}
+
+/// Sends what a plugin decided instead of the runtime's answer: its own local response (its
+/// body, or the table's `policy_denied` when it gave none, with its headers), or the
+/// fail-closed error.
+async fn plugin_answer(resp: &mut Responder<'_>, verdict: Verdict) -> Result<(), EdgeError> {
+    let mut local = match verdict {
+        Verdict::Respond(local) => local,
+        failed @ Verdict::Failed(_) => return Err(failed.into_error()),
+    };
+    let status = local.status;
+    let headers = std::mem::take(&mut local.headers);
+    let (content_type, body) = if local.body.is_empty() {
+        (
+            "application/json",
+            Verdict::Respond(local).into_error().body(),
+        )
+    } else {
+        ("text/plain", Bytes::from(local.body))
+    };
+    let mut h = resp.header(status, content_type);
+    for (k, v) in &headers {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_bytes(v),
+        ) {
+            let _ = h.insert_header(name, value);
+        }
+    }
+    resp.whole(h, body).await
+}

@@ -1,0 +1,64 @@
+//! Admission: who is calling, which agent they reach, whether its lifecycle lets them in, and
+//! one more request against the key's rate. The decisions are [`crate::policy`]'s plain
+//! functions; this stage gathers their inputs from the request and applies the results.
+
+use pingora_http::RequestHeader;
+
+use super::{Pipeline, RequestCtx};
+use crate::error::EdgeError;
+use crate::policy::{self, Admission, RequestView};
+use crate::routing::Route;
+use crate::ws;
+
+impl Pipeline {
+    /// The caller's key and the agent it reaches (see [`policy::admit`]); recorded in `ctx`.
+    pub fn admit(
+        &self,
+        head: &RequestHeader,
+        route: Route,
+        ctx: &mut RequestCtx,
+    ) -> Result<Admission, EdgeError> {
+        let offer = match route {
+            Route::Ws => ws::offer(
+                head.headers
+                    .get_all("sec-websocket-protocol")
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            ),
+            _ => ws::Offer::default(),
+        };
+        let host = head
+            .headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| head.uri.host())
+            .unwrap_or("");
+        let view = RequestView {
+            host,
+            authorization: head.headers.get("authorization").map(|v| v.as_bytes()),
+            subprotocol_key: offer.key,
+            now: crate::store::now(),
+        };
+        let admission = policy::admit(
+            &self.plane.registry.load(),
+            &self.plane.hasher,
+            &self.cfg().agents_domain,
+            &view,
+        )?;
+        ctx.admitted(&admission);
+        Ok(admission)
+    }
+
+    /// Request rate: one more request of the caller's key, or `rate_limited`.
+    pub fn rate(&self, admission: &Admission, ctx: &mut RequestCtx) -> Result<(), EdgeError> {
+        let cfg = self.cfg();
+        if cfg.limits_enabled {
+            ctx.rate = Some(self.plane.limiter.admit(
+                &admission.key,
+                &admission.account.plan,
+                cfg.rate_limit_status,
+            )?);
+        }
+        Ok(())
+    }
+}

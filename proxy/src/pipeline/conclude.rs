@@ -1,0 +1,41 @@
+//! Conclusion: after the relay, the upstream connection goes back to the pool (or is closed),
+//! the request's usage is settled with the outcome of its relay (once: a relay that settled
+//! before its last bytes keeps that settlement), and the request is logged and counted.
+
+use super::accounting::Outcome;
+use super::open::Exchange;
+use super::{Pipeline, RequestCtx};
+use crate::registry::Agent;
+
+impl Pipeline {
+    /// Ends an exchange whose relay led to `outcome`.
+    pub async fn conclude(
+        &self,
+        ctx: &mut RequestCtx,
+        agent: &Agent,
+        exchange: Exchange,
+        outcome: Outcome,
+    ) {
+        let Exchange {
+            inbound,
+            accounting,
+            ..
+        } = exchange;
+        if let Ok(peer) = agent.upstream.peer() {
+            self.forwarder
+                .close(inbound, peer, self.cfg().upstream_keepalive)
+                .await;
+        }
+        if let Some(mut accounting) = accounting {
+            ctx.record.tokens = Some(accounting.settle(None, outcome));
+        }
+    }
+
+    /// The request's last act: the plugins' log phase, the access-log line and the metrics.
+    /// `method` is the request's (`WS` for a WebSocket message).
+    pub fn log(&self, ctx: &mut RequestCtx, method: &str, bytes_sent: u64) {
+        ctx.finish_plugins();
+        ctx.record.log(method, bytes_sent);
+        self.plane.metrics.record(&ctx.record);
+    }
+}

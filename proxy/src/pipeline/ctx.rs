@@ -1,0 +1,82 @@
+//! What one request carries through the pipeline: its access record, and the live state the
+//! stages hand on (rate and quota state for the response headers, the plugins' run, whether a
+//! response header went out).
+
+use bytes::Bytes;
+use pingora_http::ResponseHeader;
+
+use crate::access::AccessRecord;
+use crate::error::EdgeError;
+use crate::limits::RateInfo;
+use crate::plugins::PluginRun;
+use crate::policy::Admission;
+
+/// One request's state (an HTTP request, or one WebSocket message).
+#[derive(Debug, Default)]
+pub struct RequestCtx {
+    /// What the access log and the metrics will say of it.
+    pub record: AccessRecord,
+    /// The request-rate state, once admitted (for `x-ratelimit-*-requests`).
+    pub rate: Option<RateInfo>,
+    /// The account's token quota and what is left, once reserved (for `x-ratelimit-*-tokens`).
+    pub tokens_left: Option<(u64, u64)>,
+    /// The request's run through the WASM policy plugins that apply to it.
+    pub plugins: Option<PluginRun>,
+    /// Whether a response header was written (after that, errors end the stream instead).
+    pub responded: bool,
+}
+
+impl RequestCtx {
+    /// A request that arrives now.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Notes who was admitted, for the record.
+    pub fn admitted(&mut self, admission: &Admission) {
+        self.record.agent = Some(admission.agent.endpoint_id.clone());
+        self.record.account = Some(admission.account.id.clone());
+        self.record.key_id = Some(admission.key.id.clone());
+    }
+
+    /// Notes the status that went out with a response header.
+    pub fn responded_with(&mut self, status: u16) {
+        self.record.status = status;
+        self.responded = true;
+    }
+
+    /// The response header through the plugins; true when they will see (and may rewrite) the
+    /// body, which is then re-framed (its length dropped).
+    pub fn filter_response_header(&mut self, h: &mut ResponseHeader) -> Result<bool, EdgeError> {
+        let Some(run) = self.plugins.as_mut() else {
+            return Ok(false);
+        };
+        let mut headers = crate::plugins::response_headers(h);
+        run.on_response_headers(&mut headers)
+            .map_err(|v| v.into_error())?;
+        crate::plugins::apply_response_headers(h, &headers);
+        let sees_body = run.sees_response_body();
+        if sees_body {
+            h.remove_header("content-length");
+        }
+        Ok(sees_body)
+    }
+
+    /// A response body chunk through the plugins (`end` on the last).
+    pub fn filter_response_body(&mut self, bytes: Bytes, end: bool) -> Result<Bytes, EdgeError> {
+        match self.plugins.as_mut() {
+            None => Ok(bytes),
+            Some(run) => run.on_response_body(bytes, end).map_err(|v| v.into_error()),
+        }
+    }
+
+    /// Ends the plugins' part (their log phase, then their contexts end) and copies what they
+    /// decided into the record.
+    pub fn finish_plugins(&mut self) {
+        if let Some(run) = self.plugins.as_mut() {
+            run.finish();
+            self.record.plugins = Some(run.decisions.join(","));
+            self.record.plugin_time = Some(run.spent);
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The client a request came from, as the shared stages need it: an HTTP request's session, or
+//! a WebSocket message (the upgrade's head; the bridge watches the socket itself).
+
+use std::net::SocketAddr;
+
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+
+use crate::forward;
+
+/// An HTTP request, or one message of a WebSocket.
+pub enum Downstream<'a> {
+    /// An HTTP request.
+    Http(&'a mut Session),
+    /// One message of a WebSocket.
+    WebSocket {
+        /// The upgrade request's head, a fresh copy per message (plugins may change it).
+        head: Box<RequestHeader>,
+        /// The client's address.
+        addr: Option<SocketAddr>,
+        /// Whether the socket came over TLS.
+        tls: bool,
+    },
+}
+
+impl Downstream<'_> {
+    /// The request head.
+    pub fn head(&self) -> &RequestHeader {
+        match self {
+            Self::Http(s) => s.req_header(),
+            Self::WebSocket { head, .. } => head,
+        }
+    }
+
+    /// The request head, to change.
+    pub fn head_mut(&mut self) -> &mut RequestHeader {
+        match self {
+            Self::Http(s) => s.req_header_mut(),
+            Self::WebSocket { head, .. } => head,
+        }
+    }
+
+    /// The client's address.
+    pub fn client_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Http(s) => client_addr(s),
+            Self::WebSocket { addr, .. } => *addr,
+        }
+    }
+
+    /// Whether the request came over TLS.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Self::Http(s) => is_tls(s),
+            Self::WebSocket { tls, .. } => *tls,
+        }
+    }
+
+    /// Resolves when the client hangs up while the edge waits on the runtime.
+    pub async fn hangup(&mut self) {
+        match self {
+            Self::Http(s) => forward::hangup(s).await,
+            Self::WebSocket { .. } => forward::unwatched().await,
+        }
+    }
+}
+
+/// Whether `session` came over TLS.
+pub fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The client's address of `session`, when it is an IP socket.
+pub fn client_addr(session: &Session) -> Option<SocketAddr> {
+    session.client_addr().and_then(|a| a.as_inet()).copied()
+}

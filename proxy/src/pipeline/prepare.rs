@@ -1,0 +1,302 @@
+//! Preparation: what the client asked for becomes what the runtime is sent. The request-side
+//! plugins see the headers and the whole body first (they may change them, or answer
+//! instead); then the route's translation gives the runtime request, its deadline, whether it
+//! streams, and what it may cost (for the quota reservation).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use tokio::time::Instant;
+
+use super::{Downstream, Pipeline, RequestCtx};
+use crate::chat::{self, NativeChatRequest};
+use crate::error::EdgeError;
+use crate::forward::Outbound;
+use crate::plugins::Verdict;
+use crate::policy::Admission;
+use crate::registry::Agent;
+use crate::routing::Route;
+use crate::usage;
+use crate::ws::ClientMessage;
+
+/// How the runtime's answer is turned into the client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    /// OpenAI routes: status, headers and body as they are.
+    Passthrough,
+    /// Native chat, whole answer.
+    NativeAnswer,
+    /// Native chat, streamed (as SSE, or as WebSocket frames).
+    NativeStream,
+}
+
+/// What a token-generating request may cost, for its quota reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    /// The prompt's estimated tokens.
+    pub prompt: u64,
+    /// The most completion tokens it asked for (or the configured default).
+    pub completion_cap: u64,
+}
+
+/// The runtime request a route turns into, and what accounting it needs.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The request for the runtime.
+    pub outbound: Outbound,
+    /// How its answer is relayed.
+    pub relay: Relay,
+    /// When it times out.
+    pub deadline: Instant,
+    /// Streamed (counts against the concurrent-stream cap, and may be cut at the quota).
+    pub stream: bool,
+    /// Token-generating: what it may cost.
+    pub cost: Option<Cost>,
+    /// The edge asked for usage the client did not ask for.
+    pub hide_usage: bool,
+}
+
+/// What preparation led to.
+pub enum Preparation {
+    /// A request for the runtime.
+    Forward(Box<Prepared>),
+    /// A plugin decided instead (its own answer, or fail-closed).
+    Answered(Verdict),
+}
+
+impl Pipeline {
+    /// Request-side plugins, then translation (see the module's doc).
+    pub fn prepare(
+        &self,
+        down: &mut Downstream<'_>,
+        ctx: &mut RequestCtx,
+        admission: &Admission,
+        route: Route,
+        mut body: Bytes,
+        now: Instant,
+    ) -> Result<Preparation, EdgeError> {
+        if let Some(verdict) = self.request_plugins(down, ctx, admission, route, &mut body) {
+            return Ok(Preparation::Answered(verdict));
+        }
+        let query = down.head().uri.query().map(|q| format!("?{q}"));
+        let prepared = self.translate(
+            route,
+            &admission.agent,
+            query.as_deref().unwrap_or(""),
+            body,
+            now,
+        )?;
+        Ok(Preparation::Forward(Box::new(prepared)))
+    }
+
+    /// The request's headers and whole body through the plugins that apply, before any
+    /// upstream connection. `Some` when a plugin decided instead; header changes are applied.
+    fn request_plugins(
+        &self,
+        down: &mut Downstream<'_>,
+        ctx: &mut RequestCtx,
+        admission: &Admission,
+        route: Route,
+        body: &mut Bytes,
+    ) -> Option<Verdict> {
+        let set = self.plane.plugins.load_full();
+        if set.plugins().is_empty() {
+            return None;
+        }
+        let agent = &admission.agent;
+        let props = properties(down, ctx, admission, route);
+        let mut run = set.start(route.path(), &agent.endpoint_id, &agent.name, props)?;
+        let scheme = if down.is_tls() { "https" } else { "http" };
+        let mut headers = crate::plugins::request_headers(down.head(), scheme);
+        let verdict = run.on_request(&mut headers, body);
+        ctx.plugins = Some(run);
+        match verdict {
+            Ok(()) => {
+                crate::plugins::apply_request_headers(down.head_mut(), &headers);
+                None
+            }
+            Err(v) => Some(v),
+        }
+    }
+
+    /// The runtime request for a route, its deadline and its cost.
+    fn translate(
+        &self,
+        route: Route,
+        agent: &Agent,
+        query: &str,
+        body: Bytes,
+        now: Instant,
+    ) -> Result<Prepared, EdgeError> {
+        let cfg = self.cfg();
+        let plain = |method, path, body| Prepared {
+            outbound: outbound(agent, method, path, body, None),
+            relay: Relay::Passthrough,
+            deadline: now + cfg.request_timeout,
+            stream: false,
+            cost: None,
+            hide_usage: false,
+        };
+        match route {
+            Route::Chat => {
+                let req = NativeChatRequest::parse(&body)?;
+                let relay = if req.stream {
+                    Relay::NativeStream
+                } else {
+                    Relay::NativeAnswer
+                };
+                self.native(req, relay, agent, now)
+            }
+            // A WebSocket message: always streamed, as frames.
+            Route::Ws => match ClientMessage::parse(&body)? {
+                ClientMessage::Message(req) => self.native(*req, Relay::NativeStream, agent, now),
+                ClientMessage::Cancel => Err(EdgeError::InvalidRequest(
+                    "nothing to cancel: no answer is in progress".into(),
+                )),
+            },
+            Route::ChatCompletions | Route::Completions => {
+                let req = usage::inspect_openai(&body).map_err(invalid)?;
+                // Ask a stream for its usage so it is counted exactly; hide it from a client
+                // that did not ask.
+                let hide_usage = req.stream && !req.include_usage;
+                let body = if hide_usage {
+                    Bytes::from(usage::request_usage(&body).map_err(invalid)?)
+                } else {
+                    body
+                };
+                let cost = Cost {
+                    prompt: req.prompt_estimate(),
+                    completion_cap: req.max_tokens.unwrap_or(cfg.default_max_tokens),
+                };
+                Ok(Prepared {
+                    stream: req.stream,
+                    cost: Some(cost),
+                    hide_usage,
+                    ..plain(
+                        Method::POST,
+                        agent.upstream.path(route.path()) + query,
+                        body,
+                    )
+                })
+            }
+            Route::Tools => {
+                chat::check_json_object(&body)?;
+                Ok(plain(
+                    Method::POST,
+                    agent.upstream.path(route.path()) + query,
+                    body,
+                ))
+            }
+            Route::Models | Route::Health => Ok(plain(
+                Method::GET,
+                agent.upstream.path(route.path()) + query,
+                Bytes::new(),
+            )),
+        }
+    }
+
+    /// A native chat request as the runtime's chat completion, with the client's deadline.
+    fn native(
+        &self,
+        mut req: NativeChatRequest,
+        relay: Relay,
+        agent: &Agent,
+        now: Instant,
+    ) -> Result<Prepared, EdgeError> {
+        let cfg = self.cfg();
+        let deadline = match req.timeout_seconds {
+            None => now + cfg.request_timeout,
+            Some(t) => {
+                let t = Duration::from_secs_f64(t);
+                if t > cfg.max_timeout {
+                    return Err(invalid(format!(
+                        "`timeout_seconds` may be at most {}",
+                        cfg.max_timeout.as_secs()
+                    )));
+                }
+                now + t
+            }
+        };
+        let stream = relay != Relay::NativeAnswer;
+        req.stream = stream;
+        let cost = Cost {
+            prompt: req.prompt_estimate(),
+            completion_cap: req.max_tokens.unwrap_or(cfg.default_max_tokens),
+        };
+        let path = agent.upstream.path(Route::ChatCompletions.path());
+        let body = Bytes::from(req.to_openai());
+        Ok(Prepared {
+            outbound: outbound(agent, Method::POST, path, body, Some("application/json")),
+            relay,
+            deadline,
+            stream,
+            cost: Some(cost),
+            hide_usage: false,
+        })
+    }
+}
+
+/// A request for `agent`'s runtime.
+pub(crate) fn outbound(
+    agent: &Agent,
+    method: Method,
+    path: String,
+    body: Bytes,
+    content_type: Option<&'static str>,
+) -> Outbound {
+    Outbound {
+        method,
+        path,
+        authority: agent.upstream.authority().to_owned(),
+        body,
+        content_type,
+        identity: None,
+    }
+}
+
+fn invalid(msg: String) -> EdgeError {
+    EdgeError::InvalidRequest(msg.into())
+}
+
+/// The properties plugins may read of this request (Envoy's names, and the edge's own).
+fn properties(
+    down: &Downstream<'_>,
+    ctx: &RequestCtx,
+    admission: &Admission,
+    route: Route,
+) -> HashMap<&'static str, Vec<u8>> {
+    let head = down.head();
+    let client = down.client_addr();
+    let bytes = |s: &str| s.as_bytes().to_vec();
+    HashMap::from([
+        ("request.path", bytes(head.uri.path())),
+        ("request.url_path", bytes(head.uri.path())),
+        ("request.method", bytes(head.method.as_str())),
+        ("request.id", bytes(&ctx.record.request_id)),
+        (
+            "request.protocol",
+            format!("{:?}", head.version).into_bytes(),
+        ),
+        (
+            "source.address",
+            client
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+                .into_bytes(),
+        ),
+        (
+            "source.port",
+            i64::from(client.map_or(0, |a| a.port()))
+                .to_le_bytes()
+                .to_vec(),
+        ),
+        ("moltghost.account", bytes(&admission.account.id)),
+        ("moltghost.key_id", bytes(&admission.key.id)),
+        ("moltghost.agent", bytes(&admission.agent.endpoint_id)),
+        ("moltghost.agent_name", bytes(&admission.agent.name)),
+        ("moltghost.plan", bytes(&admission.account.plan.name)),
+        ("moltghost.route", bytes(route.path())),
+    ])
+}
