@@ -12,9 +12,9 @@ fuzz_target!(|data: &[u8]| {
     };
     match Config::from_toml(text) {
         Ok(c) => {
-            assert!(!c.http_listen.is_empty() && !c.plans.is_empty());
-            assert!(c.public_url.contains("{id}"));
-            assert!(matches!(c.rate_limit_status, 403 | 429));
+            assert!(!c.fixed.listen.http.is_empty() && !c.plans.is_empty());
+            assert!(c.names.public_url.contains("{id}"));
+            assert!(matches!(c.limits.rate_limit_status, 403 | 429));
             for a in &c.agents {
                 // What validated round-trips through its display form.
                 assert_eq!(

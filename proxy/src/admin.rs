@@ -190,7 +190,7 @@ fn router(state: AppState) -> Router {
 
 /// Serves the admin API until shutdown.
 pub async fn serve(control: Arc<Control>, store: Store, mut shutdown: ShutdownWatch) {
-    let addr = control.cfg().admin_listen;
+    let addr = control.cfg().fixed.listen.admin;
     // During an upgrade the old process holds the port until it starts to drain: keep trying.
     let listener = loop {
         match tokio::net::TcpListener::bind(addr).await {

@@ -174,9 +174,9 @@ impl Control {
     }
 
     /// Re-reads the config file and puts it in force: plans, agents domain, limits, timeouts,
-    /// upstream settings, declared agents and certificates. Listeners, the data directory, the
-    /// store and the thread count change only with a restart or an upgrade; a file that asks to
-    /// change them, or that does not validate, is refused and the running config stays.
+    /// upstream settings, plugins, declared agents and certificates. What is in
+    /// [`crate::config::Fixed`] changes only with a restart or an upgrade; a file that asks to
+    /// change it, or that does not validate, is refused and the running config stays.
     pub async fn reload(&self, store: &Store) -> Result<String, String> {
         let path = self
             .config_path
@@ -184,22 +184,7 @@ impl Control {
             .ok_or("the edge runs on the embedded default config: there is no file to reload")?;
         let next = Config::load(Some(path)).map_err(|e| e.0)?;
         let cur = self.cfg();
-        let fixed = [
-            ("listen.http", next.http_listen != cur.http_listen),
-            ("listen.https", next.https_listen != cur.https_listen),
-            ("listen.admin", next.admin_listen != cur.admin_listen),
-            ("edge.data_dir", next.data_dir != cur.data_dir),
-            ("edge.threads", next.threads != cur.threads),
-            ("store.url", next.store_url != cur.store_url),
-            (
-                "limits.rate_sketch_slots",
-                next.rate_sketch_slots != cur.rate_sketch_slots,
-            ),
-            ("tls (on or off)", next.tls.is_some() != cur.tls.is_some()),
-            // Live tunnels hold the key; a new one takes a restart or an upgrade.
-            ("tunnel", next.tunnel != cur.tunnel),
-        ];
-        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+        if let Some(key) = cur.restart_only_change(&next) {
             return Err(format!(
                 "`{key}` changes only with a restart or an upgrade; nothing was reloaded"
             ));
@@ -295,7 +280,7 @@ impl Control {
     /// Follows the store: on every notification or poll tick, reload if needed.
     async fn watch(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
         let mut listener: Option<sqlx::postgres::PgListener> = None;
-        let mut tick = tokio::time::interval(self.cfg().store_poll_interval);
+        let mut tick = tokio::time::interval(self.cfg().fixed.store.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if store.is_postgres() && listener.is_none() {
@@ -325,7 +310,7 @@ impl Control {
     /// edge's key rates and reservations, and learns the others' and the month's totals. Runs
     /// once more at shutdown, so what was journaled is shipped.
     async fn sync_fleet(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.cfg().fleet_sync);
+        let mut tick = tokio::time::interval(self.cfg().fixed.limits.fleet_sync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let stop = tokio::select! {
@@ -345,7 +330,7 @@ impl Control {
     pub async fn sync_once(&self, store: &Store) -> Result<(), StoreError> {
         self.plane.ledger.journal.ship(store).await?;
         // A process this one replaced (an upgrade) or that crashed leaves its journal behind.
-        crate::ledger::Journal::ship_orphans(&self.cfg().data_dir, store).await?;
+        crate::ledger::Journal::ship_orphans(&self.cfg().fixed.edge.data_dir, store).await?;
         let now = store::now();
         let month = crate::quota::month_of(now);
         let active_since = now - 120;
@@ -358,7 +343,7 @@ impl Control {
                 (id, n)
             })
             .collect();
-        let fresh = (self.cfg().fleet_sync.as_secs() as i64 * 4).max(3);
+        let fresh = (self.cfg().fixed.limits.fleet_sync.as_secs() as i64 * 4).max(3);
         let fleet = store
             .exchange_fleet_state(
                 &self.plane.ledger.edge_id,
@@ -439,7 +424,7 @@ impl Control {
 
     /// Writes key last-used times every `last_used_flush`, and once more at shutdown.
     async fn flush(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.cfg().last_used_flush);
+        let mut tick = tokio::time::interval(self.cfg().fixed.store.last_used_flush);
         loop {
             let stop = tokio::select! {
                 _ = tick.tick() => false,

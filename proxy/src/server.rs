@@ -29,9 +29,11 @@ use crate::store::{Store, StoreStatus};
 /// Where the old and the new process of an upgrade meet to hand over listening sockets.
 pub fn upgrade_socket(cfg: &Config) -> std::path::PathBuf {
     let dir = cfg
+        .fixed
+        .edge
         .data_dir
         .canonicalize()
-        .unwrap_or_else(|_| cfg.data_dir.clone());
+        .unwrap_or_else(|_| cfg.fixed.edge.data_dir.clone());
     dir.join("upgrade.sock")
 }
 
@@ -46,16 +48,16 @@ fn prepare(
     cfg: &Arc<Config>,
     config_path: Option<std::path::PathBuf>,
 ) -> Result<Arc<Control>, StartError> {
-    let dir = &cfg.data_dir;
+    let dir = &cfg.fixed.edge.data_dir;
     let key_secret = secrets::load_or_create(
-        cfg.key_secret.as_deref(),
+        cfg.fixed.admin.key_secret.as_deref(),
         "MOLTGHOST_KEY_SECRET",
         dir,
         "key_secret",
     )
     .map_err(|e| StartError(format!("key secret in {}: {e}", dir.display())))?;
     let admin_secret = secrets::load_or_create(
-        cfg.admin_jwt_secret.as_deref(),
+        cfg.fixed.admin.jwt_secret.as_deref(),
         "MOLTGHOST_ADMIN_SECRET",
         dir,
         "admin_secret",
@@ -63,15 +65,19 @@ fn prepare(
     .map_err(|e| StartError(format!("admin secret in {}: {e}", dir.display())))?;
     let identity = IdentityKey::load(dir).map_err(|e| StartError(format!("identity key: {e}")))?;
     let last_used = Arc::new(LastUsed::default());
-    let wg_key =
-        crate::tunnel::keys::load_or_create(cfg.tunnel.private_key.as_deref(), dir, "wg_key")
-            .map_err(|e| StartError(format!("WireGuard key: {e}")))?;
+    // The file's key, else the environment's, else the one kept in the data directory.
+    let env_key = std::env::var("MOLTGHOST_WG_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    let wg_key = cfg.fixed.tunnel.private_key.clone().or(env_key);
+    let wg_key = crate::tunnel::keys::load_or_create(wg_key.as_deref(), dir, "wg_key")
+        .map_err(|e| StartError(format!("WireGuard key: {e}")))?;
     let tunnels = crate::tunnel::bridge::Tunnels::start(
         wg_key,
-        cfg.tunnel.preshared_key,
-        cfg.tunnel.mtu,
+        cfg.fixed.tunnel.preshared_key,
+        cfg.fixed.tunnel.mtu,
         dir,
-        cfg.connect_timeout,
+        cfg.limits.connect_timeout,
     )
     .map_err(|e| StartError(format!("tunnel bridge in {}: {e}", dir.display())))?;
 
@@ -91,7 +97,7 @@ fn prepare(
         .expect("a tokio runtime");
     let snapshot = rt
         .block_on(async {
-            let store = Store::open(&cfg.store_url, dir).await?;
+            let store = Store::open(&cfg.fixed.store.url, dir).await?;
             control::seed(&store, cfg).await?;
             let shipped = Journal::ship_orphans(dir, &store).await?;
             if shipped > 0 {
@@ -112,7 +118,12 @@ fn prepare(
                 &contents, cfg, &last_used, &tunnels,
             ))
         })
-        .map_err(|e| StartError(format!("cannot open the store at {}: {e}", cfg.store_url)))?;
+        .map_err(|e| {
+            StartError(format!(
+                "cannot open the store at {}: {e}",
+                cfg.fixed.store.url
+            ))
+        })?;
     let plugins = crate::plugins::PluginSet::load(&cfg.plugins).map_err(StartError)?;
     let certs = match &cfg.tls {
         Some(t) => Some(Arc::new(
@@ -125,7 +136,7 @@ fn prepare(
         config: arc_swap::ArcSwap::new(cfg.clone()),
         registry: Arc::new(Registry::new(snapshot)),
         hasher: KeyHasher::new(&key_secret),
-        limiter: Limiter::new(cfg.rate_sketch_slots),
+        limiter: Limiter::new(cfg.fixed.limits.rate_sketch_slots),
         quota,
         ledger: Arc::new(Ledger::new(journal, edge_id)),
         metrics: crate::metrics::Metrics::new(),
@@ -158,11 +169,11 @@ pub fn run(
     let control = prepare(&cfg, config_path)?;
 
     let conf = ServerConf {
-        threads: cfg.threads,
+        threads: cfg.fixed.edge.threads,
         // A request stays on its worker thread, with its plugin contexts in that thread's VMs.
         work_stealing: false,
-        grace_period_seconds: Some(cfg.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(cfg.shutdown_timeout.as_secs()),
+        grace_period_seconds: Some(cfg.fixed.edge.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(cfg.fixed.edge.shutdown_timeout.as_secs()),
         // The hand-over socket lives with the rest of the edge's state.
         upgrade_sock: upgrade_socket(&cfg).to_string_lossy().into_owned(),
         ..ServerConf::default()
@@ -177,11 +188,11 @@ pub fn run(
     let edge = Edge::new(Pipeline::new(control.plane.clone()));
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "moltghost-edge");
-    for addr in &cfg.http_listen {
+    for addr in &cfg.fixed.listen.http {
         service.add_tcp(&addr.to_string());
     }
     if let (Some(certs), Some(tls)) = (&control.certs, &cfg.tls) {
-        for addr in &cfg.https_listen {
+        for addr in &cfg.fixed.listen.https {
             let mut settings = pingora_core::listeners::tls::TlsSettings::intermediate("", "")
                 .map_err(|e| StartError(format!("TLS settings: {e}")))?;
             settings.set_cert_resolver(certs.clone());
@@ -196,7 +207,7 @@ pub fn run(
         "control-plane",
         ControlPlane { control },
     ));
-    tracing::info!(listen = ?cfg.http_listen, admin = %cfg.admin_listen, agents_domain = %cfg.agents_domain, "moltghost edge starting");
+    tracing::info!(listen = ?cfg.fixed.listen.http, admin = %cfg.fixed.listen.admin, agents_domain = %cfg.names.agents_domain, "moltghost edge starting");
     server.run(pingora_core::server::RunArgs::default());
     tracing::info!("moltghost edge stopped");
     Ok(())
@@ -212,7 +223,12 @@ impl BackgroundService for ControlPlane {
     async fn start(&self, shutdown: ShutdownWatch) {
         let control = self.control.clone();
         let store = loop {
-            match Store::open(&control.cfg().store_url, &control.cfg().data_dir).await {
+            match Store::open(
+                &control.cfg().fixed.store.url,
+                &control.cfg().fixed.edge.data_dir,
+            )
+            .await
+            {
                 Ok(s) => break s,
                 Err(e) => {
                     control.status().failed(&e);

@@ -75,7 +75,7 @@ pub async fn serve(
     // The bridge keeps its own time: pings while idle, the runtime's deadlines while answering.
     session.set_read_timeout(None);
 
-    let max = p.cfg().max_body_bytes;
+    let max = p.cfg().limits.max_body_bytes;
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
@@ -210,7 +210,7 @@ struct Connection {
 impl Connection {
     /// Answers messages until the socket ends.
     async fn run(&mut self, p: &Pipeline, session: &mut Session) -> End {
-        let ping_every = p.cfg().websocket_ping_interval;
+        let ping_every = p.cfg().limits.websocket_ping_interval;
         let mut next_ping = Instant::now() + ping_every;
         let mut draining = p.plane.draining.subscribe();
         loop {

@@ -51,8 +51,8 @@ fn main() -> ExitCode {
         }
         println!(
             "configuration OK: {} listener(s), agents domain {}, {} plan(s), {} agent(s), {} plugin(s)",
-            cfg.http_listen.len(),
-            cfg.agents_domain,
+            cfg.fixed.listen.http.len(),
+            cfg.names.agents_domain,
             cfg.plans.len(),
             cfg.agents.len(),
             cfg.plugins.len()

@@ -101,7 +101,7 @@ async fn probe(
                 .read_to_end(forward::hangup(session), &mut guard, 64 * 1024)
                 .await;
             p.forwarder
-                .close(inbound, peer, p.cfg().upstream_keepalive)
+                .close(inbound, peer, p.cfg().limits.upstream_keepalive)
                 .await;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             json!({"reachable": ok, "latency_ms": (ms * 1000.0).round() / 1000.0})

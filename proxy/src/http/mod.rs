@@ -42,7 +42,7 @@ pub async fn serve(
         }
         _ => lifecycle::admit(admission.agent.state)?,
     }
-    let body = body::read(session, p.cfg().max_body_bytes).await?;
+    let body = body::read(session, p.cfg().limits.max_body_bytes).await?;
     let mut down = Downstream::Http(session);
     let prepared = match p.prepare(&mut down, ctx, &admission, route, body, now)? {
         Preparation::Forward(prepared) => *prepared,

@@ -33,7 +33,7 @@ pub async fn redirected(
                 .get("host")
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("");
-            let port = cfg.https_listen.first().map_or(443, |a| a.port());
+            let port = cfg.fixed.listen.https.first().map_or(443, |a| a.port());
             let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
             let location = https_location(host, port, path);
             let redirect = EdgeError::HttpsRequired { location };

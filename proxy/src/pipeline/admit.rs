@@ -42,7 +42,7 @@ impl Pipeline {
         let admission = policy::admit(
             &self.plane.registry.load(),
             &self.plane.hasher,
-            &self.cfg().agents_domain,
+            &self.cfg().names.agents_domain,
             &view,
         )?;
         ctx.admitted(&admission);
@@ -52,11 +52,11 @@ impl Pipeline {
     /// Request rate: one more request of the caller's key, or `rate_limited`.
     pub fn rate(&self, admission: &Admission, ctx: &mut RequestCtx) -> Result<(), EdgeError> {
         let cfg = self.cfg();
-        if cfg.limits_enabled {
+        if cfg.limits.enabled {
             ctx.rate = Some(self.plane.limiter.admit(
                 &admission.key,
                 &admission.account.plan,
-                cfg.rate_limit_status,
+                cfg.limits.rate_limit_status,
             )?);
         }
         Ok(())

@@ -23,7 +23,7 @@ impl Pipeline {
         } = exchange;
         if let Ok(peer) = agent.upstream.peer() {
             self.forwarder
-                .close(inbound, peer, self.cfg().upstream_keepalive)
+                .close(inbound, peer, self.cfg().limits.upstream_keepalive)
                 .await;
         }
         if let Some(mut accounting) = accounting {

@@ -57,16 +57,16 @@ impl Pipeline {
             ));
         }
         let plan = &admission.account.plan;
-        let stream_slot = if cfg.limits_enabled && prepared.stream {
-            Some(
-                self.plane
-                    .limiter
-                    .open_stream(&admission.key, plan, cfg.rate_limit_status)?,
-            )
+        let stream_slot = if cfg.limits.enabled && prepared.stream {
+            Some(self.plane.limiter.open_stream(
+                &admission.key,
+                plan,
+                cfg.limits.rate_limit_status,
+            )?)
         } else {
             None
         };
-        let accounting = match prepared.cost.filter(|_| cfg.limits_enabled) {
+        let accounting = match prepared.cost.filter(|_| cfg.limits.enabled) {
             None => None,
             Some(cost) => {
                 let reservation = self.plane.quota.reserve(
@@ -121,7 +121,7 @@ impl Pipeline {
             )
             .await?;
         ctx.record.first_byte = Some(StdInstant::now());
-        inbound.set_idle_timeout(cfg.stream_idle_timeout);
+        inbound.set_idle_timeout(cfg.limits.stream_idle_timeout);
         Ok(Exchange {
             inbound,
             relay: prepared.relay,

@@ -134,7 +134,7 @@ impl Pipeline {
         let plain = |method, path, body| Prepared {
             outbound: outbound(agent, method, path, body, None),
             relay: Relay::Passthrough,
-            deadline: now + cfg.request_timeout,
+            deadline: now + cfg.limits.request_timeout,
             stream: false,
             cost: None,
             hide_usage: false,
@@ -168,7 +168,7 @@ impl Pipeline {
                 };
                 let cost = Cost {
                     prompt: req.prompt_estimate(),
-                    completion_cap: req.max_tokens.unwrap_or(cfg.default_max_tokens),
+                    completion_cap: req.max_tokens.unwrap_or(cfg.limits.default_max_tokens),
                 };
                 Ok(Prepared {
                     stream: req.stream,
@@ -207,13 +207,13 @@ impl Pipeline {
     ) -> Result<Prepared, EdgeError> {
         let cfg = self.cfg();
         let deadline = match req.timeout_seconds {
-            None => now + cfg.request_timeout,
+            None => now + cfg.limits.request_timeout,
             Some(t) => {
                 let t = Duration::from_secs_f64(t);
-                if t > cfg.max_timeout {
+                if t > cfg.limits.max_timeout {
                     return Err(invalid(format!(
                         "`timeout_seconds` may be at most {}",
-                        cfg.max_timeout.as_secs()
+                        cfg.limits.max_timeout.as_secs()
                     )));
                 }
                 now + t
@@ -223,7 +223,7 @@ impl Pipeline {
         req.stream = stream;
         let cost = Cost {
             prompt: req.prompt_estimate(),
-            completion_cap: req.max_tokens.unwrap_or(cfg.default_max_tokens),
+            completion_cap: req.max_tokens.unwrap_or(cfg.limits.default_max_tokens),
         };
         let path = agent.upstream.path(Route::ChatCompletions.path());
         let body = Bytes::from(req.to_openai());
