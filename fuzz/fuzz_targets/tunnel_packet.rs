@@ -1,30 +1,32 @@
-//! The tunnel's receive path: arbitrary datagrams into a pod-side link, and arbitrary inner
-//! packets, properly encrypted by an established peer, into its TCP stack.
+//! The tunnel's receive path, on the I/O-free core (no sockets): arbitrary datagrams into a
+//! pod-side core, and arbitrary inner packets, properly encrypted by an established peer, into
+//! its TCP stack; then its timers.
 #![no_main]
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 use libfuzzer_sys::fuzz_target;
-use moltghost::tunnel::{keys, Link, LinkConfig, Role};
+use moltghost::tunnel::core::Core;
+use moltghost::tunnel::{keys, Counters, LinkConfig, Role};
 
 struct Fixture {
-    pod: Arc<Link>,
+    pod: Mutex<Core>,
     edge: Mutex<Tunn>,
     edge_addr: SocketAddr,
+    start: Instant,
 }
 
-/// A pod link and an edge peer that completed a handshake with it.
+/// A pod core and an edge peer that completed a handshake with it.
 static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let (pod_secret, edge_secret) = (keys::generate(), keys::generate());
     let pod_public = boringtun::x25519::PublicKey::from(&pod_secret);
     let edge_public = boringtun::x25519::PublicKey::from(&edge_secret);
-    let pod_udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    pod_udp.set_nonblocking(true).unwrap();
-    let edge_udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let edge_addr = edge_udp.local_addr().unwrap();
-    let pod = Link::new(
+    let edge_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let start = Instant::now();
+    let mut pod = Core::new(
         LinkConfig {
             secret: pod_secret,
             peer: edge_public,
@@ -35,7 +37,8 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
             mtu: 1420,
             keepalive: None,
         },
-        Arc::new(pod_udp),
+        Arc::new(Counters::default()),
+        start,
     );
     let mut edge = Tunn::new(edge_secret, pod_public, None, None, 2, None);
     let mut buf = vec![0u8; 2048];
@@ -43,18 +46,19 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
         TunnResult::WriteToNetwork(d) => d.to_vec(),
         other => panic!("no handshake initiation: {other:?}"),
     };
-    pod.input([(&init[..], edge_addr)]);
-    let n = edge_udp.recv(&mut buf).unwrap();
-    let response = buf[..n].to_vec();
+    pod.input(&init, edge_addr, start);
+    let (response, to) = pod.io.transmit.pop_front().expect("a handshake response");
+    assert_eq!(to, edge_addr);
     let mut out = vec![0u8; 2048];
     assert!(matches!(
         edge.decapsulate(None, &response, &mut out),
         TunnResult::WriteToNetwork(_)
     ));
     Fixture {
-        pod,
+        pod: Mutex::new(pod),
         edge: Mutex::new(edge),
         edge_addr,
+        start,
     }
 });
 
@@ -63,21 +67,35 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    let mut pod = f.pod.lock().unwrap();
+    // The core's clock moves with the input, so its timers run too.
+    let now = f.start + Duration::from_millis(u64::from(mode) * 7);
     if mode % 2 == 0 {
-        f.pod.input([(rest, f.edge_addr)]);
-        return;
+        pod.input(rest, f.edge_addr, now);
+    } else {
+        // An inner packet from the right source to the pod, so that the TCP stack parses it.
+        let mut packet = rest.to_vec();
+        if packet.len() >= 20 && mode % 4 == 1 {
+            packet[0] = 0x45;
+            packet[12..16].copy_from_slice(&[10, 7, 0, 1]);
+            packet[16..20].copy_from_slice(&[10, 7, 0, 2]);
+        }
+        let mut out = vec![0u8; packet.len() + 148];
+        let datagram = match f.edge.lock().unwrap().encapsulate(&packet, &mut out) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => return,
+        };
+        pod.input(&datagram, f.edge_addr, now);
     }
-    // An inner packet from the right source to the pod, so that the TCP stack parses it.
-    let mut packet = rest.to_vec();
-    if packet.len() >= 20 && mode % 4 == 1 {
-        packet[0] = 0x45;
-        packet[12..16].copy_from_slice(&[10, 7, 0, 1]);
-        packet[16..20].copy_from_slice(&[10, 7, 0, 2]);
+    pod.pump(now);
+    // Connections the input opened are accepted and dropped at once, so they do not pile up.
+    while let Some(h) = pod.accept() {
+        pod.socket(h).abort();
+        pod.release(h, now);
     }
-    let mut out = vec![0u8; packet.len() + 148];
-    let datagram = match f.edge.lock().unwrap().encapsulate(&packet, &mut out) {
-        TunnResult::WriteToNetwork(d) => d.to_vec(),
-        _ => return,
-    };
-    f.pod.input([(&datagram[..], f.edge_addr)]);
+    pod.tick(now);
+    // What the core asked the device layer to send goes nowhere: give the buffers back.
+    while let Some((d, _)) = pod.io.transmit.pop_front() {
+        pod.io.recycle(d);
+    }
 });

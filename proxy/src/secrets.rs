@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
+use boringtun::x25519::StaticSecret;
 use hmac::{Hmac, Mac};
+use moltghost_tunnel::keys;
 use sha2::Sha256;
 
 /// A secret from `configured`, else `$env`, else the file `name` in `data_dir` (created with
@@ -31,6 +33,31 @@ pub fn load_or_create(
     let secret = hex::encode(rand::random::<[u8; 32]>());
     write_private(&path, &secret)?;
     Ok(secret)
+}
+
+/// The WireGuard private key in `configured` (from the config or the environment), else the one kept in
+/// `dir/name`, created (readable by its owner only) on first use: the private key never leaves
+/// the machine.
+pub fn wireguard_key(
+    configured: Option<&str>,
+    dir: &Path,
+    name: &str,
+) -> Result<StaticSecret, String> {
+    if let Some(s) = configured.filter(|s| !s.trim().is_empty()) {
+        return keys::secret(s);
+    }
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => keys::secret(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = keys::generate();
+            std::fs::create_dir_all(dir)
+                .and_then(|()| write_private(&path, &keys::encode(&key.to_bytes())))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 /// Writes a file readable by its owner only.

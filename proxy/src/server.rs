@@ -70,7 +70,7 @@ fn prepare(
         .ok()
         .filter(|k| !k.is_empty());
     let wg_key = cfg.fixed.tunnel.private_key.clone().or(env_key);
-    let wg_key = crate::tunnel::keys::load_or_create(wg_key.as_deref(), dir, "wg_key")
+    let wg_key = secrets::wireguard_key(wg_key.as_deref(), dir, "wg_key")
         .map_err(|e| StartError(format!("WireGuard key: {e}")))?;
     let tunnels = crate::tunnel::bridge::Tunnels::start(
         wg_key,

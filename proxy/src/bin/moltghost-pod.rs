@@ -80,7 +80,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let secret = match keys::load_or_create(None, &cli.state_dir, "wg_key") {
+    let secret = match moltghost::secrets::wireguard_key(None, &cli.state_dir, "wg_key") {
         Ok(k) => k,
         Err(e) => return fail(&format!("pod key: {e}")),
     };

@@ -1,7 +1,5 @@
 //! WireGuard keys: x25519, written as standard base64 the way `wg` writes them.
 
-use std::path::Path;
-
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -39,31 +37,6 @@ pub fn public_of(secret: &StaticSecret) -> String {
 /// A fresh private key.
 pub fn generate() -> StaticSecret {
     StaticSecret::random_from_rng(rand::rngs::OsRng)
-}
-
-/// The private key in `configured` (from the config or the environment), else the one kept in
-/// `dir/name`, created (readable by its owner only) on first use: the private key never leaves
-/// the machine.
-pub fn load_or_create(
-    configured: Option<&str>,
-    dir: &Path,
-    name: &str,
-) -> Result<StaticSecret, String> {
-    if let Some(s) = configured.filter(|s| !s.trim().is_empty()) {
-        return secret(s);
-    }
-    let path = dir.join(name);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => secret(&text).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = generate();
-            std::fs::create_dir_all(dir)
-                .and_then(|()| crate::secrets::write_private(&path, &encode(&key.to_bytes())))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(key)
-        }
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
 }
 
 #[cfg(test)]
