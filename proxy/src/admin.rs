@@ -11,9 +11,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use pingora_core::server::ShutdownWatch;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::is_label;
@@ -23,33 +23,7 @@ use crate::registry::AgentState;
 use crate::store::{self, AccountRow, AgentRow, KeyRow, Store, StoreError, UsageBy};
 use crate::upstream::UpstreamTarget;
 
-/// Claims of an admin token.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AdminClaims {
-    /// Who holds the token.
-    pub sub: String,
-    /// Expiry (Unix seconds), required.
-    pub exp: i64,
-    /// `read` or `write` (write includes read).
-    pub scope: String,
-}
-
-/// Mints an admin token signed with `secret`.
-pub fn mint_token(
-    secret: &str,
-    sub: &str,
-    scope: &str,
-    ttl_seconds: i64,
-) -> Result<String, String> {
-    let claims = AdminClaims {
-        sub: sub.into(),
-        exp: store::now() + ttl_seconds,
-        scope: scope.into(),
-    };
-    let key =
-        EncodingKey::from_secret(secret.as_bytes()).map_err(|e| format!("admin secret: {e}"))?;
-    jsonwebtoken::encode(&Header::default(), &claims, &key).map_err(|e| format!("cannot sign: {e}"))
-}
+pub use moltghost_common::admin_token::{mint_token, AdminClaims};
 
 struct ApiError(EdgeError);
 

@@ -38,7 +38,7 @@ impl Drop for Dev {
 
 impl Dev {
     fn start() -> Option<Self> {
-        let cli = Path::new(env!("CARGO_BIN_EXE_moltghost"));
+        let cli = &common::bin("moltghost");
         if !cli.with_file_name("agent-runtime").exists() {
             assert!(std::env::var("CI").is_err(), "CI builds agent-runtime");
             eprintln!("skipping: build agent-runtime first (cargo build --workspace --bins)");
@@ -74,7 +74,7 @@ impl Dev {
 
     /// Runs the CLI against this stack; its stdout, or a panic with its stderr.
     fn cli(&self, args: &[&str]) -> String {
-        let (code, out, err) = run(Command::new(env!("CARGO_BIN_EXE_moltghost"))
+        let (code, out, err) = run(Command::new(common::bin("moltghost"))
             .args(["--data-dir", self.dir.path().to_str().unwrap()])
             .args(args));
         assert_eq!(code, 0, "moltghost {args:?}: {err}");

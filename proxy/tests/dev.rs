@@ -4,7 +4,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use serde_json::Value;
 
 #[test]
 fn moltghost_dev_runs_the_stack_and_stops_on_ctrl_c() {
-    let cli = Path::new(env!("CARGO_BIN_EXE_moltghost"));
+    let cli = &common::bin("moltghost");
     if !cli.with_file_name("agent-runtime").exists() {
         assert!(
             std::env::var("CI").is_err(),

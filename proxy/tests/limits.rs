@@ -223,7 +223,7 @@ async fn every_token_is_accounted_exactly() {
     assert!(line["completion_tokens"].as_u64().unwrap() >= 8, "{line}");
 
     // Usage is visible with the CLI.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moltghost"))
+    let out = std::process::Command::new(common::bin("moltghost"))
         .args(["usage", "--by", "key"])
         .env("MOLTGHOST_ADMIN_URL", s.admin_url())
         .env("MOLTGHOST_ADMIN_TOKEN", admin_token())

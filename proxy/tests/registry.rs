@@ -109,7 +109,7 @@ async fn every_bad_key_gets_the_same_401_on_every_route() {
 
 /// Runs the CLI against `s`.
 fn cli(s: &Stack, args: &[&str]) -> (i32, String, String) {
-    run(Command::new(env!("CARGO_BIN_EXE_moltghost"))
+    run(Command::new(common::bin("moltghost"))
         .args(args)
         .env("MOLTGHOST_ADMIN_URL", s.admin_url())
         .env("MOLTGHOST_ADMIN_TOKEN", admin_token())
@@ -254,7 +254,7 @@ async fn the_spec_cli_commands_work_verbatim() {
     // Meaningful errors and exit codes.
     let (code, _, err) = cli(&s, &["status", "nope"]);
     assert_eq!((code, err.contains("not found")), (1, true), "{err}");
-    let (code, _, err) = run(Command::new(env!("CARGO_BIN_EXE_moltghost")).args([
+    let (code, _, err) = run(Command::new(common::bin("moltghost")).args([
         "status",
         "x",
         "--admin-url",
@@ -264,9 +264,9 @@ async fn the_spec_cli_commands_work_verbatim() {
     ]));
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("cannot reach"), "{err}");
-    let (code, _, _) = run(Command::new(env!("CARGO_BIN_EXE_moltghost")).args(["auth", "bogus"]));
+    let (code, _, _) = run(Command::new(common::bin("moltghost")).args(["auth", "bogus"]));
     assert_eq!(code, 2);
-    let (code, help, _) = run(Command::new(env!("CARGO_BIN_EXE_moltghost")).arg("--help"));
+    let (code, help, _) = run(Command::new(common::bin("moltghost")).arg("--help"));
     assert_eq!(code, 0);
     assert!(
         help.contains("moltghost auth create-key --agent demo --name \"Production API\""),

@@ -83,7 +83,7 @@ fn uapi_set(iface: &str, config: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_tunnel_interoperates_with_wireguard_go() {
-    let runtime_bin = Path::new(env!("CARGO_BIN_EXE_moltghost")).with_file_name("agent-runtime");
+    let runtime_bin = common::bin("agent-runtime");
     if !can_run(&runtime_bin) {
         return;
     }

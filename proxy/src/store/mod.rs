@@ -5,7 +5,6 @@
 //! Only the control plane calls this module; requests are served from the snapshot.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -17,13 +16,7 @@ pub use status::StoreStatus;
 /// The notification channel on PostgreSQL.
 pub const CHANNEL: &str = "moltghost_changes";
 
-/// Seconds since the epoch.
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use moltghost_common::now;
 
 /// A store error, with what was being done.
 #[derive(Debug, thiserror::Error)]

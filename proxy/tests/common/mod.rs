@@ -541,7 +541,7 @@ impl PodProc {
         more: &[&str],
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (code, key, err) = run(Command::new(env!("CARGO_BIN_EXE_moltghost-pod"))
+        let (code, key, err) = run(Command::new(bin("moltghost-pod"))
             .arg("--state-dir")
             .arg(dir.path())
             .arg("keygen"));
@@ -579,7 +579,7 @@ impl PodProc {
         let _ = self.child.wait();
         let log = self.dir.path().join("pod.log");
         let out = std::fs::File::create(&log).unwrap();
-        self.child = Command::new(env!("CARGO_BIN_EXE_moltghost-pod"))
+        self.child = Command::new(bin("moltghost-pod"))
             .args(&self.args)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -641,4 +641,10 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
         target.join("wasm32-wasip1/release")
     });
     dir.join(format!("{name}.wasm"))
+}
+
+/// A binary of the workspace (`moltghost`, `moltghost-pod`, `agent-runtime`), built beside the
+/// edge's: `cargo test --workspace` builds every package's binaries before any test runs.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_BIN_EXE_moltghost-proxy")).with_file_name(name)
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use moltghost::pod::{JwksSource, PodConfig};
-use moltghost::tunnel::keys;
+use moltghost_pod::{JwksSource, PodConfig};
+use moltghost_tunnel::keys;
 
 /// The MoltGhost pod sidecar: the agent runtime's end of the edge's WireGuard tunnel.
 ///
@@ -80,7 +80,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let secret = match moltghost::secrets::wireguard_key(None, &cli.state_dir, "wg_key") {
+    let secret = match moltghost_common::secrets::wireguard_key(None, &cli.state_dir, "wg_key") {
         Ok(k) => k,
         Err(e) => return fail(&format!("pod key: {e}")),
     };
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => {
-            let _log = moltghost::init_tracing();
+            let _log = moltghost_common::init_tracing();
             match run(args, secret) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e),
@@ -124,7 +124,7 @@ fn run(args: RunArgs, secret: boringtun::x25519::StaticSecret) -> Result<(), Str
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let _pod = moltghost::pod::start(PodConfig {
+        let _pod = moltghost_pod::start(PodConfig {
             listen: args.listen,
             secret,
             edge_keys,

@@ -16,9 +16,9 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use moltghost_protocol::head;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::error::EdgeError;
-use crate::identity::{CallerIdentity, IdentityVerifier};
-use crate::tunnel::{bind_udp, keys, Link, LinkConfig, Role, POD_PORT};
+use moltghost_common::identity::{CallerIdentity, IdentityVerifier};
+use moltghost_protocol::error::EdgeError;
+use moltghost_tunnel::{bind_udp, keys, Link, LinkConfig, Role, POD_PORT};
 
 /// Where the sidecar gets the edge's identity keys.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ pub struct Pod {
 
 impl Pod {
     /// Each tunnel's health, by edge key.
-    pub fn status(&self) -> Vec<(String, crate::tunnel::LinkStatus)> {
+    pub fn status(&self) -> Vec<(String, moltghost_tunnel::LinkStatus)> {
         self.links
             .iter()
             .map(|l| (keys::encode(l.peer_key()), l.status()))
@@ -108,9 +108,9 @@ pub async fn start(cfg: PodConfig) -> Result<Pod, String> {
     }
     match &cfg.tun {
         Some(name) => {
-            let addr = format!("{}/24", crate::tunnel::POD_ADDR);
+            let addr = format!("{}/24", moltghost_tunnel::POD_ADDR);
             let tun = Arc::new(
-                crate::tunnel::tun::TunDevice::create(name, &addr, cfg.mtu)
+                moltghost_tunnel::tun::TunDevice::create(name, &addr, cfg.mtu)
                     .map_err(|e| format!("--tun {name}: {e}"))?,
             );
             for link in &links {
@@ -129,7 +129,7 @@ pub async fn start(cfg: PodConfig) -> Result<Pod, String> {
                     })
                     .await
             });
-            let listener = tokio::net::TcpListener::bind((crate::tunnel::POD_ADDR, POD_PORT))
+            let listener = tokio::net::TcpListener::bind((moltghost_tunnel::POD_ADDR, POD_PORT))
                 .await
                 .map_err(|e| format!("listening on the TUN address: {e}"))?;
             let forward = forward.clone();
@@ -159,7 +159,7 @@ pub async fn start(cfg: PodConfig) -> Result<Pod, String> {
         public: PublicKey::from(&cfg.secret),
         links: links.clone(),
     };
-    tokio::spawn(crate::tunnel::receive(recv, move |batch| {
+    tokio::spawn(moltghost_tunnel::receive(recv, move |batch| {
         for (datagram, from) in batch {
             match demux.link_for(datagram) {
                 Some(link) => link.input([(datagram, from)]),

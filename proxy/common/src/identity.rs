@@ -78,7 +78,7 @@ pub const IDENTITY_LIFETIME: i64 = 60;
 impl IdentityKey {
     /// Signs a caller identity for one request.
     pub fn sign(&self, account: &str, key_id: &str, agent: &str, request_id: &str) -> String {
-        let now = crate::store::now();
+        let now = crate::now();
         let claims = CallerIdentity {
             iss: ISSUER.to_owned(),
             sub: account.to_owned(),

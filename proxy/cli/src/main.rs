@@ -340,7 +340,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ttl,
             subject,
         } => {
-            let secret = moltghost::secrets::load_or_create(
+            let secret = moltghost_common::secrets::load_or_create(
                 None,
                 "MOLTGHOST_ADMIN_SECRET",
                 &cli.data_dir,
@@ -350,8 +350,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if !matches!(scope.as_str(), "read" | "write") {
                 return Err(Failure::Refused("--scope is read or write".into()));
             }
-            let token = moltghost::admin::mint_token(&secret, &subject, &scope, seconds(&ttl)?)
-                .map_err(Failure::Unreachable)?;
+            let token = moltghost_common::admin_token::mint_token(
+                &secret,
+                &subject,
+                &scope,
+                seconds(&ttl)?,
+            )
+            .map_err(Failure::Unreachable)?;
             println!("{token}");
             Ok(())
         }
@@ -464,7 +469,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Auth(AuthCmd::RevokeKey { key }) => {
-            let body = if key.starts_with(moltghost::keys::KEY_PREFIX) {
+            let body = if key.starts_with(moltghost_protocol::keys::KEY_PREFIX) {
                 json!({"key": key})
             } else {
                 json!({"id": key})

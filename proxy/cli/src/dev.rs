@@ -82,7 +82,7 @@ fn local_certificate(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), Failure>
         std::fs::write(p, text).map_err(|e| Failure::Unreachable(format!("{}: {e}", p.display())))
     };
     write(&ca_pem, ca_cert.pem())?;
-    moltghost::secrets::write_private(&key, &leaf_key.serialize_pem())
+    moltghost_common::secrets::write_private(&key, &leaf_key.serialize_pem())
         .map_err(|e| Failure::Unreachable(format!("{}: {e}", key.display())))?;
     write(&crt, leaf_cert.pem())?;
     Ok((crt, key, ca_pem))
@@ -180,7 +180,7 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
     let data_dir = data_dir
         .canonicalize()
         .map_err(|e| Failure::Unreachable(e.to_string()))?;
-    let secret = moltghost::secrets::load_or_create(
+    let secret = moltghost_common::secrets::load_or_create(
         None,
         "MOLTGHOST_ADMIN_SECRET",
         &data_dir,
@@ -249,8 +249,13 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
         wait_for(args.admin_port, "the edge", &mut edge, &edge_log).await?;
         wait_for(args.port, "the edge", &mut edge, &edge_log).await?;
         let admin_url = format!("http://127.0.0.1:{}", args.admin_port);
-        let token = moltghost::admin::mint_token(&secret, "moltghost-dev", "write", 30 * 24 * 3600)
-            .map_err(Failure::Unreachable)?;
+        let token = moltghost_common::admin_token::mint_token(
+            &secret,
+            "moltghost-dev",
+            "write",
+            30 * 24 * 3600,
+        )
+        .map_err(Failure::Unreachable)?;
         let admin = Admin::locate(Some(admin_url.clone()), Some(token.clone()), &data_dir)?;
         let (pod, upstream) = if args.no_tunnel {
             (None, format!("http://{runtime_listen}"))
@@ -410,7 +415,7 @@ async fn setup(
         "upstream": upstream,
     });
     let path = data_dir.join(DEV_FILE);
-    moltghost::secrets::write_private(&path, &info.to_string())
+    moltghost_common::secrets::write_private(&path, &info.to_string())
         .map_err(|e| Failure::Unreachable(format!("{}: {e}", path.display())))?;
     Ok(info)
 }
