@@ -42,6 +42,28 @@ pub fn upgrade_socket(cfg: &Config) -> std::path::PathBuf {
 #[error("{0}")]
 pub struct StartError(String);
 
+/// The edge's tunnels to pods, with its WireGuard key: the file's, else `MOLTGHOST_WG_KEY`,
+/// else the one kept in the data directory.
+fn start_tunnels(
+    cfg: &Config,
+    dir: &std::path::Path,
+) -> Result<Arc<crate::tunnel::bridge::Tunnels>, StartError> {
+    let env_key = std::env::var("MOLTGHOST_WG_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    let wg_key = cfg.fixed.tunnel.private_key.clone().or(env_key);
+    let wg_key = secrets::wireguard_key(wg_key.as_deref(), dir, "wg_key")
+        .map_err(|e| StartError(format!("WireGuard key: {e}")))?;
+    crate::tunnel::bridge::Tunnels::start(
+        wg_key,
+        cfg.fixed.tunnel.preshared_key,
+        cfg.fixed.tunnel.mtu,
+        dir,
+        cfg.limits.connect_timeout,
+    )
+    .map_err(|e| StartError(format!("tunnel bridge in {}: {e}", dir.display())))
+}
+
 /// Everything the edge needs before it serves: secrets, the store brought up to date and seeded,
 /// and the first snapshot. Done before listening, so the first request already sees the store.
 fn prepare(
@@ -65,21 +87,7 @@ fn prepare(
     .map_err(|e| StartError(format!("admin secret in {}: {e}", dir.display())))?;
     let identity = IdentityKey::load(dir).map_err(|e| StartError(format!("identity key: {e}")))?;
     let last_used = Arc::new(LastUsed::default());
-    // The file's key, else the environment's, else the one kept in the data directory.
-    let env_key = std::env::var("MOLTGHOST_WG_KEY")
-        .ok()
-        .filter(|k| !k.is_empty());
-    let wg_key = cfg.fixed.tunnel.private_key.clone().or(env_key);
-    let wg_key = secrets::wireguard_key(wg_key.as_deref(), dir, "wg_key")
-        .map_err(|e| StartError(format!("WireGuard key: {e}")))?;
-    let tunnels = crate::tunnel::bridge::Tunnels::start(
-        wg_key,
-        cfg.fixed.tunnel.preshared_key,
-        cfg.fixed.tunnel.mtu,
-        dir,
-        cfg.limits.connect_timeout,
-    )
-    .map_err(|e| StartError(format!("tunnel bridge in {}: {e}", dir.display())))?;
+    let tunnels = start_tunnels(cfg, dir)?;
 
     let edge_id = secrets::load_or_create(None, "MOLTGHOST_EDGE_ID", dir, "edge_id")
         .map(|id| id.chars().take(12).collect::<String>())

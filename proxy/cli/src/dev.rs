@@ -188,33 +188,7 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::Unreachable(format!("admin secret: {e}")))?;
 
-    let (https, public_url, tls) = if args.tls {
-        let (crt, key, _) = local_certificate(&data_dir)?;
-        (
-            format!("https = [\"127.0.0.1:{}\"]\n", args.https_port),
-            format!("public_url = \"https://{{id}}.agent.localhost:{}\"\n", args.https_port),
-            format!(
-                "\n[tls]\n[[tls.certificates]]\nnames = [\"*.agent.localhost\", \"localhost\", \"127.0.0.1\"]\ncert = \"{}\"\nkey = \"{}\"\n",
-                crt.display(),
-                key.display()
-            ),
-        )
-    } else {
-        (String::new(), String::new(), String::new())
-    };
-    let config = format!(
-        "# Written by `moltghost dev`.\n[listen]\nhttp = [\"127.0.0.1:{}\"]\n{https}admin = \"127.0.0.1:{}\"\n\n\
-         [edge]\ndata_dir = \"{}\"\n{public_url}grace_period = \"1s\"\nshutdown_timeout = \"2s\"\n\n\
-         [store]\nurl = \"sqlite://moltghost.db\"\n\n\
-         [[plans]]\nname = \"dev\"\nrequests_per_minute = 6000\ntokens_per_month = 100000000\nconcurrent_streams = 64\n\n\
-         # A small plan, to see the limits at work: `moltghost account create NAME --plan trial`.\n\
-         [[plans]]\nname = \"trial\"\nrequests_per_minute = 20\ntokens_per_month = 1000\nconcurrent_streams = 2\n{tls}",
-        args.port,
-        args.admin_port,
-        data_dir.display()
-    );
-    let conf_path = data_dir.join("dev.toml");
-    std::fs::write(&conf_path, config).map_err(|e| Failure::Unreachable(e.to_string()))?;
+    let conf_path = write_config(&args, &data_dir)?;
 
     let runtime_listen = format!("127.0.0.1:{}", args.runtime_port);
     let runtime_log = data_dir.join("runtime.log");
@@ -295,6 +269,39 @@ pub async fn run(args: DevArgs, data_dir: &Path) -> Result<(), Failure> {
     }
     stop(&mut runtime).await;
     Ok(())
+}
+
+/// Writes the dev stack's edge config (`dev.toml` in the data directory), with TLS on a local
+/// certificate when asked for. Returns its path.
+fn write_config(args: &DevArgs, data_dir: &Path) -> Result<PathBuf, Failure> {
+    let (https, public_url, tls) = if args.tls {
+        let (crt, key, _) = local_certificate(data_dir)?;
+        (
+            format!("https = [\"127.0.0.1:{}\"]\n", args.https_port),
+            format!("public_url = \"https://{{id}}.agent.localhost:{}\"\n", args.https_port),
+            format!(
+                "\n[tls]\n[[tls.certificates]]\nnames = [\"*.agent.localhost\", \"localhost\", \"127.0.0.1\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+                crt.display(),
+                key.display()
+            ),
+        )
+    } else {
+        (String::new(), String::new(), String::new())
+    };
+    let config = format!(
+        "# Written by `moltghost dev`.\n[listen]\nhttp = [\"127.0.0.1:{}\"]\n{https}admin = \"127.0.0.1:{}\"\n\n\
+         [edge]\ndata_dir = \"{}\"\n{public_url}grace_period = \"1s\"\nshutdown_timeout = \"2s\"\n\n\
+         [store]\nurl = \"sqlite://moltghost.db\"\n\n\
+         [[plans]]\nname = \"dev\"\nrequests_per_minute = 6000\ntokens_per_month = 100000000\nconcurrent_streams = 64\n\n\
+         # A small plan, to see the limits at work: `moltghost account create NAME --plan trial`.\n\
+         [[plans]]\nname = \"trial\"\nrequests_per_minute = 20\ntokens_per_month = 1000\nconcurrent_streams = 2\n{tls}",
+        args.port,
+        args.admin_port,
+        data_dir.display()
+    );
+    let conf_path = data_dir.join("dev.toml");
+    std::fs::write(&conf_path, config).map_err(|e| Failure::Unreachable(e.to_string()))?;
+    Ok(conf_path)
 }
 
 /// Starts the pod sidecar in front of the runtime, accepting this edge's WireGuard key and

@@ -339,76 +339,108 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             scope,
             ttl,
             subject,
-        } => {
-            let secret = moltghost_common::secrets::load_or_create(
-                None,
-                "MOLTGHOST_ADMIN_SECRET",
-                &cli.data_dir,
-                "admin_secret",
-            )
-            .map_err(|e| Failure::Unreachable(format!("admin secret: {e}")))?;
-            if !matches!(scope.as_str(), "read" | "write") {
-                return Err(Failure::Refused("--scope is read or write".into()));
-            }
-            let token = moltghost_common::admin_token::mint_token(
-                &secret,
-                &subject,
-                &scope,
-                seconds(&ttl)?,
-            )
-            .map_err(Failure::Unreachable)?;
-            println!("{token}");
-            Ok(())
-        }
+        } => token(&cli.data_dir, scope, ttl, subject),
         Command::Status {
             agent,
             url,
             json: json_out,
-        } => {
-            let Some(agent) = agent else {
-                let st = admin()?.get("/v1/admin/status").await?;
-                if json_out {
-                    print_json(&st);
+        } => status(admin()?, agent, url, json_out).await,
+        Command::Auth(cmd) => auth(admin()?, cmd).await,
+        Command::Usage {
+            account,
+            month,
+            by,
+            json: json_out,
+        } => usage(admin()?, account, month, by, json_out).await,
+        Command::Agent(cmd) => agent(admin()?, cmd).await,
+        Command::Account(cmd) => account(admin()?, cmd).await,
+        Command::Plan(PlanCmd::List { json: json_out }) => plans(admin()?, json_out).await,
+    }
+}
+
+/// `moltghost token`: an admin token minted with this data directory's admin secret.
+fn token(
+    data_dir: &std::path::Path,
+    scope: String,
+    ttl: String,
+    subject: String,
+) -> Result<(), Failure> {
+    let secret = moltghost_common::secrets::load_or_create(
+        None,
+        "MOLTGHOST_ADMIN_SECRET",
+        data_dir,
+        "admin_secret",
+    )
+    .map_err(|e| Failure::Unreachable(format!("admin secret: {e}")))?;
+    if !matches!(scope.as_str(), "read" | "write") {
+        return Err(Failure::Refused("--scope is read or write".into()));
+    }
+    let token =
+        moltghost_common::admin_token::mint_token(&secret, &subject, &scope, seconds(&ttl)?)
+            .map_err(Failure::Unreachable)?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `moltghost status [AGENT]`: the edge, or one agent.
+async fn status(
+    admin: Admin,
+    agent: Option<String>,
+    url: bool,
+    json_out: bool,
+) -> Result<(), Failure> {
+    let Some(agent) = agent else {
+        let st = admin.get("/v1/admin/status").await?;
+        if json_out {
+            print_json(&st);
+        } else {
+            println!(
+                "store {} ({}), {} agents, {} accounts, {} live keys\nWireGuard public key {}",
+                text(&st["store"], "backend"),
+                if st["store"]["healthy"].as_bool() == Some(true) {
+                    "healthy"
                 } else {
-                    println!(
-                        "store {} ({}), {} agents, {} accounts, {} live keys\nWireGuard public key {}",
-                        text(&st["store"], "backend"),
-                        if st["store"]["healthy"].as_bool() == Some(true) { "healthy" } else { "unreachable" },
-                        st["agents"],
-                        st["accounts"],
-                        st["live_keys"],
-                        text(&st["tunnel"], "public_key")
-                    );
-                    for p in st["tunnel"]["pods"].as_array().into_iter().flatten() {
-                        let up = p["tunnel"]["up"].as_bool() == Some(true);
-                        println!(
-                            "  {} ({}) {} tunnel {}",
-                            text(p, "name"),
-                            text(p, "agent"),
-                            text(p, "pod"),
-                            if up { "up" } else { "down" }
-                        );
-                    }
-                }
-                return Ok(());
-            };
-            let a = admin()?
-                .get(&format!("/v1/admin/agents/{}", seg(&agent)))
-                .await?;
-            if url {
-                println!("{}", text(&a, "url"));
-            } else {
-                print_agent(&a, json_out);
+                    "unreachable"
+                },
+                st["agents"],
+                st["accounts"],
+                st["live_keys"],
+                text(&st["tunnel"], "public_key")
+            );
+            for p in st["tunnel"]["pods"].as_array().into_iter().flatten() {
+                let up = p["tunnel"]["up"].as_bool() == Some(true);
+                println!(
+                    "  {} ({}) {} tunnel {}",
+                    text(p, "name"),
+                    text(p, "agent"),
+                    text(p, "pod"),
+                    if up { "up" } else { "down" }
+                );
             }
-            Ok(())
         }
-        Command::Auth(AuthCmd::CreateKey {
+        return Ok(());
+    };
+    let a = admin
+        .get(&format!("/v1/admin/agents/{}", seg(&agent)))
+        .await?;
+    if url {
+        println!("{}", text(&a, "url"));
+    } else {
+        print_agent(&a, json_out);
+    }
+    Ok(())
+}
+
+/// `moltghost auth ...`: create, list and revoke keys.
+async fn auth(admin: Admin, cmd: AuthCmd) -> Result<(), Failure> {
+    match cmd {
+        AuthCmd::CreateKey {
             agents,
             name,
             account,
             expires_in,
             json: json_out,
-        }) => {
+        } => {
             let mut body = json!({"name": name, "agents": agents});
             if let Some(a) = account {
                 body["account"] = json!(a);
@@ -416,7 +448,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(e) = expires_in {
                 body["expires_in_seconds"] = json!(seconds(&e)?);
             }
-            let k = admin()?.post("/v1/admin/keys", body).await?;
+            let k = admin.post("/v1/admin/keys", body).await?;
             if json_out {
                 print_json(&k);
             } else {
@@ -424,15 +456,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Auth(AuthCmd::ListKeys {
+        AuthCmd::ListKeys {
             account,
             json: json_out,
-        }) => {
+        } => {
             let path = match account {
                 Some(a) => format!("/v1/admin/keys?account={}", seg(&a)),
                 None => "/v1/admin/keys".into(),
             };
-            let v = admin()?.get(&path).await?;
+            let v = admin.get(&path).await?;
             if json_out {
                 print_json(&v);
                 return Ok(());
@@ -468,95 +500,98 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Auth(AuthCmd::RevokeKey { key }) => {
+        AuthCmd::RevokeKey { key } => {
             let body = if key.starts_with(moltghost_protocol::keys::KEY_PREFIX) {
                 json!({"key": key})
             } else {
                 json!({"id": key})
             };
-            let v = admin()?.post("/v1/admin/keys/revoke", body).await?;
+            let v = admin.post("/v1/admin/keys/revoke", body).await?;
             println!("revoked {}", text(&v, "id"));
             Ok(())
         }
-        Command::Usage {
-            account,
-            month,
-            by,
-            json: json_out,
-        } => {
-            let mut path = format!("/v1/admin/usage?by={by}");
-            if let Some(a) = account {
-                path += &format!("&account={}", seg(&a));
-            }
-            if let Some(m) = month {
-                path += &format!("&month={}", seg(&m));
-            }
-            let v = admin()?.get(&path).await?;
-            if json_out {
-                print_json(&v);
-                return Ok(());
-            }
-            println!("usage in {} (UTC), by {by}", text(&v, "month"));
-            print_table(
-                &v,
-                "usage",
-                &[
-                    "ACCOUNT",
-                    by.to_uppercase().as_str(),
-                    "REQUESTS",
-                    "PROMPT",
-                    "COMPLETION",
-                    "TOTAL",
-                    "ESTIMATED",
-                ],
-                |l| {
-                    vec![
-                        text(l, "account_id"),
-                        text(l, "group"),
-                        text(l, "requests"),
-                        text(l, "prompt_tokens"),
-                        text(l, "completion_tokens"),
-                        text(l, "total_tokens"),
-                        text(l, "estimated_requests"),
-                    ]
-                },
+    }
+}
+
+/// `moltghost usage`: the month's tokens by key, agent or account.
+async fn usage(
+    admin: Admin,
+    account: Option<String>,
+    month: Option<String>,
+    by: String,
+    json_out: bool,
+) -> Result<(), Failure> {
+    let mut path = format!("/v1/admin/usage?by={by}");
+    if let Some(a) = account {
+        path += &format!("&account={}", seg(&a));
+    }
+    if let Some(m) = month {
+        path += &format!("&month={}", seg(&m));
+    }
+    let v = admin.get(&path).await?;
+    if json_out {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("usage in {} (UTC), by {by}", text(&v, "month"));
+    print_table(
+        &v,
+        "usage",
+        &[
+            "ACCOUNT",
+            by.to_uppercase().as_str(),
+            "REQUESTS",
+            "PROMPT",
+            "COMPLETION",
+            "TOTAL",
+            "ESTIMATED",
+        ],
+        |l| {
+            vec![
+                text(l, "account_id"),
+                text(l, "group"),
+                text(l, "requests"),
+                text(l, "prompt_tokens"),
+                text(l, "completion_tokens"),
+                text(l, "total_tokens"),
+                text(l, "estimated_requests"),
+            ]
+        },
+    );
+    if let Some(accounts) = v["accounts"].as_object() {
+        for (id, a) in accounts {
+            println!(
+                "{id} ({}): {} of {} tokens this month",
+                text(a, "name"),
+                text(a, "used"),
+                text(a, "tokens_per_month")
             );
-            if let Some(accounts) = v["accounts"].as_object() {
-                for (id, a) in accounts {
-                    println!(
-                        "{id} ({}): {} of {} tokens this month",
-                        text(a, "name"),
-                        text(a, "used"),
-                        text(a, "tokens_per_month")
-                    );
-                }
-            }
-            Ok(())
-        }
-        Command::Agent(cmd) => agent(admin()?, cmd).await,
-        Command::Account(cmd) => account(admin()?, cmd).await,
-        Command::Plan(PlanCmd::List { json: json_out }) => {
-            let v = admin()?.get("/v1/admin/plans").await?;
-            if json_out {
-                print_json(&v);
-                return Ok(());
-            }
-            print_table(
-                &v,
-                "plans",
-                &["PLAN", "REQUESTS/MIN", "TOKENS/MONTH", "STREAMS"],
-                |p| {
-                    vec![
-                        text(p, "name"),
-                        text(p, "requests_per_minute"),
-                        text(p, "tokens_per_month"),
-                        text(p, "concurrent_streams"),
-                    ]
-                },
-            );
-            Ok(())
         }
     }
+    Ok(())
+}
+
+/// `moltghost plan list`.
+async fn plans(admin: Admin, json_out: bool) -> Result<(), Failure> {
+    let v = admin.get("/v1/admin/plans").await?;
+    if json_out {
+        print_json(&v);
+        return Ok(());
+    }
+    print_table(
+        &v,
+        "plans",
+        &["PLAN", "REQUESTS/MIN", "TOKENS/MONTH", "STREAMS"],
+        |p| {
+            vec![
+                text(p, "name"),
+                text(p, "requests_per_minute"),
+                text(p, "tokens_per_month"),
+                text(p, "concurrent_streams"),
+            ]
+        },
+    );
+    Ok(())
 }
 
 async fn agent(admin: Admin, cmd: AgentCmd) -> Result<(), Failure> {

@@ -1,5 +1,5 @@
 //! The Proxy-Wasm ABI's host calls (the `env` imports), defined in groups: log and time,
-//! header maps, buffers, the local response, properties, shared data, metrics.
+//! header maps and values, buffers, the local response, properties, shared data, metrics.
 //!
 //! Host calls never trust the plugin: every pointer and length is checked against its memory
 //! (`InvalidMemoryAccess`), every map it writes is decoded defensively (`ParseFailure`), and what
@@ -114,6 +114,7 @@ macro_rules! try_raw {
 pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     log_and_time(l)?;
     header_maps(l)?;
+    header_values(l)?;
     buffers(l)?;
     local_response(l)?;
     properties(l)?;
@@ -207,7 +208,7 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// The header maps: get, set, add, replace, remove, pairs (trailers are not offered).
+/// Whole header maps: get and set all pairs (trailers are not offered).
 fn header_maps(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -244,6 +245,11 @@ fn header_maps(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             Ok(Status::Ok as i32)
         },
     )?;
+    Ok(())
+}
+
+/// One header of a map: get, add, replace, remove; and a map's size.
+fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_get_header_map_value",
