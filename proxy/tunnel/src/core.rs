@@ -16,7 +16,7 @@ use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State as TcpState};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
 
-use crate::link::{Counters, LinkConfig, Role, EDGE_ADDR, POD_ADDR};
+use crate::peer::{Counters, LinkConfig, Role, EDGE_ADDR, POD_ADDR};
 use crate::queue::Queue;
 
 /// How often boringtun's timers are ticked (it asks for every 100–250 ms).

@@ -5,12 +5,14 @@
 //!   datagrams, ticks and stream operations in; datagrams to send and packets delivered out.
 //! - [`link`]: the device layer around it: the UDP socket, the timer task, wakers, and
 //!   connections as tokio streams.
+//! - [`peer`]: what a peer is (role, configuration, addresses, counters), shared by both.
 //! - [`tun`]: the pod's `--tun` mode, where its kernel's TCP carries the connections.
 //! - [`keys`]: x25519 keys in `wg`'s base64.
 
 pub mod core;
 pub mod keys;
 pub mod link;
+pub mod peer;
 mod queue;
 pub mod tun;
 
@@ -19,7 +21,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-pub use link::{Counters, Link, LinkConfig, LinkStatus, Role, Stream, EDGE_ADDR, POD_ADDR};
+pub use link::{Link, LinkStatus, Stream};
+pub use peer::{Counters, LinkConfig, Role, EDGE_ADDR, POD_ADDR};
 
 /// The port the runtime is reached on inside a pod's tunnel.
 pub const POD_PORT: u16 = 80;
