@@ -77,7 +77,11 @@ if [ "${SKIP_LITELLM:-0}" != 1 ]; then
 fi
 
 # loadtest/tunnel.sh's and plugins.sh's results are kept.
-mkdir -p "$OUT"; find "$OUT" -mindepth 1 -maxdepth 1 ! -name tunnel ! -name plugins -exec rm -rf {} +
+# Results of the other scripts (tunnel.sh, plugins.sh, websocket.sh) stay; so do LiteLLM's when
+# this run skips it.
+keep=(! -name tunnel ! -name plugins ! -name websocket)
+[ "${SKIP_LITELLM:-0}" = 1 ] && keep+=(! -name 'litellm-*')
+mkdir -p "$OUT"; find "$OUT" -mindepth 1 -maxdepth 1 "${keep[@]}" -exec rm -rf {} +
 LT=("$BIN/loadtest" --quiet --svg-dir "$OUT/plots" --markdown "$OUT/tables.md")
 FAST=(--target direct=http://127.0.0.1:$RT_PORT
       --target edge=$EDGE_URL --key edge=$KEY --pid edge=$EDGE_PID
