@@ -215,7 +215,7 @@ impl Forwarder {
 
     /// Sends the request and reads the response header. A pooled connection that turns out to
     /// be stale is retried on another before any response byte arrives.
-    async fn exchange(
+    async fn send(
         &self,
         peer: &HttpPeer,
         header: &RequestHeader,
@@ -229,7 +229,7 @@ impl Forwarder {
                 .get_http_session(peer)
                 .await
                 .map_err(|e| upstream_error(&e))?;
-            match Self::try_exchange(&mut session, header, body).await {
+            match Self::try_send(&mut session, header, body).await {
                 Ok(resp) => {
                     return Ok(Inbound {
                         session,
@@ -246,7 +246,7 @@ impl Forwarder {
         }
     }
 
-    async fn try_exchange(
+    async fn try_send(
         session: &mut HttpSession,
         header: &RequestHeader,
         body: &Bytes,
@@ -275,7 +275,7 @@ impl Forwarder {
         body: &Bytes,
         guard: &mut Guard,
     ) -> Result<Inbound, EdgeError> {
-        guarded(hangup, guard, self.exchange(peer, header, body)).await
+        guarded(hangup, guard, self.send(peer, header, body)).await
     }
 
     /// Returns the connection to the pool if its response was read to the end, else closes it.

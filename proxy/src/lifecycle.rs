@@ -52,7 +52,7 @@ impl FromStr for AgentState {
 }
 
 /// Admits a request to an agent in `state`, or refuses it with the spec's status for that state.
-pub fn admit(state: AgentState) -> Result<(), EdgeError> {
+pub fn gate(state: AgentState) -> Result<(), EdgeError> {
     match state {
         AgentState::Running => Ok(()),
         AgentState::Paused => Err(EdgeError::AgentPaused),
@@ -76,14 +76,14 @@ mod tests {
             assert_eq!(s.as_str().parse::<AgentState>(), Ok(s));
         }
         assert!("sleeping".parse::<AgentState>().is_err());
-        assert_eq!(admit(AgentState::Running), Ok(()));
-        assert_eq!(admit(AgentState::Paused), Err(EdgeError::AgentPaused));
+        assert_eq!(gate(AgentState::Running), Ok(()));
+        assert_eq!(gate(AgentState::Paused), Err(EdgeError::AgentPaused));
         assert_eq!(
-            admit(AgentState::Initializing),
+            gate(AgentState::Initializing),
             Err(EdgeError::AgentInitializing)
         );
         assert_eq!(
-            admit(AgentState::Terminated),
+            gate(AgentState::Terminated),
             Err(EdgeError::AgentTerminated)
         );
     }

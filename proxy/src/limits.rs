@@ -65,7 +65,12 @@ impl Limiter {
 
     /// Admits one request of `key` under `plan`, or refuses it with `rate_limited` and `status`
     /// (403 or 429).
-    pub fn admit(&self, key: &ApiKey, plan: &Plan, status: u16) -> Result<RateInfo, EdgeError> {
+    pub fn count_request(
+        &self,
+        key: &ApiKey,
+        plan: &Plan,
+        status: u16,
+    ) -> Result<RateInfo, EdgeError> {
         let limit = u64::from(plan.requests_per_minute);
         let (local, reset) = self.rate.rate_with(&key.id, |c| {
             let f = c.current_interval_fraction.clamp(0.0, 1.0);

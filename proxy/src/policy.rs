@@ -113,7 +113,7 @@ pub fn still_admitted(snap: &Snapshot, adm: &Admission) -> Result<(), EdgeError>
     }
     match snap.agent(&adm.agent.endpoint_id).map(|a| a.state) {
         Some(AgentState::Running) => Ok(()),
-        Some(state) => crate::lifecycle::admit(state),
+        Some(state) => crate::lifecycle::gate(state),
         None => Err(EdgeError::AgentTerminated),
     }
 }

@@ -30,7 +30,7 @@ use tungstenite::Message;
 use crate::error::EdgeError;
 use crate::forward;
 use crate::pipeline::accounting::Outcome;
-use crate::pipeline::open::Exchange;
+use crate::pipeline::open::Opened;
 use crate::pipeline::prepare::Preparation;
 use crate::pipeline::relay::native::NativeRelay;
 use crate::pipeline::relay::{check_status, OpenGauge};
@@ -345,7 +345,9 @@ impl Connection {
         ctx.record.route = Some(Route::Ws);
         ctx.admitted(&self.admission);
         let mut sent = 0u64;
-        let result = self.exchange(p, session, &mut ctx, text, &mut sent).await;
+        let result = self
+            .serve_message(p, session, &mut ctx, text, &mut sent)
+            .await;
         let end = match result {
             Ok(()) => None,
             Err(Failure::Socket(end)) => Some(end),
@@ -386,7 +388,7 @@ impl Connection {
     }
 
     /// A message's way through the pipeline and its answer as frames.
-    async fn exchange(
+    async fn serve_message(
         &mut self,
         p: &Pipeline,
         session: &mut Session,
@@ -406,8 +408,8 @@ impl Connection {
             Preparation::Forward(prepared) => *prepared,
             Preparation::Answered(verdict) => return Err(plugin_failure(verdict)),
         };
-        let mut exchange = p.open(&mut down, ctx, &self.admission, prepared).await?;
-        let result = self.relay(session, ctx, &mut exchange, sent).await;
+        let mut opened = p.open(&mut down, ctx, &self.admission, prepared).await?;
+        let result = self.relay(session, ctx, &mut opened, sent).await;
         let outcome = match &result {
             Ok(Answered::Whole) => Outcome::Completed,
             Ok(Answered::Cancelled) => Outcome::Cancelled,
@@ -416,7 +418,7 @@ impl Connection {
                 Outcome::Failed(EdgeError::ClientClosed.code())
             }
         };
-        p.conclude(ctx, &self.admission.agent, exchange, outcome)
+        p.conclude(ctx, &self.admission.agent, opened, outcome)
             .await;
         result.map(|_| ())
     }
@@ -427,7 +429,7 @@ impl Connection {
         &mut self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        x: &mut Exchange,
+        x: &mut Opened,
         sent: &mut u64,
     ) -> Result<Answered, Failure> {
         check_status(&mut x.inbound, forward::unwatched(), &mut x.guard, true).await?;

@@ -37,10 +37,10 @@ pub async fn serve(
     match route {
         Route::Health => return health::serve(p, session, ctx, &admission.agent).await,
         Route::Ws => {
-            lifecycle::admit(admission.agent.state)?;
+            lifecycle::gate(admission.agent.state)?;
             return crate::websocket::serve(p, session, ctx, admission).await;
         }
-        _ => lifecycle::admit(admission.agent.state)?,
+        _ => lifecycle::gate(admission.agent.state)?,
     }
     let body = body::read(session, p.cfg().limits.max_body_bytes).await?;
     let mut down = Downstream::Http(session);
@@ -53,14 +53,14 @@ pub async fn serve(
             return plugin_answer(&mut Responder::new(session, ctx), verdict).await;
         }
     };
-    let mut exchange = p.open(&mut down, ctx, &admission, prepared).await?;
+    let mut opened = p.open(&mut down, ctx, &admission, prepared).await?;
     let Downstream::Http(session) = down else {
         unreachable!("an HTTP request")
     };
     let result = p
-        .relay(&mut Responder::new(session, ctx), &mut exchange)
+        .relay(&mut Responder::new(session, ctx), &mut opened)
         .await;
-    p.conclude(ctx, &admission.agent, exchange, Outcome::of(&result))
+    p.conclude(ctx, &admission.agent, opened, Outcome::of(&result))
         .await;
     result
 }

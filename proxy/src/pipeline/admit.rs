@@ -53,7 +53,7 @@ impl Pipeline {
     pub fn rate(&self, admission: &Admission, ctx: &mut RequestCtx) -> Result<(), EdgeError> {
         let cfg = self.cfg();
         if cfg.limits.enabled {
-            ctx.rate = Some(self.plane.limiter.admit(
+            ctx.rate = Some(self.plane.limiter.count_request(
                 &admission.key,
                 &admission.account.plan,
                 cfg.limits.rate_limit_status,

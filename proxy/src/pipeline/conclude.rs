@@ -3,24 +3,24 @@
 //! before its last bytes keeps that settlement), and the request is logged and counted.
 
 use super::accounting::Outcome;
-use super::open::Exchange;
+use super::open::Opened;
 use super::{Pipeline, RequestCtx};
 use crate::registry::Agent;
 
 impl Pipeline {
-    /// Ends an exchange whose relay led to `outcome`.
+    /// Ends an opened request whose relay led to `outcome`.
     pub async fn conclude(
         &self,
         ctx: &mut RequestCtx,
         agent: &Agent,
-        exchange: Exchange,
+        opened: Opened,
         outcome: Outcome,
     ) {
-        let Exchange {
+        let Opened {
             inbound,
             accounting,
             ..
-        } = exchange;
+        } = opened;
         if let Ok(peer) = agent.upstream.peer() {
             self.forwarder
                 .close(inbound, peer, self.cfg().limits.upstream_keepalive)

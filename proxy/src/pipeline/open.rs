@@ -15,7 +15,7 @@ use crate::ledger::Payer;
 use crate::policy::{Admission, AdmissionWatch};
 
 /// A request sent on to the runtime: what relaying its answer needs.
-pub struct Exchange {
+pub struct Opened {
     /// The runtime's response.
     pub inbound: Inbound,
     /// How its answer is turned into the client's.
@@ -28,7 +28,7 @@ pub struct Exchange {
     _stream_slot: Option<inflight::Guard>,
 }
 
-impl Exchange {
+impl Opened {
     /// The parts a relay works with: the runtime's response, the guard its reads race, and the
     /// accounting.
     pub fn parts(&mut self) -> (&mut Inbound, &mut Guard, Option<&mut Accounting>) {
@@ -45,7 +45,7 @@ impl Pipeline {
         ctx: &mut RequestCtx,
         admission: &Admission,
         mut prepared: Prepared,
-    ) -> Result<Exchange, EdgeError> {
+    ) -> Result<Opened, EdgeError> {
         let cfg = self.cfg();
         let agent = &admission.agent;
         if agent.upstream.tunnel().is_some() {
@@ -122,7 +122,7 @@ impl Pipeline {
             .await?;
         ctx.record.first_byte = Some(StdInstant::now());
         inbound.set_idle_timeout(cfg.limits.stream_idle_timeout);
-        Ok(Exchange {
+        Ok(Opened {
             inbound,
             relay: prepared.relay,
             guard,

@@ -13,7 +13,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use super::open::Exchange;
+use super::open::Opened;
 use super::prepare::Relay;
 use super::respond::Responder;
 use super::Pipeline;
@@ -26,7 +26,7 @@ const MAX_REFUSAL: usize = 64 * 1024;
 
 impl Pipeline {
     /// The runtime's answer to an HTTP client, by the exchange's relay mode.
-    pub async fn relay(&self, resp: &mut Responder<'_>, x: &mut Exchange) -> Result<(), EdgeError> {
+    pub async fn relay(&self, resp: &mut Responder<'_>, x: &mut Opened) -> Result<(), EdgeError> {
         let translated = x.relay != Relay::Passthrough;
         check_status(&mut x.inbound, resp.hangup(), &mut x.guard, translated).await?;
         let streams = &self.plane.metrics.open_streams;

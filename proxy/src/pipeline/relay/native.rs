@@ -12,7 +12,7 @@ use crate::chat::{self, NativeStream};
 use crate::error::EdgeError;
 use crate::forward::{Guard, Inbound};
 use crate::pipeline::accounting::{Accounting, Flow};
-use crate::pipeline::open::Exchange;
+use crate::pipeline::open::Opened;
 use crate::pipeline::respond::Responder;
 use crate::sse::SseScanner;
 use crate::usage;
@@ -91,7 +91,7 @@ impl NativeRelay {
 }
 
 /// A whole native answer.
-pub async fn answer(resp: &mut Responder<'_>, x: &mut Exchange) -> Result<(), EdgeError> {
+pub async fn answer(resp: &mut Responder<'_>, x: &mut Opened) -> Result<(), EdgeError> {
     let (inbound, guard, accounting) = x.parts();
     let body = inbound
         .read_to_end(resp.hangup(), guard, MAX_ANSWER)
@@ -110,7 +110,7 @@ pub async fn answer(resp: &mut Responder<'_>, x: &mut Exchange) -> Result<(), Ed
 /// out end the stream with an error event.
 pub async fn stream(
     resp: &mut Responder<'_>,
-    x: &mut Exchange,
+    x: &mut Opened,
     gauge: &prometheus::IntGauge,
 ) -> Result<(), EdgeError> {
     let mut h = resp.header(200, "text/event-stream");

@@ -7,7 +7,7 @@ use pingora_http::ResponseHeader;
 
 use crate::error::EdgeError;
 use crate::forward::{self, Inbound};
-use crate::pipeline::open::Exchange;
+use crate::pipeline::open::Opened;
 use crate::pipeline::respond::{decorate, Responder};
 use crate::usage;
 
@@ -36,7 +36,7 @@ pub async fn pass_header(
 }
 
 /// Relays a whole answer (see the module's doc).
-pub async fn relay(resp: &mut Responder<'_>, x: &mut Exchange) -> Result<(), EdgeError> {
+pub async fn relay(resp: &mut Responder<'_>, x: &mut Opened) -> Result<(), EdgeError> {
     let (inbound, guard, accounting) = x.parts();
     pass_header(resp, inbound, false).await?;
     // The usage is read from the whole answer; it is copied only when it spans chunks.

@@ -10,7 +10,7 @@ use super::{next_events, OpenGauge};
 use crate::error::EdgeError;
 use crate::forward::{Guard, Inbound};
 use crate::pipeline::accounting::{Accounting, Flow};
-use crate::pipeline::open::Exchange;
+use crate::pipeline::open::Opened;
 use crate::pipeline::respond::Responder;
 use crate::sse::SseScanner;
 use crate::usage::EventKind;
@@ -19,7 +19,7 @@ use crate::usage::EventKind;
 /// stream with an error event.
 pub async fn relay(
     resp: &mut Responder<'_>,
-    x: &mut Exchange,
+    x: &mut Opened,
     gauge: &prometheus::IntGauge,
 ) -> Result<(), EdgeError> {
     let (inbound, guard, accounting) = x.parts();
