@@ -61,8 +61,10 @@ impl<'a> Responder<'a> {
         forward::hangup(self.session).await
     }
 
-    /// Writes the header of a body to follow. `stream`: its length is not known (chunked on
-    /// HTTP/1.1). Responses whose body the plugins see are re-framed the same way.
+    /// Writes the header of a body to follow. `stream`: its length is not known: chunked on
+    /// HTTP/1.1, delimited by closing the connection on HTTP/1.0 (which has no chunked coding,
+    /// RFC 9112 §6.1), framed by HTTP/2 itself. Responses whose body the plugins see are
+    /// re-framed the same way.
     pub async fn send_header(
         &mut self,
         mut h: ResponseHeader,
@@ -70,7 +72,9 @@ impl<'a> Responder<'a> {
     ) -> Result<(), EdgeError> {
         if stream || !h.headers.contains_key("content-length") {
             h.remove_header("content-length");
-            if !self.session.is_http2() {
+            h.remove_header("transfer-encoding");
+            let http_1_1 = self.session.req_header().version == http::Version::HTTP_11;
+            if http_1_1 && !self.session.is_http2() {
                 h.insert_header("transfer-encoding", "chunked")
                     .expect("static value");
             }
