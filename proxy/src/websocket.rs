@@ -413,9 +413,9 @@ impl Connection {
         let outcome = match &result {
             Ok(Answered::Whole) => Outcome::Completed,
             Ok(Answered::Cancelled) => Outcome::Cancelled,
-            Err(Failure::Edge(e)) => Outcome::of(&Err(e.clone())),
+            Err(Failure::Edge(e)) => Outcome::failed(e),
             Err(Failure::Socket(_) | Failure::Plugin { .. }) => {
-                Outcome::Failed(EdgeError::ClientClosed.code())
+                Outcome::failed(&EdgeError::ClientClosed)
             }
         };
         p.conclude(ctx, &self.admission.agent, opened, outcome)

@@ -33,7 +33,7 @@ pub async fn serve(
     let head = session.req_header();
     let route = routing::route(&head.method, head.uri.path())?;
     ctx.record.route = Some(route);
-    let admission = p.admit(session.req_header(), route, ctx)?;
+    let admission = p.admit(head, route, ctx)?;
     p.rate(&admission, ctx)?;
     match route {
         Route::Health => return health::serve(p, session, ctx, &admission.agent).await,
@@ -44,20 +44,24 @@ pub async fn serve(
         _ => lifecycle::gate(admission.agent.state)?,
     }
     let body = body::read(session, p.cfg().limits.max_body_bytes).await?;
-    let mut down = Downstream::Http(session);
-    let prepared = match p.prepare(&mut down, ctx, &admission, route, body, now)? {
+    // Plugins' changes to the head are made in the session itself, so each stage can wrap it
+    // afresh.
+    let prepared = match p.prepare(
+        &mut Downstream::Http(session),
+        ctx,
+        &admission,
+        route,
+        body,
+        now,
+    )? {
         Preparation::Forward(prepared) => *prepared,
         Preparation::Answered(verdict) => {
-            let Downstream::Http(session) = down else {
-                unreachable!("an HTTP request")
-            };
-            return plugin_answer(&mut Responder::new(session, ctx), verdict).await;
+            return plugin_answer(&mut Responder::new(session, ctx), verdict).await
         }
     };
-    let mut opened = p.open(&mut down, ctx, &admission, prepared).await?;
-    let Downstream::Http(session) = down else {
-        unreachable!("an HTTP request")
-    };
+    let mut opened = p
+        .open(&mut Downstream::Http(session), ctx, &admission, prepared)
+        .await?;
     let result = p
         .relay(&mut Responder::new(session, ctx), &mut opened)
         .await;

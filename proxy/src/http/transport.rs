@@ -36,6 +36,10 @@ pub async fn redirected(
             let port = cfg.fixed.listen.https.first().map_or(443, |a| a.port());
             let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
             let location = https_location(host, port, path);
+            // The location is built from the client's Host: it must still be a header value.
+            if http::HeaderValue::from_str(&location).is_err() {
+                return Err(EdgeError::InvalidRequest("invalid Host header".into()));
+            }
             let redirect = EdgeError::HttpsRequired { location };
             Responder::new(session, ctx).error(&redirect).await?;
             Ok(true)

@@ -32,8 +32,15 @@ impl Outcome {
     pub fn of(result: &Result<(), EdgeError>) -> Self {
         match result {
             Ok(()) => Self::Completed,
-            Err(EdgeError::QuotaExceeded) => Self::QuotaExceeded,
-            Err(e) => Self::Failed(e.code()),
+            Err(e) => Self::failed(e),
+        }
+    }
+
+    /// The outcome of a request that ended with `e`.
+    pub fn failed(e: &EdgeError) -> Self {
+        match e {
+            EdgeError::QuotaExceeded => Self::QuotaExceeded,
+            e => Self::Failed(e.code()),
         }
     }
 

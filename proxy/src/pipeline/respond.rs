@@ -73,8 +73,7 @@ impl<'a> Responder<'a> {
         if stream || !h.headers.contains_key("content-length") {
             h.remove_header("content-length");
             h.remove_header("transfer-encoding");
-            let http_1_1 = self.session.req_header().version == http::Version::HTTP_11;
-            if http_1_1 && !self.session.is_http2() {
+            if self.session.req_header().version == http::Version::HTTP_11 {
                 h.insert_header("transfer-encoding", "chunked")
                     .expect("static value");
             }
@@ -105,8 +104,7 @@ impl<'a> Responder<'a> {
     pub async fn error(&mut self, err: &EdgeError) -> Result<(), EdgeError> {
         let mut h = self.header(err.status(), "application/json");
         for (k, v) in err.headers() {
-            h.insert_header(k, v)
-                .map_err(|_| EdgeError::InvalidRequest("invalid Host header".into()))?;
+            h.insert_header(k, v).expect("error headers are valid");
         }
         self.whole(h, err.body()).await
     }
