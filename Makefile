@@ -9,6 +9,9 @@ dev: setup
 
 # Everything CI runs: formatting, lints, the test suites, and a fuzz smoke run.
 test: setup lint
+	# The integration tests run the CLI and the pod binaries, which `cargo test` builds only as
+	# test harnesses: build the binaries themselves first.
+	cargo build --workspace --bins
 	cargo test --workspace --all-targets
 	WITH_FUZZ=1 ./scripts/setup.sh
 	./scripts/fuzz-smoke.sh
