@@ -94,53 +94,54 @@ pub fn build_snapshot(
 }
 
 /// Creates what the config declares and the store lacks: the accounts of declared agents, the
-/// agents themselves, and a `default` account.
+/// agents themselves, and a `default` account when there is none. Idempotent, also when edges
+/// of a fleet declare the same rows at the same moment ([`Store::declare`]).
 pub async fn seed(store: &Store, cfg: &Config) -> Result<(), StoreError> {
-    let mut accounts = store.accounts().await?;
-    let default_plan = cfg.plans[0].name.clone();
+    let accounts = store.accounts().await?;
+    let known = |name: &str| accounts.iter().any(|a| a.name == name || a.id == name);
     let mut wanted: Vec<&str> = cfg.agents.iter().map(|a| a.account.as_str()).collect();
     if accounts.is_empty() {
         wanted.push("default");
     }
-    for name in wanted {
-        if !accounts.iter().any(|a| a.name == name || a.id == name) {
-            let id = if moltghost_protocol::keys::is_account_id(name) {
+    wanted.sort_unstable();
+    wanted.dedup();
+    let now = store::now();
+    let new_accounts: Vec<AccountRow> = wanted
+        .into_iter()
+        .filter(|name| !known(name))
+        .map(|name| AccountRow {
+            id: if moltghost_protocol::keys::is_account_id(name) {
                 name.to_owned()
             } else {
                 crate::secrets::short_id(8)
-            };
-            let row = AccountRow {
-                id,
-                name: name.to_owned(),
-                plan: default_plan.clone(),
-                created_at: store::now(),
-            };
-            accounts.push(store.create_account(row).await?);
-        }
-    }
+            },
+            name: name.to_owned(),
+            plan: cfg.plans[0].name.clone(),
+            created_at: now,
+        })
+        .collect();
     let agents = store.agents().await?;
-    for a in &cfg.agents {
-        if agents.iter().any(|b| b.endpoint_id == a.endpoint_id) {
-            continue;
-        }
-        let account = accounts
-            .iter()
-            .find(|x| x.name == a.account || x.id == a.account)
-            .expect("seeded above");
-        let now = store::now();
-        store
-            .create_agent(AgentRow {
+    let new_agents: Vec<(AgentRow, String)> = cfg
+        .agents
+        .iter()
+        .filter(|a| !agents.iter().any(|b| b.endpoint_id == a.endpoint_id))
+        .map(|a| {
+            let row = AgentRow {
                 endpoint_id: a.endpoint_id.clone(),
                 name: a.name.clone(),
-                account_id: account.id.clone(),
+                account_id: String::new(),
                 upstream: a.upstream.to_string(),
                 state: a.state.as_str().into(),
                 created_at: now,
                 updated_at: now,
-            })
-            .await?;
+            };
+            (row, a.account.clone())
+        })
+        .collect();
+    if new_accounts.is_empty() && new_agents.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    store.declare(new_accounts, new_agents).await
 }
 
 /// The control plane's state: what it needs to follow the store and reload, and the data

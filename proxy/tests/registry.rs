@@ -795,3 +795,62 @@ async fn an_edge_that_loses_postgres_serves_from_its_snapshot_and_catches_up() {
     println!("caught up {:?} after PostgreSQL came back", delays[0]);
     assert_eq!(health(&b).await["edge"]["store"], "ok");
 }
+
+/// A fleet's edges restart together after a reboot, all declaring the same `[[agents]]` on one
+/// PostgreSQL: every declaration succeeds, and each account and agent exists once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_starting_together_declare_the_same_agents_once() {
+    use moltghost::config::Config;
+    use moltghost::store::Store;
+    for _ in 0..3 {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let cfg = Config::from_toml(&format!(
+            "[store]\nurl = \"{}\"\n\
+             [[agents]]\nid = \"shared1\"\nupstream = \"http://127.0.0.1:9\"\naccount = \"acme\"\n\
+             [[agents]]\nid = \"shared2\"\nupstream = \"http://127.0.0.1:9\"\naccount = \"acme\"\n\
+             [[agents]]\nid = \"other1\"\nupstream = \"http://127.0.0.1:9\"\naccount = \"globex\"\n",
+            db.url
+        ))
+        .unwrap();
+        let cfg = std::sync::Arc::new(cfg);
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(6));
+        let edges: Vec<_> = (0..6)
+            .map(|_| {
+                let (cfg, start, url) = (cfg.clone(), start.clone(), db.url.clone());
+                tokio::spawn(async move {
+                    let store = Store::open(&url, std::path::Path::new(".")).await.unwrap();
+                    start.wait().await;
+                    moltghost::control::seed(&store, &cfg).await
+                })
+            })
+            .collect();
+        for e in edges {
+            e.await.unwrap().expect("a concurrent declaration succeeds");
+        }
+        let store = Store::open(&db.url, std::path::Path::new("."))
+            .await
+            .unwrap();
+        let mut accounts: Vec<_> = store
+            .accounts()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        accounts.sort();
+        assert_eq!(accounts, ["acme", "default", "globex"]);
+        let agents = store.agents().await.unwrap();
+        assert_eq!(agents.len(), 3, "{agents:?}");
+        let acme = agents.iter().find(|a| a.endpoint_id == "shared2").unwrap();
+        assert_eq!(
+            agents
+                .iter()
+                .find(|a| a.endpoint_id == "shared1")
+                .unwrap()
+                .account_id,
+            acme.account_id
+        );
+    }
+}

@@ -358,6 +358,61 @@ impl Store {
         Ok(row)
     }
 
+    /// Creates, in one change, the accounts and agents a config declares where the store lacks
+    /// them. Each agent names its account by name or id (`account_id` is filled in here). Edges
+    /// of a fleet start together and declare the same rows: a row another edge created first is
+    /// kept, not an error; an agent whose name is taken at another endpoint still is.
+    pub async fn declare(
+        &self,
+        accounts: Vec<AccountRow>,
+        agents: Vec<(AgentRow, String)>,
+    ) -> Result<(), StoreError> {
+        self.change(move |c| {
+            Box::pin(async move {
+                for r in &accounts {
+                    sqlx::query(
+                        "INSERT INTO accounts (id, name, plan, created_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&r.id)
+                    .bind(&r.name)
+                    .bind(&r.plan)
+                    .bind(r.created_at)
+                    .execute(&mut *c)
+                    .await?;
+                }
+                for (r, account) in &agents {
+                    // The account is looked up in the statement, so one another edge created a
+                    // moment ago is found.
+                    sqlx::query(
+                        "INSERT INTO agents (endpoint_id, name, account_id, upstream, state, created_at, updated_at) \
+                         SELECT $1, $2, id, $3, $4, $5, $6 FROM accounts WHERE id = $7 OR name = $7 LIMIT 1 \
+                         ON CONFLICT (endpoint_id) DO NOTHING",
+                    )
+                    .bind(&r.endpoint_id)
+                    .bind(&r.name)
+                    .bind(&r.upstream)
+                    .bind(&r.state)
+                    .bind(r.created_at)
+                    .bind(r.updated_at)
+                    .bind(account)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(|e| conflict(e, || format!("an agent named {:?} exists at another endpoint than {:?}", r.name, r.endpoint_id)))?;
+                    let found = sqlx::query("SELECT 1 FROM agents WHERE endpoint_id = $1")
+                        .bind(&r.endpoint_id)
+                        .fetch_optional(&mut *c)
+                        .await?;
+                    if found.is_none() {
+                        return Err(StoreError::NotFound(format!("account {account}")));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
     /// Changes an account's plan.
     pub async fn set_account_plan(&self, id: &str, plan: &str) -> Result<(), StoreError> {
         let params = vec![Param::Text(plan.into()), Param::Text(id.into())];
