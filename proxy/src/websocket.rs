@@ -448,7 +448,7 @@ impl Connection {
                     self.heard = Instant::now();
                     if self.take_cancel()? {
                         ctx.record.error = Some("cancelled");
-                        let last = relay.cancelled(&ctx.record.request_id);
+                        let last = relay.cancelled(&ctx.record.request_id, accounting);
                         self.frame(session, ctx, last, true, sent).await?;
                         return Ok(Answered::Cancelled);
                     }

@@ -222,6 +222,58 @@ async fn every_token_is_accounted_exactly() {
     assert_eq!(line["estimated_requests"], 1);
     assert!(line["completion_tokens"].as_u64().unwrap() >= 8, "{line}");
 
+    // Without the runtime's usage, a native answer tells the client what the ledger was
+    // settled to, marked estimated; whole answers are estimated from their text too.
+    let no_usage = [("x-mock-tokens", "8"), ("x-mock-no-usage", "1")];
+    let k = new_key(&s, "native-uncounted").await;
+    let nb = json!({"messages": [{"role": "user", "content": "hi there"}]});
+    let v: Value = post(&s, &k, "/v1/chat", nb.clone(), &no_usage)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["usage"]["estimated"], true, "{v}");
+    let line = s.ledger_for("native-uncounted", 1).await;
+    assert_eq!(
+        v["usage"]["total_tokens"], line["total_tokens"],
+        "{v} {line}"
+    );
+    assert!(line["completion_tokens"].as_u64().unwrap() > 0, "{line}");
+    let mut streamed = nb;
+    streamed["stream"] = json!(true);
+    let text = post_text(&s, &k, "/v1/chat", streamed, &no_usage).await;
+    let last: Value = serde_json::from_str(
+        common::sse_data(&text)
+            .iter()
+            .rev()
+            .find(|d| d.contains("\"done\":true"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["usage"]["estimated"], true, "{last}");
+    let line = s.ledger_for("native-uncounted", 2).await;
+    assert_eq!(
+        line["total_tokens"].as_u64().unwrap(),
+        v["usage"]["total_tokens"].as_u64().unwrap()
+            + last["usage"]["total_tokens"].as_u64().unwrap(),
+        "{line}"
+    );
+    let k = new_key(&s, "whole-uncounted").await;
+    post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(false, false),
+        &no_usage,
+    )
+    .send()
+    .await
+    .unwrap();
+    let line = s.ledger_for("whole-uncounted", 1).await;
+    assert!(line["completion_tokens"].as_u64().unwrap() > 0, "{line}");
+
     // Usage is visible with the CLI.
     let out = std::process::Command::new(common::bin("moltghost"))
         .args(["usage", "--by", "key"])

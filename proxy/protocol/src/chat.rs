@@ -227,20 +227,32 @@ pub fn check_json_object(body: &[u8]) -> Result<(), EdgeError> {
     }
 }
 
-pub use crate::usage::Usage;
+pub use crate::usage::{Billed, Usage};
 
-/// The native `usage`: the runtime's counts (OpenAI's three fields), plus `tokens`, the total,
-/// as the spec's quick-start answer shows it.
-fn native_usage(reported: Option<&Value>) -> Value {
-    let u: Usage = reported
-        .and_then(|u| serde_json::from_value(u.clone()).ok())
-        .unwrap_or_default();
-    json!({
+/// The native `usage`: what the request was billed when the edge meters it (`billed`; marked
+/// `"estimated": true` when the runtime reported no usage and the edge estimated it), else the
+/// runtime's counts (OpenAI's three fields); plus `tokens`, the total, as the spec's quick-start
+/// answer shows it.
+fn native_usage(billed: Option<Billed>, reported: Option<&Value>) -> Value {
+    let (u, estimated) = match billed {
+        Some(b) => (b.usage, b.estimated),
+        None => (
+            reported
+                .and_then(|u| serde_json::from_value(u.clone()).ok())
+                .unwrap_or_default(),
+            false,
+        ),
+    };
+    let mut out = json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total(),
         "tokens": u.total(),
-    })
+    });
+    if estimated {
+        out["estimated"] = json!(true);
+    }
+    out
 }
 
 fn native_id(upstream_id: Option<&str>, request_id: &str) -> String {
@@ -249,8 +261,13 @@ fn native_id(upstream_id: Option<&str>, request_id: &str) -> String {
     format!("msg_{raw}")
 }
 
-/// Translates a runtime's chat completion into the native answer.
-pub fn answer_from_openai(body: &[u8], request_id: &str) -> Result<Bytes, EdgeError> {
+/// Translates a runtime's chat completion into the native answer; `billed`: what the edge
+/// billed for it, when it meters the request.
+pub fn answer_from_openai(
+    body: &[u8],
+    request_id: &str,
+    billed: Option<Billed>,
+) -> Result<Bytes, EdgeError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         EdgeError::UpstreamUnavailable(
             format!("the runtime answered with invalid JSON: {e}").into(),
@@ -265,7 +282,7 @@ pub fn answer_from_openai(body: &[u8], request_id: &str) -> Result<Bytes, EdgeEr
         "model": v.get("model").cloned().unwrap_or(Value::Null),
         "finish_reason": choice.and_then(|c| c.get("finish_reason")).cloned().unwrap_or(Value::Null),
         "content": message.and_then(|m| m.get("content")).cloned().unwrap_or(json!("")),
-        "usage": native_usage(v.get("usage")),
+        "usage": native_usage(billed, v.get("usage")),
     });
     if let Some(calls) = message
         .and_then(|m| m.get("tool_calls"))
@@ -316,14 +333,15 @@ impl NativeStream {
         Some(json!({"content": content, "done": false}))
     }
 
-    /// The last event: `done`, finish reason and usage.
-    pub fn finish(&self, request_id: &str) -> Value {
+    /// The last event: `done`, finish reason and usage (`billed`: what the edge billed, when
+    /// it meters the request).
+    pub fn finish(&self, request_id: &str, billed: Option<Billed>) -> Value {
         json!({
             "done": true,
             "id": native_id(self.id.as_deref(), request_id),
             "model": self.model.clone().unwrap_or(Value::Null),
             "finish_reason": self.finish_reason.clone().unwrap_or(json!("stop")),
-            "usage": native_usage(self.usage.as_ref()),
+            "usage": native_usage(billed, self.usage.as_ref()),
         })
     }
 
@@ -387,7 +405,7 @@ mod tests {
     fn answer_and_stream_translate() {
         let up = br#"{"id":"chatcmpl-7","created":5,"model":"m","choices":[{"message":{"content":"Hi"},"finish_reason":"stop"}],
             "usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#;
-        let a: Value = serde_json::from_slice(&answer_from_openai(up, "r").unwrap()).unwrap();
+        let a: Value = serde_json::from_slice(&answer_from_openai(up, "r", None).unwrap()).unwrap();
         assert_eq!(a["id"], "msg_7");
         assert_eq!(a["content"], "Hi");
         assert_eq!(a["usage"]["total_tokens"], 5);
@@ -408,9 +426,22 @@ mod tests {
             .on_data(br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#)
             .is_none());
         assert!(s.on_data(br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#).is_none());
-        let last = s.finish("r");
+        let last = s.finish("r", None);
         assert_eq!(last["done"], true);
         assert_eq!(last["usage"]["total_tokens"], 2);
         assert_eq!(last["finish_reason"], "stop");
+        assert!(last["usage"].get("estimated").is_none());
+        // What the edge billed wins, marked when it was estimated.
+        let billed = Billed {
+            usage: Usage {
+                prompt_tokens: 4,
+                completion_tokens: 3,
+                total_tokens: 7,
+            },
+            estimated: true,
+        };
+        let last = s.finish("r", Some(billed));
+        assert_eq!(last["usage"]["tokens"], 7);
+        assert_eq!(last["usage"]["estimated"], true);
     }
 }

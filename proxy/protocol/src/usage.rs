@@ -25,6 +25,15 @@ impl Usage {
     }
 }
 
+/// What a request was billed: the runtime's counts, or the edge's estimate when it gave none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Billed {
+    /// The counts.
+    pub usage: Usage,
+    /// Whether the edge estimated them (the runtime reported no usage).
+    pub estimated: bool,
+}
+
 #[derive(Deserialize)]
 struct WithUsage {
     #[serde(default)]
@@ -54,6 +63,23 @@ struct Chunk<'a> {
 struct ChunkChoice<'a> {
     #[serde(default, borrow)]
     delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A whole (not streamed) completion: what the meter reads of it.
+#[derive(Deserialize)]
+struct Answer<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<AnswerChoice<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct AnswerChoice<'a> {
+    #[serde(default, borrow)]
+    message: Option<Delta<'a>>,
     #[serde(default, borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
 }
@@ -131,6 +157,30 @@ impl StreamMeter {
         EventKind::Content
     }
 
+    /// Takes a whole answer (a chat or text completion): its usage, else its text for the
+    /// estimate. An answer that is not a completion adds nothing.
+    pub fn observe_answer(&mut self, body: &[u8]) {
+        let Ok(answer) = serde_json::from_slice::<Answer<'_>>(body) else {
+            self.reported = usage_of(body).or(self.reported);
+            return;
+        };
+        if let Some(u) = answer.usage {
+            self.reported = Some(u);
+        }
+        for c in &answer.choices {
+            let text = c
+                .message
+                .as_ref()
+                .and_then(|m| m.content.as_deref())
+                .or(c.text.as_deref())
+                .unwrap_or("");
+            if !text.is_empty() {
+                self.content_bytes += text.len();
+                self.content_events += 1;
+            }
+        }
+    }
+
     /// Completion tokens delivered so far: the runtime's count if it gave one, else the larger
     /// of the events that carried text and the byte estimate.
     pub fn completion_tokens(&self) -> u64 {
@@ -169,6 +219,27 @@ mod tests {
         assert_eq!(m.observe(b"[DONE]"), EventKind::Done);
         assert!(m.done);
         assert_eq!(m.observe(b"{oops"), EventKind::Other);
+    }
+
+    #[test]
+    fn meters_a_whole_answer() {
+        let mut m = StreamMeter::new();
+        m.observe_answer(
+            br#"{"choices":[{"message":{"role":"assistant","content":"Hello there, friend"}}]}"#,
+        );
+        assert_eq!((m.reported, m.completion_tokens()), (None, 5)); // 19 bytes / 4
+        let mut m = StreamMeter::new();
+        m.observe_answer(
+            br#"{"choices":[{"text":"abcd"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+        );
+        assert_eq!(m.completion_tokens(), 2);
+        let mut m = StreamMeter::new();
+        m.observe_answer(
+            br#"{"choices":[{"message":{"content":[1]}}],"usage":{"completion_tokens":9}}"#,
+        );
+        assert_eq!(m.completion_tokens(), 9);
+        m.observe_answer(b"not json");
+        assert_eq!(m.completion_tokens(), 9);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::error::EdgeError;
 use crate::ledger::{Ledger, Payer};
 use crate::quota::Reservation;
-use crate::usage::{EventKind, StreamMeter, Usage};
+use crate::usage::{Billed, EventKind, StreamMeter, Usage};
 
 /// How a metered request ended, as the ledger records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +79,7 @@ pub struct Accounting {
     hide_usage: bool,
     payer: Payer,
     ledger: Arc<Ledger>,
-    settled: Option<u64>,
+    settled: Option<Billed>,
 }
 
 impl Accounting {
@@ -122,16 +122,21 @@ impl Accounting {
                 .reservation
                 .crosses(self.prompt_estimate + self.meter.completion_tokens())
         {
-            self.settle(None, Outcome::QuotaExceeded);
+            self.settle(Outcome::QuotaExceeded);
             return Flow::Cut;
         }
         Flow::Continue
     }
 
-    /// Settles a whole answer: the usage it `reported`, if any. Called before the last bytes go
-    /// to the client, so an answer the client has is never unaccounted.
-    pub fn complete(&mut self, reported: Option<Usage>) {
-        self.settle(reported, Outcome::Completed);
+    /// Settles a completed answer: a whole one's body (`answer`: its usage, else its text for
+    /// the estimate), or a stream already observed event by event (`None`). Called before the
+    /// last bytes go to the client, so an answer the client has is never unaccounted; returns
+    /// what was billed, which is what the client is told.
+    pub fn complete(&mut self, answer: Option<&[u8]>) -> Billed {
+        if let Some(body) = answer.filter(|_| self.settled.is_none()) {
+            self.meter.observe_answer(body);
+        }
+        self.settle(Outcome::Completed)
     }
 
     /// Whether the request is settled.
@@ -139,14 +144,14 @@ impl Accounting {
         self.settled.is_some()
     }
 
-    /// Settles the request, once: the runtime's usage when it reported one (`reported`, or what
-    /// the stream carried), else the edge's estimate of what was delivered. Returns the total;
-    /// later calls return the first total and change nothing.
-    pub fn settle(&mut self, reported: Option<Usage>, outcome: Outcome) -> u64 {
-        if let Some(total) = self.settled {
-            return total;
+    /// Settles the request, once: the runtime's usage when it reported one (in the stream or the
+    /// whole answer observed), else the edge's estimate of what was delivered. Returns what was
+    /// billed; later calls return the first settlement and change nothing.
+    pub fn settle(&mut self, outcome: Outcome) -> Billed {
+        if let Some(billed) = self.settled {
+            return billed;
         }
-        let (usage, estimated) = match reported.or(self.meter.reported) {
+        let (usage, estimated) = match self.meter.reported {
             Some(u) => (u, false),
             None => {
                 let completion = self.meter.completion_tokens();
@@ -163,18 +168,18 @@ impl Accounting {
                 (usage, true)
             }
         };
-        let total = usage.total();
-        self.reservation.settle(total);
-        self.settled = Some(total);
+        self.reservation.settle(usage.total());
+        let billed = Billed { usage, estimated };
+        self.settled = Some(billed);
         self.ledger
             .record(&self.payer, usage, estimated, outcome.as_str());
-        total
+        billed
     }
 }
 
 impl Drop for Accounting {
     fn drop(&mut self) {
-        self.settle(None, Outcome::Dropped);
+        self.settle(Outcome::Dropped);
     }
 }
 
@@ -252,7 +257,7 @@ mod tests {
         a.complete(None);
         assert!(a.is_settled());
         // A second settlement changes nothing, and neither does the drop.
-        assert_eq!(a.settle(None, Outcome::Failed("timeout")), 10);
+        assert_eq!(a.settle(Outcome::Failed("timeout")).usage.total(), 10);
         drop(a);
         assert_eq!(b.rows(), vec![(10, "ok".into(), false)]);
         assert_eq!(b.used(), 10);
@@ -265,7 +270,7 @@ mod tests {
         a.observe(CHUNK);
         a.observe(CHUNK);
         // 2 events, 16 bytes: 4 tokens by the byte estimate, plus the prompt estimate of 10.
-        assert_eq!(a.settle(None, Outcome::Failed("client_closed")), 14);
+        assert_eq!(a.settle(Outcome::Failed("client_closed")).usage.total(), 14);
         drop(a);
         assert_eq!(b.rows(), vec![(14, "client_closed".into(), true)]);
     }
@@ -274,7 +279,12 @@ mod tests {
     fn a_failure_before_any_output_bills_nothing_and_writes_no_row() {
         let b = Bench::new();
         let mut a = b.accounting(1000, 100, false);
-        assert_eq!(a.settle(None, Outcome::Failed("upstream_unavailable")), 0);
+        assert_eq!(
+            a.settle(Outcome::Failed("upstream_unavailable"))
+                .usage
+                .total(),
+            0
+        );
         drop(a);
         assert!(b.rows().is_empty());
         assert_eq!(b.used(), 0);
@@ -284,7 +294,7 @@ mod tests {
     fn a_cancelled_answer_bills_its_prompt() {
         let b = Bench::new();
         let mut a = b.accounting(1000, 100, false);
-        assert_eq!(a.settle(None, Outcome::Cancelled), 10);
+        assert_eq!(a.settle(Outcome::Cancelled).usage.total(), 10);
         drop(a);
         assert_eq!(b.rows(), vec![(10, "cancelled".into(), true)]);
     }

@@ -27,7 +27,7 @@ impl Pipeline {
                 .await;
         }
         if let Some(mut accounting) = accounting {
-            ctx.record.tokens = Some(accounting.settle(None, outcome));
+            ctx.record.tokens = Some(accounting.settle(outcome).usage.total());
         }
     }
 

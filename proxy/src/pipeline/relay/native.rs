@@ -11,11 +11,10 @@ use super::{next_events, OpenGauge};
 use crate::chat::{self, NativeStream};
 use crate::error::EdgeError;
 use crate::forward::{Guard, Inbound};
-use crate::pipeline::accounting::{Accounting, Flow};
+use crate::pipeline::accounting::{Accounting, Flow, Outcome};
 use crate::pipeline::open::Opened;
 use crate::pipeline::respond::Responder;
 use crate::sse::SseScanner;
-use crate::usage;
 
 /// The largest whole answer the edge reads to translate.
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
@@ -76,15 +75,15 @@ impl NativeRelay {
                 "the agent ended its stream early".into(),
             ));
         }
-        if let Some(a) = accounting {
-            a.complete(None);
-        }
-        Ok(self.native.finish(request_id))
+        let billed = accounting.map(|a| a.complete(None));
+        Ok(self.native.finish(request_id, billed))
     }
 
-    /// The last event of an answer the client cancelled.
-    pub fn cancelled(&self, request_id: &str) -> Value {
-        let mut last = self.native.finish(request_id);
+    /// The last event of an answer the client cancelled, settled as cancelled so that it tells
+    /// what was billed.
+    pub fn cancelled(&self, request_id: &str, accounting: Option<&mut Accounting>) -> Value {
+        let billed = accounting.map(|a| a.settle(Outcome::Cancelled));
+        let mut last = self.native.finish(request_id, billed);
         last["finish_reason"] = serde_json::json!("cancelled");
         last
     }
@@ -96,10 +95,9 @@ pub async fn answer(resp: &mut Responder<'_>, x: &mut Opened) -> Result<(), Edge
     let body = inbound
         .read_to_end(resp.hangup(), guard, MAX_ANSWER)
         .await?;
-    let answer = chat::answer_from_openai(&body, &resp.ctx.record.request_id)?;
-    if let Some(a) = accounting {
-        a.complete(usage::usage_of(&body));
-    }
+    // Settled before translating, so the client is told what was billed.
+    let billed = accounting.map(|a| a.complete(Some(&body)));
+    let answer = chat::answer_from_openai(&body, &resp.ctx.record.request_id, billed)?;
     let mut h = resp.header(200, "application/json");
     resp.ctx.filter_response_header(&mut h)?;
     let answer = resp.ctx.filter_response_body(answer, true)?;

@@ -9,9 +9,9 @@ use crate::error::EdgeError;
 use crate::forward::{self, Inbound};
 use crate::pipeline::open::Opened;
 use crate::pipeline::respond::{decorate, Responder};
-use crate::usage;
 
-/// The most of a whole answer the edge copies to read its usage (when the usage spans chunks).
+/// The most of a whole answer the edge copies to read its usage or, without one, its text (when
+/// the answer spans chunks).
 const MAX_USAGE_COPY: usize = 16 * 1024 * 1024;
 
 /// The runtime's response header, passed on: its status and headers, then the edge's own and
@@ -39,7 +39,7 @@ pub async fn pass_header(
 pub async fn relay(resp: &mut Responder<'_>, x: &mut Opened) -> Result<(), EdgeError> {
     let (inbound, guard, accounting) = x.parts();
     pass_header(resp, inbound, false).await?;
-    // The usage is read from the whole answer; it is copied only when it spans chunks.
+    // The usage (or text) is read from the whole answer; it is copied only when it spans chunks.
     let mut spanned: Option<Vec<u8>> = None;
     let mut held: Option<Bytes> = None;
     while let Some(chunk) = inbound.next_chunk(resp.hangup(), guard).await? {
@@ -54,15 +54,15 @@ pub async fn relay(resp: &mut Responder<'_>, x: &mut Opened) -> Result<(), EdgeE
         }
     }
     if let Some(a) = accounting {
-        let reported = match (spanned.as_mut(), held.as_ref()) {
+        let answer = match (spanned.as_mut(), held.as_ref()) {
             (Some(copy), Some(last)) => {
                 copy.extend_from_slice(last);
-                usage::usage_of(copy)
+                Some(&copy[..])
             }
-            (None, Some(only)) => usage::usage_of(only),
+            (None, Some(only)) => Some(&only[..]),
             (_, None) => None,
         };
-        a.complete(reported);
+        a.complete(answer);
     }
     match held {
         Some(last) => resp.last(last).await,
