@@ -7,9 +7,30 @@ use pingora_proxy::Session;
 
 use crate::error::EdgeError;
 
-/// Reads the whole request body, refusing one over `limit` bytes with 413. Answers
-/// `Expect: 100-continue` itself (the runtime never sees `Expect`).
-pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, EdgeError> {
+/// Reads the whole request body within `deadline` (408 after it, and the connection closes),
+/// refusing one over `limit` bytes with 413. Answers `Expect: 100-continue` itself (the runtime
+/// never sees `Expect`).
+pub async fn read(
+    session: &mut Session,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<Bytes, EdgeError> {
+    match tokio::time::timeout(deadline, read_within(session, limit)).await {
+        Ok(read) => read,
+        Err(_) => {
+            session.set_keepalive(None);
+            Err(EdgeError::RequestTimeout(
+                format!(
+                    "the request body did not arrive within {}s",
+                    deadline.as_secs_f64()
+                )
+                .into(),
+            ))
+        }
+    }
+}
+
+async fn read_within(session: &mut Session, limit: usize) -> Result<Bytes, EdgeError> {
     let declared = match session.req_header().headers.get("content-length") {
         Some(v) => Some(
             v.to_str()
@@ -44,11 +65,17 @@ pub async fn read(session: &mut Session, limit: usize) -> Result<Bytes, EdgeErro
     let mut first: Option<Bytes> = None;
     let mut buf: Option<BytesMut> = None;
     let mut total = 0usize;
-    while let Some(chunk) = session
-        .read_request_body()
-        .await
-        .map_err(|e| read_error(&e))?
-    {
+    loop {
+        let chunk = match session.read_request_body().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                // A body that could not be read leaves the connection's framing unknown: the
+                // answer is the connection's last (as nginx does).
+                session.set_keepalive(None);
+                return Err(read_error(&e));
+            }
+        };
         total += chunk.len();
         if total > limit {
             refuse_oversized(session, total, limit).await;
@@ -104,7 +131,7 @@ fn read_error(e: &pingora_error::Error) -> EdgeError {
     match e.etype() {
         ErrorType::ConnectionClosed | ErrorType::ReadError => EdgeError::ClientClosed,
         ErrorType::ReadTimedout => {
-            EdgeError::InvalidRequest("the request body did not arrive in time".into())
+            EdgeError::RequestTimeout("the request body stalled past the read timeout".into())
         }
         _ => EdgeError::InvalidRequest(
             format!("malformed request body: {}", e.etype().as_str()).into(),

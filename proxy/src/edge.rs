@@ -44,6 +44,7 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> pingora_error::Result<()> {
         ctx.record.started = Instant::now();
+        crate::connections::header_read(session, &self.pipeline.cfg().limits.clients);
         let client_id = session.req_header().headers.get("x-request-id");
         ctx.record.request_id = self
             .pipeline
@@ -109,6 +110,7 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        crate::connections::answered(&self.pipeline.cfg().limits.clients);
         let method = session.req_header().method.as_str();
         self.pipeline
             .log(ctx, method, session.body_bytes_sent() as u64);

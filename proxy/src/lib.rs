@@ -13,6 +13,7 @@ pub mod access;
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod edge;
 pub mod forward;

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub open_streams: IntGauge,
     /// WebSockets open now.
     pub open_websockets: IntGauge,
+    /// Client connections open now.
+    pub open_connections: IntGauge,
+    /// Client connections refused at the cap, and closed by the edge, by reason.
+    pub connections_ended: IntCounterVec,
     store_up: IntGauge,
     store_stale: IntGauge,
     generation: IntGauge,
@@ -72,6 +76,12 @@ impl Metrics {
             plugin_time: histogram("moltghost_plugin_seconds", "Time a request spent in WASM policy plugins (every phase, every plugin)", &["route"]),
             open_streams: IntGauge::new("moltghost_open_streams", "Streams being relayed now").expect("valid gauge"),
             open_websockets: IntGauge::new("moltghost_open_websockets", "WebSockets open now").expect("valid gauge"),
+            open_connections: IntGauge::new("moltghost_connections_open", "Client connections open now").expect("valid gauge"),
+            connections_ended: IntCounterVec::new(
+                Opts::new("moltghost_connections_closed_total", "Client connections the edge refused (reason=\"over_limit\") or closed (reason=\"header_timeout\")"),
+                &["reason"],
+            )
+            .expect("valid counter"),
             store_up: IntGauge::new("moltghost_store_up", "1 when the last contact with the store succeeded").expect("valid gauge"),
             store_stale: IntGauge::new("moltghost_store_stale_seconds", "Seconds since the last successful contact with the store").expect("valid gauge"),
             generation: IntGauge::new("moltghost_snapshot_generation", "Store revision the edge serves from").expect("valid gauge"),
@@ -81,6 +91,7 @@ impl Metrics {
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.plugin_time.clone()),
             Box::new(m.tokens.clone()),
+            Box::new(m.connections_ended.clone()),
         ] {
             m.registry.register(c).expect("unique metric");
         }
@@ -92,6 +103,7 @@ impl Metrics {
         for g in [
             &m.open_streams,
             &m.open_websockets,
+            &m.open_connections,
             &m.store_up,
             &m.store_stale,
             &m.generation,

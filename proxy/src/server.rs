@@ -194,8 +194,11 @@ pub fn run(
     server.bootstrap();
 
     let edge = Edge::new(Pipeline::new(control.plane.clone()));
-    let mut service =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "moltghost-edge");
+    let proxy = pingora_proxy::http_proxy(&server.configuration, edge);
+    let mut service = pingora_core::services::listening::Service::new(
+        "moltghost-edge".into(),
+        crate::connections::Connections::new(proxy, control.plane.clone()),
+    );
     for addr in &cfg.fixed.listen.http {
         service.add_tcp(&addr.to_string());
     }

@@ -89,6 +89,11 @@ pub enum EdgeError {
     InvalidIdentity(Cow<'static, str>),
     /// The pod sidecar could not reach the agent runtime beside it.
     RuntimeUnreachable(Cow<'static, str>),
+    /// The client took longer than its deadline to send the request (its body); the message
+    /// says which deadline.
+    RequestTimeout(Cow<'static, str>),
+    /// The edge holds as many client connections as it is configured to; this one is refused.
+    Overloaded,
 }
 
 impl EdgeError {
@@ -116,6 +121,8 @@ impl EdgeError {
             Self::HttpsRequired { .. } => 308,
             Self::InvalidIdentity(_) => 401,
             Self::RuntimeUnreachable(_) => 502,
+            Self::RequestTimeout(_) => 408,
+            Self::Overloaded => 503,
         }
     }
 
@@ -147,6 +154,8 @@ impl EdgeError {
             Self::HttpsRequired { .. } => "https_required",
             Self::InvalidIdentity(_) => "invalid_identity",
             Self::RuntimeUnreachable(_) => "runtime_unreachable",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::Overloaded => "overloaded",
         }
     }
 
@@ -159,7 +168,7 @@ impl EdgeError {
             409 => "conflict_error",
             202 | 503 => "service_unavailable",
             410 => "gone",
-            504 => "timeout_error",
+            408 | 504 => "timeout_error",
             502 => "upstream_error",
             _ => "invalid_request_error",
         }
@@ -194,7 +203,9 @@ impl EdgeError {
             | Self::Conflict(m)
             | Self::PluginFailed(m)
             | Self::InvalidIdentity(m)
-            | Self::RuntimeUnreachable(m) => m.as_ref().into(),
+            | Self::RuntimeUnreachable(m)
+            | Self::RequestTimeout(m) => m.as_ref().into(),
+            Self::Overloaded => "The edge is at its connection limit: retry in a moment".into(),
             Self::HttpsRequired { .. } => "use https://".into(),
             Self::BodyTooLarge { limit } => {
                 format!("Request body exceeds the limit of {limit} bytes").into()
@@ -211,7 +222,7 @@ impl EdgeError {
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
             Self::RateLimited { retry_after, .. } => vec![("retry-after", retry_after.to_string())],
-            Self::TooManyStreams { .. } => vec![("retry-after", "1".into())],
+            Self::TooManyStreams { .. } | Self::Overloaded => vec![("retry-after", "1".into())],
             Self::QuotaExceeded | Self::AgentTerminated => vec![("x-should-retry", "false".into())],
             Self::AgentPaused => vec![("retry-after", "60".into())],
             Self::AgentInitializing => vec![("retry-after", "60".into())],
@@ -310,5 +321,20 @@ mod tests {
             (runtime.status(), runtime.code(), runtime.kind()),
             (502, "runtime_unreachable", "upstream_error")
         );
+    }
+
+    #[test]
+    fn slow_clients_and_a_full_edge() {
+        let slow = EdgeError::RequestTimeout("the request body did not arrive in time".into());
+        assert_eq!(
+            (slow.status(), slow.code(), slow.kind()),
+            (408, "request_timeout", "timeout_error")
+        );
+        let full = EdgeError::Overloaded;
+        assert_eq!(
+            (full.status(), full.code(), full.kind()),
+            (503, "overloaded", "service_unavailable")
+        );
+        assert_eq!(full.headers(), vec![("retry-after", "1".to_string())]);
     }
 }

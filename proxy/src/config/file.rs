@@ -109,6 +109,11 @@ pub struct FileLimits {
     pub rate_limit_status: Option<u16>,
     pub rate_sketch_slots: Option<usize>,
     pub fleet_sync: Option<String>,
+    pub header_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+    pub keepalive_idle: Option<String>,
+    pub send_timeout: Option<String>,
+    pub max_connections: Option<usize>,
 }
 
 /// `[store]`.

@@ -175,6 +175,26 @@ pub struct Limits {
     pub default_max_tokens: u64,
     /// Status of rate refusals: 403 (the spec) or 429 (lets OpenAI SDKs retry by themselves).
     pub rate_limit_status: u16,
+    /// What a client connection may take of the edge.
+    pub clients: ClientLimits,
+}
+
+/// Deadlines and caps of client connections: what a slow or idle client may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Total time for a request's header, from the connection's accept or the end of the
+    /// previous answer (plus [`ClientLimits::keepalive_idle`] on a kept-alive connection); past
+    /// it the connection is closed.
+    pub header_timeout: Duration,
+    /// Total time for a request's body (408 after).
+    pub body_timeout: Duration,
+    /// How long a kept-alive connection may wait idle for its next request.
+    pub keepalive_idle: Duration,
+    /// Longest stall of one write of an answer to a client that reads slowly; past it the
+    /// edge gives up on the answer and closes the connection.
+    pub send_timeout: Duration,
+    /// Open client connections, beyond which a new one is refused with 503 `overloaded`.
+    pub max_connections: usize,
 }
 
 /// The edge's side of its WireGuard tunnels.

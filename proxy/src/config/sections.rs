@@ -10,8 +10,8 @@ use super::file::{
     FileStore, FileTls, FileTunnel,
 };
 use super::{
-    bad, AgentSeed, Config, ConfigError, Fixed, FixedLimits, Limits, Listen, Names, PlainHttp,
-    Plan, Process, Secrets, StoreSettings, TlsConfig, TunnelConfig,
+    bad, AgentSeed, ClientLimits, Config, ConfigError, Fixed, FixedLimits, Limits, Listen, Names,
+    PlainHttp, Plan, Process, Secrets, StoreSettings, TlsConfig, TunnelConfig,
 };
 use crate::lifecycle::AgentState;
 use crate::plugins::PluginConfig;
@@ -168,6 +168,16 @@ fn limits(f: FileLimits) -> Result<Limits, ConfigError> {
         upstream_keepalive: d("upstream_keepalive", &f.upstream_keepalive, secs(60))?,
         default_max_tokens,
         rate_limit_status,
+        clients: ClientLimits {
+            header_timeout: d("header_timeout", &f.header_timeout, secs(60))?,
+            body_timeout: d("body_timeout", &f.body_timeout, secs(60))?,
+            keepalive_idle: d("keepalive_idle", &f.keepalive_idle, secs(60))?,
+            send_timeout: d("send_timeout", &f.send_timeout, secs(60))?,
+            max_connections: match f.max_connections.unwrap_or(10_000) {
+                0 => return Err(bad("limits.max_connections", "must be at least 1")),
+                n => n,
+            },
+        },
     })
 }
 

@@ -43,7 +43,13 @@ pub async fn serve(
         }
         _ => lifecycle::gate(admission.agent.state)?,
     }
-    let body = body::read(session, p.cfg().limits.max_body_bytes).await?;
+    let cfg = p.cfg();
+    let body = body::read(
+        session,
+        cfg.limits.max_body_bytes,
+        cfg.limits.clients.body_timeout,
+    )
+    .await?;
     // Plugins' changes to the head are made in the session itself, so each stage can wrap it
     // afresh.
     let prepared = match p.prepare(
