@@ -144,10 +144,14 @@ async fn refuse(stream: Stream, ids: &RequestIds) {
 }
 
 /// The limits a request's session runs under, set as its header is read: the keep-alive idle
-/// time, the write stall allowed to a slow reader, pipelining (RFC 9112 §9.3.2: pipelined
-/// requests are answered in order rather than dropped), and the header clock stopped.
+/// time (only where Pingora keeps the connection alive: not after `Connection: close`, an
+/// HTTP/1.0 request without keep-alive, or a head with both Content-Length and
+/// Transfer-Encoding), the write stall allowed to a slow reader, pipelining (RFC 9112 §9.3.2:
+/// pipelined requests are answered in order rather than dropped), and the header clock stopped.
 pub fn header_read(session: &mut Session, limits: &ClientLimits) {
-    session.set_keepalive(Some(limits.keepalive_idle.as_secs().max(1)));
+    if session.get_keepalive().is_some() {
+        session.set_keepalive(Some(limits.keepalive_idle.as_secs().max(1)));
+    }
     session.set_write_timeout(Some(limits.send_timeout));
     session.downstream_session.set_pipelining_enabled(true);
     let _ = CLOCK.try_with(|c| c.set(None));

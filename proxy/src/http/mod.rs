@@ -2,6 +2,7 @@
 //! of the edge's own (`/v1/health`), the WebSocket bridge (`/ws`), or the pipeline's stages
 //! in order: prepare → open → relay → conclude.
 
+mod head;
 mod health;
 mod transport;
 
@@ -25,7 +26,7 @@ pub async fn serve(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), EdgeError> {
-    check_head(session.req_header())?;
+    head::check(session)?;
     if transport::redirected(p, session, ctx).await? {
         return Ok(());
     }
@@ -76,25 +77,6 @@ pub async fn serve(
     result
 }
 
-/// The request head's HTTP rules that Pingora's parser does not enforce (RFC 9112 §3.2, and
-/// one credential per request): an HTTP/1.1 request names its host exactly once, and no request
-/// carries two `Authorization` headers (which one would count is a guess an attacker could
-/// exploit).
-fn check_head(head: &pingora_http::RequestHeader) -> Result<(), EdgeError> {
-    let count = |name: &str| head.headers.get_all(name).iter().count();
-    if head.version == http::Version::HTTP_11 && count("host") != 1 {
-        return Err(EdgeError::InvalidRequest(
-            "an HTTP/1.1 request must carry exactly one Host header".into(),
-        ));
-    }
-    if count("authorization") > 1 {
-        return Err(EdgeError::InvalidRequest(
-            "send one Authorization header, not several".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// Sends what a plugin decided instead of the runtime's answer: its own local response (its
 /// body, or the table's `policy_denied` when it gave none, with its headers), or the
 /// fail-closed error.
@@ -123,44 +105,4 @@ async fn plugin_answer(resp: &mut Responder<'_>, verdict: Verdict) -> Result<(),
         }
     }
     resp.whole(h, body).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_head;
-    use pingora_http::RequestHeader;
-
-    fn head(version: http::Version, headers: &[(&str, &str)]) -> RequestHeader {
-        let mut h = RequestHeader::build("GET", b"/v1/models", None).unwrap();
-        h.set_version(version);
-        for (k, v) in headers {
-            h.append_header(k.to_string(), *v).unwrap();
-        }
-        h
-    }
-
-    #[test]
-    fn http_1_1_names_its_host_once_and_a_request_carries_one_key() {
-        use http::Version;
-        let ok = head(
-            Version::HTTP_11,
-            &[("host", "a"), ("authorization", "Bearer x")],
-        );
-        assert!(check_head(&ok).is_ok());
-        assert!(check_head(&head(Version::HTTP_11, &[])).is_err());
-        assert!(check_head(&head(Version::HTTP_11, &[("host", "a"), ("host", "b")])).is_err());
-        // HTTP/1.0 may omit Host; HTTP/2 carries :authority instead.
-        assert!(check_head(&head(Version::HTTP_10, &[])).is_ok());
-        assert!(check_head(&head(Version::HTTP_2, &[])).is_ok());
-        let two_keys = head(
-            Version::HTTP_11,
-            &[
-                ("host", "a"),
-                ("authorization", "Bearer x"),
-                ("authorization", "Bearer y"),
-            ],
-        );
-        let e = check_head(&two_keys).unwrap_err();
-        assert_eq!((e.status(), e.code()), (400, "invalid_request"));
-    }
 }
