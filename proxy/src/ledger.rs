@@ -7,11 +7,16 @@
 //! Each process writes its own journal (`usage.<pid>.journal`), so that during an upgrade the
 //! old and the new process never share one. Journals of processes that are gone (a crash, the
 //! process an upgrade replaced) are shipped by the next one and then removed.
+//!
+//! A journal that cannot be written (a full disk) loses nothing: the row is kept in memory,
+//! the edge refuses new metered requests ([`Ledger::is_writable`]) rather than promise what it
+//! cannot keep, and the shipper ([`Ledger::recover`]) puts the kept rows back into the journal
+//! once it takes writes again, or sends them to the store directly meanwhile.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::quota::month_of;
@@ -37,6 +42,10 @@ pub struct Ledger {
     pub edge_id: String,
     next: AtomicU64,
     started: i64,
+    /// Rows the journal could not take, until it can or the store has them.
+    kept: Mutex<Vec<UsageRow>>,
+    /// Whether the last write to the journal failed.
+    failing: AtomicBool,
 }
 
 impl Ledger {
@@ -47,7 +56,14 @@ impl Ledger {
             edge_id,
             next: AtomicU64::new(0),
             started: now(),
+            kept: Mutex::new(Vec::new()),
+            failing: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the journal takes writes. While it does not, metered requests are refused.
+    pub fn is_writable(&self) -> bool {
+        !self.failing.load(Ordering::Acquire)
     }
 
     /// A row id unique across the fleet, restarts and the two processes of an upgrade:
@@ -85,9 +101,57 @@ impl Ledger {
             outcome: outcome.into(),
             created_at: at,
         };
-        if let Err(e) = self.journal.append(&row) {
-            tracing::error!(error = %e, request = %row.request_id, "usage journal write failed");
+        // While the journal fails, rows go straight to memory: an append after a torn one would
+        // be glued to it.
+        if self.is_writable() {
+            match self.journal.append(&row) {
+                Ok(()) => return,
+                Err(e) => {
+                    self.failing.store(true, Ordering::Release);
+                    tracing::error!(error = %e, request = %row.request_id,
+                        "usage journal write failed: metered requests are refused until it can be written again; no usage is lost");
+                }
+            }
         }
+        self.kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(row);
+    }
+
+    /// The shipper's part while the journal fails: the kept rows go back into the journal once
+    /// it takes writes (after a line break, which ends a torn line), and the edge takes metered
+    /// requests again; until then they go to the store directly (rows are keyed by their id, so
+    /// one that reaches both is counted once). Returns whether the journal is writable.
+    pub async fn recover(&self, store: &Store) -> Result<bool, StoreError> {
+        if self.is_writable() {
+            return Ok(true);
+        }
+        let mut rows = std::mem::take(&mut *self.kept.lock().unwrap_or_else(|e| e.into_inner()));
+        let probed = self.journal.append_bytes(b"\n").is_ok();
+        let written = if probed {
+            rows.iter()
+                .take_while(|r| self.journal.append(r).is_ok())
+                .count()
+        } else {
+            0
+        };
+        let rest = rows.split_off(written);
+        if probed && rest.is_empty() {
+            self.failing.store(false, Ordering::Release);
+            tracing::info!(
+                rows = written,
+                "usage journal writable again: metered requests are served"
+            );
+            return Ok(true);
+        }
+        if let Err(e) = store.insert_usage(&rest).await {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            let newer = std::mem::replace(&mut *kept, rest);
+            kept.extend(newer);
+            return Err(e);
+        }
+        Ok(false)
     }
 }
 
@@ -154,10 +218,14 @@ impl Journal {
     pub fn append(&self, row: &UsageRow) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(row).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        self.append_bytes(&line)
+    }
+
+    fn append_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
         self.file
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .write_all(&line)
+            .write_all(bytes)
     }
 
     fn shipped(&self) -> u64 {

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub open_websockets: IntGauge,
     /// Client connections open now.
     pub open_connections: IntGauge,
+    /// 1 while the usage journal takes writes (metered requests are refused otherwise).
+    pub journal_writable: IntGauge,
     /// Client connections refused at the cap, and closed by the edge, by reason.
     pub connections_ended: IntCounterVec,
     store_up: IntGauge,
@@ -77,6 +79,7 @@ impl Metrics {
             open_streams: IntGauge::new("moltghost_open_streams", "Streams being relayed now").expect("valid gauge"),
             open_websockets: IntGauge::new("moltghost_open_websockets", "WebSockets open now").expect("valid gauge"),
             open_connections: IntGauge::new("moltghost_connections_open", "Client connections open now").expect("valid gauge"),
+            journal_writable: IntGauge::new("moltghost_journal_writable", "1 while the usage journal takes writes; 0: metered requests are refused").expect("valid gauge"),
             connections_ended: IntCounterVec::new(
                 Opts::new("moltghost_connections_closed_total", "Client connections the edge refused (reason=\"over_limit\") or closed (reason=\"header_timeout\")"),
                 &["reason"],
@@ -100,10 +103,12 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
         }
+        m.journal_writable.set(1);
         for g in [
             &m.open_streams,
             &m.open_websockets,
             &m.open_connections,
+            &m.journal_writable,
             &m.store_up,
             &m.store_stale,
             &m.generation,

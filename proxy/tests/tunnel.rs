@@ -339,6 +339,54 @@ async fn every_stream_completes_and_is_counted_exactly_over_a_lossy_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_for_30_seconds_heals_by_itself() {
+    let p = PodStack::start("pod8", "").await;
+    let relay = LossyRelay::start(p.pod.addr, 1, 0.0, 0.0, 0.0).await;
+    p.s.admin_post(
+        "/v1/admin/agents",
+        json!({"name": "severed", "endpoint_id": "severed", "upstream": format!("wg://{}@{}", p.pod.key, relay.addr)}),
+    )
+    .await;
+    let key =
+        p.s.admin_post(
+            "/v1/admin/keys",
+            json!({"name": "severed", "agents": ["severed"]}),
+        )
+        .await["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let status = |key: String| {
+        let req =
+            p.s.post_as("severed", "/v1/chat", Some(&key))
+                .body(r#"{"messages":[{"role":"user","content":"hi"}],"timeout_seconds":3}"#);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(key.clone()).await, 200);
+    relay.set_cut(true);
+    let cut_at = Instant::now();
+    // While the path is cut, a request ends within its deadline with the table's error.
+    let during = status(key.clone()).await;
+    assert!(matches!(during, 502 | 504), "{during}");
+    assert!(cut_at.elapsed() < Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(cut_at.elapsed())).await;
+    relay.set_cut(false);
+    let healed_at = Instant::now();
+    while status(key.clone()).await != 200 {
+        assert!(
+            healed_at.elapsed() < Duration::from_secs(30),
+            "the tunnel never healed:\n{}",
+            p.s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "tunnel cut for 30 s: served again {:?} after the path healed",
+        healed_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_idle_past_the_rekey_interval_still_carries_requests() {
     let p = PodStack::start("pod5", "").await;
     assert_eq!(
@@ -375,6 +423,8 @@ async fn a_tunnel_idle_past_the_rekey_interval_still_carries_requests() {
 struct LossyRelay {
     addr: SocketAddr,
     stats: Arc<std::sync::Mutex<RelayStats>>,
+    /// While set, every datagram is dropped (the path is cut).
+    cut: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -394,6 +444,8 @@ impl LossyRelay {
         let addr = front.local_addr().unwrap();
         let stats = Arc::new(std::sync::Mutex::new(RelayStats::default()));
         let st = stats.clone();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_cut = cut.clone();
         let task = tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut edge: Option<SocketAddr> = None;
@@ -416,7 +468,7 @@ impl LossyRelay {
                     }
                 };
                 let mut s = st.lock().unwrap();
-                if rng.gen_bool(loss) {
+                if is_cut.load(std::sync::atomic::Ordering::Relaxed) || rng.gen_bool(loss) {
                     s.dropped += 1;
                     continue;
                 }
@@ -436,11 +488,21 @@ impl LossyRelay {
                 }
             }
         });
-        Self { addr, stats, task }
+        Self {
+            addr,
+            stats,
+            cut,
+            task,
+        }
     }
 
     fn stats(&self) -> RelayStats {
         self.stats.lock().unwrap().clone()
+    }
+
+    /// Cuts the path (`true`) or heals it.
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -94,6 +94,9 @@ pub enum EdgeError {
     RequestTimeout(Cow<'static, str>),
     /// The edge holds as many client connections as it is configured to; this one is refused.
     Overloaded,
+    /// The edge cannot record usage (its journal cannot be written): a metered request is
+    /// refused rather than served unrecorded.
+    LedgerUnavailable,
 }
 
 impl EdgeError {
@@ -122,7 +125,7 @@ impl EdgeError {
             Self::InvalidIdentity(_) => 401,
             Self::RuntimeUnreachable(_) => 502,
             Self::RequestTimeout(_) => 408,
-            Self::Overloaded => 503,
+            Self::Overloaded | Self::LedgerUnavailable => 503,
         }
     }
 
@@ -156,6 +159,7 @@ impl EdgeError {
             Self::RuntimeUnreachable(_) => "runtime_unreachable",
             Self::RequestTimeout(_) => "request_timeout",
             Self::Overloaded => "overloaded",
+            Self::LedgerUnavailable => "ledger_unavailable",
         }
     }
 
@@ -206,6 +210,9 @@ impl EdgeError {
             | Self::RuntimeUnreachable(m)
             | Self::RequestTimeout(m) => m.as_ref().into(),
             Self::Overloaded => "The edge is at its connection limit: retry in a moment".into(),
+            Self::LedgerUnavailable => {
+                "The edge cannot record usage right now: retry in a moment".into()
+            }
             Self::HttpsRequired { .. } => "use https://".into(),
             Self::BodyTooLarge { limit } => {
                 format!("Request body exceeds the limit of {limit} bytes").into()
@@ -226,6 +233,7 @@ impl EdgeError {
             Self::QuotaExceeded | Self::AgentTerminated => vec![("x-should-retry", "false".into())],
             Self::AgentPaused => vec![("retry-after", "60".into())],
             Self::AgentInitializing => vec![("retry-after", "60".into())],
+            Self::LedgerUnavailable => vec![("retry-after", "5".into())],
             Self::MethodNotAllowed { allow } => vec![("allow", (*allow).into())],
             Self::HttpsRequired { location } => vec![("location", location.clone())],
             _ => Vec::new(),
@@ -336,5 +344,10 @@ mod tests {
             (503, "overloaded", "service_unavailable")
         );
         assert_eq!(full.headers(), vec![("retry-after", "1".to_string())]);
+        let unrecorded = EdgeError::LedgerUnavailable;
+        assert_eq!(
+            (unrecorded.status(), unrecorded.code(), unrecorded.kind()),
+            (503, "ledger_unavailable", "service_unavailable")
+        );
     }
 }

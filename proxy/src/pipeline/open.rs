@@ -68,6 +68,10 @@ impl Pipeline {
         };
         let accounting = match prepared.cost.filter(|_| cfg.limits.enabled) {
             None => None,
+            // A request whose usage could not be recorded is not served.
+            Some(_) if !self.plane.ledger.is_writable() => {
+                return Err(EdgeError::LedgerUnavailable)
+            }
             Some(cost) => {
                 let reservation = self.plane.quota.reserve(
                     &admission.account.id,

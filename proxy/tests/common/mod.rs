@@ -58,6 +58,8 @@ pub struct Options {
     pub no_agents: bool,
     /// Use this runtime instead of starting one.
     pub runtime: Option<(SocketAddr, Arc<Stats>)>,
+    /// The edge's data directory (its own temporary one when `None`).
+    pub data_dir: Option<PathBuf>,
     /// Also listen for TLS (the `[tls]` section goes in `extra`).
     pub https: bool,
     /// Files written into the data directory before the edge starts (name, contents).
@@ -120,7 +122,7 @@ impl Stack {
             "[listen]\nhttp = [\"127.0.0.1:{port}\"]\n{https}admin = \"127.0.0.1:{admin_port}\"\n\
              [edge]\ndata_dir = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n\
              [store]\nurl = \"{store}\"\npoll_interval = \"200ms\"\nlast_used_flush = \"200ms\"\n{}\n",
-            dir.path().display(),
+            opts.data_dir.as_deref().unwrap_or(dir.path()).display(),
             opts.extra
         );
         if !opts.no_agents {
