@@ -30,10 +30,17 @@ fuzz_target!(|data: &[u8]| {
         b[..chunk.len()].copy_from_slice(chunk);
         // Small values are the interesting ones for lengths and map types; keep some wild.
         let v = i32::from_le_bytes(b);
-        args[i] = if pick & 0x80 == 0 { i64::from(v % 70_000) } else { i64::from(v) };
+        args[i] = if pick & 0x80 == 0 {
+            i64::from(v % 70_000)
+        } else {
+            i64::from(v)
+        };
     }
     let mut ex = Exchange {
-        request_headers: vec![(":path".into(), b"/v1/chat".to_vec()), ("x".into(), b"y".to_vec())],
+        request_headers: vec![
+            (":path".into(), b"/v1/chat".to_vec()),
+            ("x".into(), b"y".to_vec()),
+        ],
         request_body: rest.to_vec().into(),
         response_body: b"answer".to_vec().into(),
         ..Exchange::default()

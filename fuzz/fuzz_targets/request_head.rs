@@ -11,7 +11,14 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(h.len <= data.len());
     let mut out = Vec::new();
-    head::rewrite(&h, &[("x-moltghost-account", "acc\r\nx: y"), ("x-moltghost-agent", "a")], &mut out);
+    head::rewrite(
+        &h,
+        &[
+            ("x-moltghost-account", "acc\r\nx: y"),
+            ("x-moltghost-agent", "a"),
+        ],
+        &mut out,
+    );
     let again = match head::parse(&out) {
         Ok(Some(again)) => again,
         // The sidecar's own limit, reached by what it added: the runtime still gets a valid head.

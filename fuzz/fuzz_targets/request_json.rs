@@ -16,7 +16,26 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let _ = chat::check_json_object(data);
-    let _ = chat::answer_from_openai(data, "fuzz");
+    let _ = chat::answer_from_openai(data, "fuzz", None);
+    let billed = chat::Billed {
+        usage: chat::Usage {
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            total_tokens: 3,
+        },
+        estimated: true,
+    };
+    if let Ok(answer) = chat::answer_from_openai(data, "fuzz", Some(billed)) {
+        // The client is told what was billed, whatever the runtime said.
+        let v: serde_json::Value = serde_json::from_slice(&answer).expect("valid JSON");
+        assert_eq!(
+            (
+                v["usage"]["tokens"].as_u64(),
+                v["usage"]["estimated"].as_bool()
+            ),
+            (Some(3), Some(true))
+        );
+    }
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = routing::route(&http::Method::POST, s);
         if let Some(id) = routing::endpoint_from_host(s, "agent.localhost") {

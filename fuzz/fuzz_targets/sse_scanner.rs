@@ -24,6 +24,6 @@ fuzz_target!(|data: &[u8]| {
     }
     // Data never grows beyond the input it came from.
     assert!(data_bytes <= rest.len());
-    let last = native.finish("fuzz");
+    let last = native.finish("fuzz", None);
     assert_eq!(last["done"], true);
 });

@@ -32,7 +32,10 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
             peer: edge_public,
             preshared: None,
             endpoint: None,
-            role: Role::Responder { port: 80, backlog: 4 },
+            role: Role::Responder {
+                port: 80,
+                backlog: 4,
+            },
             index: 1,
             mtu: 1420,
             keepalive: None,

@@ -1,5 +1,5 @@
 //! Usage extraction on arbitrary input: an SSE stream metered event by event (in arbitrary
-//! chunks), request inspection and the include_usage rewrite.
+//! chunks), a whole answer metered at once, request inspection and the include_usage rewrite.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +30,12 @@ fuzz_target!(|data: &[u8]| {
     // Re-framing loses no byte: raw events plus what is still buffered are the input.
     assert_eq!(raw_total + scanner.take_rest().len(), rest.len());
     let _ = usage::usage_of(rest);
+    // A whole answer: its usage wins; without one, its text only adds.
+    let mut whole = StreamMeter::new();
+    whole.observe_answer(rest);
+    if whole.reported.is_none() {
+        assert_eq!(whole.completion_tokens() == 0, whole.content_bytes == 0);
+    }
     if let Ok(req) = usage::inspect_openai(rest) {
         let _ = req.prompt_estimate();
         if let Ok(body) = usage::request_usage(rest) {
