@@ -80,6 +80,18 @@ fn usage(pid: u32) -> (Duration, u64) {
     (Duration::from_millis(ticks * 1000 / hz), rss_kb * 1024)
 }
 
+/// A new key for the test agents: the flood's own key runs out of rate, as it should.
+async fn fresh_key(s: &Stack, name: &str) -> String {
+    s.admin_post(
+        "/v1/admin/keys",
+        serde_json::json!({"name": name, "account": "default"}),
+    )
+    .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// Another client, with a key of its own, asking the edge (plain HTTP) every 20 ms until `stop`;
 /// its latencies.
 async fn bystander(
@@ -87,15 +99,7 @@ async fn bystander(
     stop: Arc<tokio::sync::Notify>,
 ) -> tokio::task::JoinHandle<Vec<Duration>> {
     let url = format!("http://127.0.0.1:{}/v1/models", s.port);
-    let key = s
-        .admin_post(
-            "/v1/admin/keys",
-            serde_json::json!({"name": "bystander", "account": "default"}),
-        )
-        .await["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = fresh_key(s, "bystander").await;
     tokio::spawn(async move {
         let client = reqwest::Client::new();
         let mut took = Vec::new();
@@ -157,17 +161,8 @@ async fn under_flood<F: std::future::Future<Output = String>>(s: &Stack, name: &
         rss0 >> 20,
         rss1 >> 20
     );
-    // The edge still serves HTTP/2 afterwards (with a fresh key: the flood used up its own
-    // key's rate, which is as it should be).
-    let key = s
-        .admin_post(
-            "/v1/admin/keys",
-            serde_json::json!({"name": "after", "account": "default"}),
-        )
-        .await["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    // The edge still serves HTTP/2 afterwards.
+    let key = fresh_key(s, "after").await;
     let r = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .resolve(HOST, ([127, 0, 0, 1], s.https_port).into())

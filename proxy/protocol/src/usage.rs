@@ -51,41 +51,39 @@ pub fn estimate_tokens(text_bytes: usize) -> u64 {
     (text_bytes as u64).div_ceil(4)
 }
 
+/// A completion as the meter reads it: a stream's chunk (text in `delta`) or a whole answer
+/// (text in `message`); text completions carry `text`.
 #[derive(Deserialize)]
-struct Chunk<'a> {
+struct Completion<'a> {
     #[serde(default, borrow)]
-    choices: Vec<ChunkChoice<'a>>,
+    choices: Vec<Choice<'a>>,
     #[serde(default)]
     usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice<'a> {
+struct Choice<'a> {
     #[serde(default, borrow)]
-    delta: Option<Delta<'a>>,
+    delta: Option<Content<'a>>,
     #[serde(default, borrow)]
-    text: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// A whole (not streamed) completion: what the meter reads of it.
-#[derive(Deserialize)]
-struct Answer<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<AnswerChoice<'a>>,
-    #[serde(default)]
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct AnswerChoice<'a> {
-    #[serde(default, borrow)]
-    message: Option<Delta<'a>>,
+    message: Option<Content<'a>>,
     #[serde(default, borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
 }
 
+impl Choice<'_> {
+    fn text(&self) -> &str {
+        self.delta
+            .as_ref()
+            .or(self.message.as_ref())
+            .and_then(|c| c.content.as_deref())
+            .or(self.text.as_deref())
+            .unwrap_or("")
+    }
+}
+
 #[derive(Deserialize)]
-struct Delta<'a> {
+struct Content<'a> {
     #[serde(default, borrow)]
     content: Option<std::borrow::Cow<'a, str>>,
 }
@@ -129,51 +127,31 @@ impl StreamMeter {
             self.done = true;
             return EventKind::Done;
         }
-        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else {
+        let Ok(chunk) = serde_json::from_slice::<Completion<'_>>(data) else {
             return EventKind::Other;
         };
-        if let Some(u) = chunk.usage {
-            self.reported = Some(u);
+        self.take(&chunk);
+        match (chunk.choices.is_empty(), chunk.usage.is_some()) {
+            (false, _) => EventKind::Content,
+            (true, true) => EventKind::UsageOnly,
+            (true, false) => EventKind::Other,
         }
-        if chunk.choices.is_empty() {
-            return if chunk.usage.is_some() {
-                EventKind::UsageOnly
-            } else {
-                EventKind::Other
-            };
-        }
-        for c in &chunk.choices {
-            let text = c
-                .delta
-                .as_ref()
-                .and_then(|d| d.content.as_deref())
-                .or(c.text.as_deref())
-                .unwrap_or("");
-            if !text.is_empty() {
-                self.content_bytes += text.len();
-                self.content_events += 1;
-            }
-        }
-        EventKind::Content
     }
 
     /// Takes a whole answer (a chat or text completion): its usage, else its text for the
     /// estimate. An answer that is not a completion adds nothing.
     pub fn observe_answer(&mut self, body: &[u8]) {
-        let Ok(answer) = serde_json::from_slice::<Answer<'_>>(body) else {
-            self.reported = usage_of(body).or(self.reported);
-            return;
-        };
-        if let Some(u) = answer.usage {
+        match serde_json::from_slice::<Completion<'_>>(body) {
+            Ok(answer) => self.take(&answer),
+            Err(_) => self.reported = usage_of(body).or(self.reported),
+        }
+    }
+
+    fn take(&mut self, c: &Completion<'_>) {
+        if let Some(u) = c.usage {
             self.reported = Some(u);
         }
-        for c in &answer.choices {
-            let text = c
-                .message
-                .as_ref()
-                .and_then(|m| m.content.as_deref())
-                .or(c.text.as_deref())
-                .unwrap_or("");
+        for text in c.choices.iter().map(Choice::text) {
             if !text.is_empty() {
                 self.content_bytes += text.len();
                 self.content_events += 1;
