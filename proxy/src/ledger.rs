@@ -103,20 +103,29 @@ impl Ledger {
         };
         // While the journal fails, rows go straight to memory: an append after a torn one would
         // be glued to it.
-        if self.is_writable() {
-            match self.journal.append(&row) {
-                Ok(()) => return,
-                Err(e) => {
-                    self.failing.store(true, Ordering::Release);
-                    tracing::error!(error = %e, request = %row.request_id,
-                        "usage journal write failed: metered requests are refused until it can be written again; no usage is lost");
-                }
+        if self.is_writable() && self.append_or_fail(&row) {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        // The shipper turns the journal back on holding this lock, after taking what was kept:
+        // a row that finds it on now goes to the journal, not into a list nobody drains.
+        if self.is_writable() && self.append_or_fail(&row) {
+            return;
+        }
+        kept.push(row);
+    }
+
+    /// Appends `row`; on failure marks the journal failing and says so.
+    fn append_or_fail(&self, row: &UsageRow) -> bool {
+        match self.journal.append(row) {
+            Ok(()) => true,
+            Err(e) => {
+                self.failing.store(true, Ordering::Release);
+                tracing::error!(error = %e, request = %row.request_id,
+                    "usage journal write failed: metered requests are refused until it can be written again; no usage is lost");
+                false
             }
         }
-        self.kept
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(row);
     }
 
     /// The shipper's part while the journal fails: the kept rows go back into the journal once
@@ -127,24 +136,28 @@ impl Ledger {
         if self.is_writable() {
             return Ok(true);
         }
-        let mut rows = std::mem::take(&mut *self.kept.lock().unwrap_or_else(|e| e.into_inner()));
-        let probed = self.journal.append_bytes(b"\n").is_ok();
-        let written = if probed {
-            rows.iter()
-                .take_while(|r| self.journal.append(r).is_ok())
-                .count()
-        } else {
-            0
+        let rest = {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            let probed = self.journal.append_bytes(b"\n").is_ok();
+            let written = if probed {
+                kept.iter()
+                    .take_while(|r| self.journal.append(r).is_ok())
+                    .count()
+            } else {
+                0
+            };
+            kept.drain(..written);
+            if probed && kept.is_empty() {
+                // Under the lock, so that no row is kept after this (see `record`).
+                self.failing.store(false, Ordering::Release);
+                tracing::info!(
+                    rows = written,
+                    "usage journal writable again: metered requests are served"
+                );
+                return Ok(true);
+            }
+            std::mem::take(&mut *kept)
         };
-        let rest = rows.split_off(written);
-        if probed && rest.is_empty() {
-            self.failing.store(false, Ordering::Release);
-            tracing::info!(
-                rows = written,
-                "usage journal writable again: metered requests are served"
-            );
-            return Ok(true);
-        }
         if let Err(e) = store.insert_usage(&rest).await {
             let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
             let newer = std::mem::replace(&mut *kept, rest);
