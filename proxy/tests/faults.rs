@@ -165,14 +165,7 @@ async fn postgres_lost_under_load_loses_and_doubles_nothing() {
 
 /// The requests the ledger holds for the key named `name`.
 async fn billed(s: &Stack, name: &str) -> u64 {
-    let keys = s.admin_get("/v1/admin/keys").await;
-    let id = keys["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["name"] == name)
-        .unwrap()["id"]
-        .clone();
+    let id = s.key_id(name).await;
     s.usage_by_key()
         .await
         .iter()

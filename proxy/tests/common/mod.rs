@@ -286,10 +286,10 @@ impl Stack {
         v["usage"].as_array().unwrap().clone()
     }
 
-    /// The ledger's line for the key named `name`, once it counts `want_requests` requests.
-    pub async fn ledger_for(&self, name: &str, want_requests: u64) -> serde_json::Value {
+    /// The id of the key named `name`.
+    pub async fn key_id(&self, name: &str) -> String {
         let keys = self.admin_get("/v1/admin/keys").await;
-        let id = keys["keys"]
+        keys["keys"]
             .as_array()
             .unwrap()
             .iter()
@@ -297,7 +297,12 @@ impl Stack {
             .unwrap()["id"]
             .as_str()
             .unwrap()
-            .to_owned();
+            .to_owned()
+    }
+
+    /// The ledger's line for the key named `name`, once it counts `want_requests` requests.
+    pub async fn ledger_for(&self, name: &str, want_requests: u64) -> serde_json::Value {
+        let id = self.key_id(name).await;
         let t0 = Instant::now();
         loop {
             let lines = self.usage_by_key().await;
