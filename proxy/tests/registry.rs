@@ -233,7 +233,8 @@ async fn the_spec_cli_commands_work_verbatim() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(cli(&s, &["auth", "revoke-key", &second]).0, 0);
+    let (code, _, err) = cli(&s, &["auth", "revoke-key", &second]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(curl_chat(&url, key2), 401);
 
     // Terminate is final.
