@@ -4,6 +4,9 @@ use std::collections::VecDeque;
 
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 
+/// Buffers kept for reuse: enough for a burst of segments, not a whole window's worth.
+const MAX_SPARE: usize = 64;
+
 /// The device smoltcp sees: packets decrypted from the peer, and packets for it to encrypt.
 pub(crate) struct Queue {
     rx: VecDeque<Vec<u8>>,
@@ -24,9 +27,12 @@ impl Queue {
         }
     }
 
-    /// Gives a sent packet's buffer back for reuse.
+    /// Gives a sent packet's buffer back for reuse. The spares are bounded, so that one large
+    /// burst (a window's worth of segments) is not kept for the link's lifetime.
     pub(crate) fn recycle(&mut self, buf: Vec<u8>) {
-        self.spare.push(buf);
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(buf);
+        }
     }
 
     /// A decrypted packet for smoltcp to receive.
@@ -93,5 +99,23 @@ impl Device for Queue {
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
         caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_sent_packets_leaves_a_bounded_number_of_spare_buffers() {
+        let mut q = Queue::new(1420);
+        for _ in 0..10_000 {
+            let tx = q.transmit(smoltcp::time::Instant::ZERO).unwrap();
+            tx.consume(1400, |b| b.fill(1));
+        }
+        while let Some(sent) = q.tx.pop_front() {
+            q.recycle(sent);
+        }
+        assert!(q.spare.len() <= MAX_SPARE, "{} spares kept", q.spare.len());
     }
 }
