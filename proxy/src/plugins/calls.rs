@@ -526,14 +526,7 @@ fn shared_data(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          -> wasmtime::Result<i32> {
             let key = try_status!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
             let key = String::from_utf8_lossy(&key).into_owned();
-            let found = c
-                .data()
-                .shared
-                .data
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&key)
-                .cloned();
+            let found = c.data().shared.get_data(&key);
             let (value, cas) = try_status!(found, Status::NotFound);
             let s = give(&mut c, &value, ret_ptr, ret_size)?;
             if s != Status::Ok {
@@ -550,18 +543,7 @@ fn shared_data(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let key = try_raw!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
             let value = try_raw!(read(&mut c, vp, vl), Status::InvalidMemoryAccess);
             let key = String::from_utf8_lossy(&key).into_owned();
-            let mut data = c
-                .data()
-                .shared
-                .data
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let current = data.get(&key).map_or(0, |(_, cas)| *cas);
-            if cas != 0 && cas as u32 != current {
-                return Status::CasMismatch as i32;
-            }
-            data.insert(key, (value, current.wrapping_add(1).max(1)));
-            Status::Ok as i32
+            c.data().shared.set_data(key, value, cas as u32) as i32
         },
     )?;
 
@@ -574,30 +556,12 @@ fn metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: Caller<'_, Host>, kind: i32, np: i32, nl: i32, ret: i32| -> i32 {
-            if !(0..=2).contains(&kind) {
-                return Status::BadArgument as i32;
-            }
             let name = try_raw!(read(&mut c, np, nl), Status::InvalidMemoryAccess);
-            let name = String::from_utf8_lossy(&name).into_owned();
-            let id = {
-                let mut m = c
-                    .data()
-                    .shared
-                    .metrics
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                match m.iter().position(|(n, k, _)| *n == name && *k == kind) {
-                    Some(i) => i,
-                    None => {
-                        m.push((name, kind, Arc::new(AtomicI64::new(0))));
-                        m.len() - 1
-                    }
-                }
+            let id = match c.data().shared.define_metric(kind, &name) {
+                Ok(id) => id,
+                Err(s) => return s as i32,
             };
-            try_raw!(
-                write_u32(&mut c, ret, id as u32),
-                Status::InvalidMemoryAccess
-            );
+            try_raw!(write_u32(&mut c, ret, id), Status::InvalidMemoryAccess);
             Status::Ok as i32
         },
     )?;
@@ -649,13 +613,7 @@ fn metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 
 /// A plugin's metric by id: its kind (0 counter, 1 gauge, 2 histogram) and its value.
 fn metric(host: &Host, id: i32) -> Option<(i32, Arc<AtomicI64>)> {
-    let m = host
-        .shared
-        .metrics
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    m.get(id as u32 as usize)
-        .map(|(_, kind, v)| (*kind, v.clone()))
+    host.shared.metric(id as u32)
 }
 
 /// `request.headers.<name>`-style lookups that Envoy offers as attributes.

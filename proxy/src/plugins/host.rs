@@ -5,8 +5,7 @@
 //! SDKs handle, never a failure to load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU32};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +15,7 @@ use wasmtime::{
 };
 
 use super::abi::{self, Headers, Status};
+pub use super::shared::Shared;
 
 /// What a request exposes to plugins: headers, body, answer, and the properties.
 #[derive(Default)]
@@ -50,39 +50,14 @@ pub struct LocalResponse {
     pub headers: Headers,
 }
 
-/// What every VM of one plugin shares: its configuration, shared data, metrics, tick period.
-pub struct Shared {
-    /// The plugin's name (logs, metrics).
-    pub name: String,
-    /// Its `config`, handed over as the plugin configuration buffer.
-    pub config: Vec<u8>,
-    /// Key-value store with compare-and-swap, shared by this plugin's VMs.
-    pub data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
-    /// Metrics the plugin defined: name, kind (0 counter, 1 gauge, 2 histogram), value.
-    pub metrics: Mutex<Vec<(String, i32, Arc<AtomicI64>)>>,
-    /// Tick period the root context asked for, in milliseconds (0: none).
-    pub tick_ms: AtomicU32,
-}
-
-impl Shared {
-    /// A plugin's shared state.
-    pub fn new(name: &str, config: Vec<u8>) -> Self {
-        Self {
-            name: name.to_owned(),
-            config,
-            data: Mutex::new(HashMap::new()),
-            metrics: Mutex::new(Vec::new()),
-            tick_ms: AtomicU32::new(0),
-        }
-    }
-}
-
 /// A VM's host-side state.
 pub struct Host {
     limits: StoreLimits,
     pub(super) shared: Arc<Shared>,
     /// The request being served by the current call, if any.
     pub exchange: Option<Exchange>,
+    /// Standard output and error written so far without a newline.
+    pub(super) stdio: [Vec<u8>; 2],
 }
 
 /// The calls a VM exports, by name.
@@ -156,7 +131,7 @@ pub fn link(engine: &Engine, module: Module, memory_limit: usize) -> Result<Comp
                 .get(&mut probe, import.module(), import.name())
                 .is_err()
             {
-                let status = if import.module() == "wasi_snapshot_preview1" {
+                let status = if import.module().starts_with("wasi") {
                     52 // ENOSYS
                 } else {
                     Status::InternalFailure as i32
@@ -182,6 +157,7 @@ fn dummy_host() -> Host {
         limits: StoreLimits::default(),
         shared: Arc::new(Shared::new("", Vec::new())),
         exchange: None,
+        stdio: Default::default(),
     }
 }
 
@@ -224,6 +200,7 @@ impl Compiled {
                 .build(),
             shared: shared.clone(),
             exchange: None,
+            stdio: Default::default(),
         };
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);

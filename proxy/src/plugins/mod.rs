@@ -15,6 +15,7 @@
 pub mod abi;
 mod calls;
 pub mod host;
+pub mod shared;
 mod wasi;
 
 use std::cell::RefCell;
@@ -619,10 +620,10 @@ pub fn prometheus(set: &PluginSet) -> String {
     }
     let _ = writeln!(out, "# HELP moltghost_plugin_metric Metrics plugins defined (proxy_define_metric), by plugin, name and kind\n# TYPE moltghost_plugin_metric gauge");
     for p in &set.plugins {
-        let metrics = p.shared.metrics.lock().unwrap_or_else(|e| e.into_inner());
-        for (name, kind, v) in metrics.iter() {
-            let kind = ["counter", "gauge", "histogram"][(*kind).clamp(0, 2) as usize];
-            let name: String = name
+        p.shared.each_metric(|m| {
+            let kind = ["counter", "gauge", "histogram"][m.kind.clamp(0, 2) as usize];
+            let name: String = m
+                .name
                 .chars()
                 .map(|c| {
                     if c == '"' || c == '\\' || c == '\n' {
@@ -636,9 +637,9 @@ pub fn prometheus(set: &PluginSet) -> String {
                 out,
                 "moltghost_plugin_metric{{plugin=\"{}\",name=\"{name}\",kind=\"{kind}\"}} {}",
                 p.cfg.name,
-                v.load(Relaxed)
+                m.value.load(Relaxed)
             );
-        }
+        });
     }
     out
 }

@@ -1,0 +1,180 @@
+//! What every VM of one plugin shares: its configuration, shared data and metrics, each
+//! bounded, so that a plugin cannot grow the edge's memory by calling the host in a loop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::abi::Status;
+
+/// Shared data a plugin may hold, keys and values together.
+pub const MAX_SHARED_DATA_BYTES: usize = 64 << 20;
+/// Metrics a plugin may define.
+pub const MAX_METRICS: usize = 1_024;
+/// The longest metric name (Envoy's names with tags stay far below).
+pub const MAX_METRIC_NAME: usize = 1_024;
+
+/// A metric's kind, as `proxy_define_metric` numbers them.
+pub const HISTOGRAM: i32 = 2;
+
+/// What every VM of one plugin shares: its configuration, shared data, metrics, tick period.
+pub struct Shared {
+    /// The plugin's name (logs, metrics).
+    pub name: String,
+    /// Its `config`, handed over as the plugin configuration buffer.
+    pub config: Vec<u8>,
+    data: Mutex<Data>,
+    metrics: Mutex<Vec<Metric>>,
+    /// Tick period the root context asked for, in milliseconds (0: none).
+    pub tick_ms: AtomicU32,
+    /// A limit was hit and said so in the log (once per plugin, not once per call).
+    warned: AtomicBool,
+}
+
+/// Key-value store with compare-and-swap.
+#[derive(Default)]
+struct Data {
+    entries: HashMap<String, (Vec<u8>, u32)>,
+    bytes: usize,
+}
+
+/// One metric a plugin defined.
+pub struct Metric {
+    /// Its name as the plugin gave it.
+    pub name: String,
+    /// 0 counter, 1 gauge, 2 histogram.
+    pub kind: i32,
+    /// Its value (a histogram keeps the last recorded one).
+    pub value: Arc<AtomicI64>,
+}
+
+impl Shared {
+    /// A plugin's shared state.
+    pub fn new(name: &str, config: Vec<u8>) -> Self {
+        Self {
+            name: name.to_owned(),
+            config,
+            data: Mutex::new(Data::default()),
+            metrics: Mutex::new(Vec::new()),
+            tick_ms: AtomicU32::new(0),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// A shared value and its compare-and-swap token.
+    pub fn get_data(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        lock(&self.data).entries.get(key).cloned()
+    }
+
+    /// Sets a shared value if `cas` is 0 or still current. Beyond [`MAX_SHARED_DATA_BYTES`]
+    /// the value is refused with `InternalFailure` (what the SDKs report as an error).
+    pub fn set_data(&self, key: String, value: Vec<u8>, cas: u32) -> Status {
+        let mut data = lock(&self.data);
+        let (current, old_len) = data
+            .entries
+            .get(&key)
+            .map_or((0, 0), |(v, c)| (*c, key.len() + v.len()));
+        if cas != 0 && cas != current {
+            return Status::CasMismatch;
+        }
+        let bytes = data.bytes - old_len + key.len() + value.len();
+        if bytes > MAX_SHARED_DATA_BYTES {
+            drop(data);
+            self.limit_hit("shared data", MAX_SHARED_DATA_BYTES);
+            return Status::InternalFailure;
+        }
+        data.bytes = bytes;
+        data.entries
+            .insert(key, (value, current.wrapping_add(1).max(1)));
+        Status::Ok
+    }
+
+    /// The id of the metric `name` of `kind`, defined now if new.
+    pub fn define_metric(&self, kind: i32, name: &[u8]) -> Result<u32, Status> {
+        if !(0..=HISTOGRAM).contains(&kind) || name.len() > MAX_METRIC_NAME {
+            return Err(Status::BadArgument);
+        }
+        let name = String::from_utf8_lossy(name);
+        let mut metrics = lock(&self.metrics);
+        if let Some(i) = metrics
+            .iter()
+            .position(|m| m.name == name && m.kind == kind)
+        {
+            return Ok(i as u32);
+        }
+        if metrics.len() >= MAX_METRICS {
+            drop(metrics);
+            self.limit_hit("metrics", MAX_METRICS);
+            return Err(Status::InternalFailure);
+        }
+        metrics.push(Metric {
+            name: name.into_owned(),
+            kind,
+            value: Arc::new(AtomicI64::new(0)),
+        });
+        Ok(metrics.len() as u32 - 1)
+    }
+
+    /// A metric by id: its kind and value.
+    pub fn metric(&self, id: u32) -> Option<(i32, Arc<AtomicI64>)> {
+        lock(&self.metrics)
+            .get(id as usize)
+            .map(|m| (m.kind, m.value.clone()))
+    }
+
+    /// Calls `f` with every metric defined so far.
+    pub fn each_metric(&self, mut f: impl FnMut(&Metric)) {
+        lock(&self.metrics).iter().for_each(&mut f);
+    }
+
+    fn limit_hit(&self, what: &str, limit: usize) {
+        if !self.warned.swap(true, Relaxed) {
+            tracing::warn!(plugin = %self.name, what, limit, "plugin reached a host limit; further calls over it are refused (logged once)");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_data_is_bounded_and_counts_replacements_once() {
+        let s = Shared::new("p", Vec::new());
+        let big = vec![0u8; MAX_SHARED_DATA_BYTES / 4];
+        for _ in 0..10 {
+            // The same key replaced: the old value's room is given back.
+            assert_eq!(s.set_data("k".into(), big.clone(), 0), Status::Ok);
+        }
+        for k in ["a", "b"] {
+            assert_eq!(s.set_data(k.into(), big.clone(), 0), Status::Ok);
+        }
+        assert_eq!(
+            s.set_data("c".into(), big.clone(), 0),
+            Status::InternalFailure
+        );
+        assert_eq!(s.set_data("c".into(), b"small".to_vec(), 0), Status::Ok);
+        let (_, cas) = s.get_data("k").unwrap();
+        assert_eq!(cas, 10);
+        assert_eq!(s.set_data("k".into(), Vec::new(), 3), Status::CasMismatch);
+    }
+
+    #[test]
+    fn metrics_are_bounded_in_number_and_name() {
+        let s = Shared::new("p", Vec::new());
+        for i in 0..MAX_METRICS {
+            assert_eq!(s.define_metric(0, format!("m{i}").as_bytes()), Ok(i as u32));
+        }
+        assert_eq!(s.define_metric(0, b"m7"), Ok(7), "an existing one is found");
+        assert_eq!(s.define_metric(0, b"new"), Err(Status::InternalFailure));
+        assert_eq!(
+            s.define_metric(1, &vec![b'x'; MAX_METRIC_NAME + 1]),
+            Err(Status::BadArgument)
+        );
+        assert_eq!(s.define_metric(3, b"m"), Err(Status::BadArgument));
+    }
+}
