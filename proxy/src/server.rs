@@ -194,7 +194,12 @@ pub fn run(
     server.bootstrap();
 
     let edge = Edge::new(Pipeline::new(control.plane.clone()));
-    let proxy = pingora_proxy::http_proxy(&server.configuration, edge);
+    let mut proxy = pingora_proxy::http_proxy(&server.configuration, edge);
+    // CONNECT reaches the edge's own checks, which refuse it with the JSON error every other
+    // refusal gets (`http::head`).
+    let mut options = pingora_core::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    proxy.server_options = Some(options);
     let mut service = pingora_core::services::listening::Service::new(
         "moltghost-edge".into(),
         crate::connections::Connections::new(proxy, control.plane.clone()),

@@ -595,7 +595,7 @@ fn routing(auth: &str) -> Vec<Case> {
         case(
             "connect",
             format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n"),
-            Want::Parser(405),
+            Want::Error(405, "method_not_allowed"),
         ),
         case(
             "paused-agent",

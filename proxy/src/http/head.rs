@@ -5,6 +5,8 @@
 //! after the answer), and no transfer coding but `chunked` (the edge decodes no other, §6.1).
 //! Identity: an HTTP/1.1 request names its host exactly once (§3.2), and no request carries two
 //! `Authorization` headers (which one would count is a guess an attacker could exploit).
+//! `CONNECT` asks for a tunnel (RFC 9110 §9.3.6), which the edge never offers: it gets the
+//! JSON 405 here (Pingora, left to itself, answers an empty one) and the connection closes.
 
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
@@ -13,6 +15,12 @@ use crate::error::EdgeError;
 
 /// Checks `session`'s request head; a head whose framing is in doubt also ends the connection.
 pub fn check(session: &mut Session) -> Result<(), EdgeError> {
+    if session.req_header().method == http::Method::CONNECT {
+        session.set_keepalive(None);
+        return Err(EdgeError::MethodNotAllowed {
+            allow: "GET, HEAD, POST",
+        });
+    }
     if let Err(e) = framing(session.req_header()) {
         session.set_keepalive(None);
         return Err(e);
