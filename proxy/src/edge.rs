@@ -62,11 +62,10 @@ impl ProxyHttp for Edge {
             return Ok(true);
         };
         ctx.record.error = Some(err.code());
+        ctx.unanswered = !err.is_written();
         if !ctx.responded {
             ctx.record.status = err.status();
-            if err != EdgeError::ClientClosed
-                && Responder::new(session, ctx).error(&err).await.is_ok()
-            {
+            if err.is_written() && Responder::new(session, ctx).error(&err).await.is_ok() {
                 return Ok(true);
             }
         }
@@ -92,7 +91,7 @@ impl ProxyHttp for Edge {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        if session.response_written().is_none() && !ctx.responded {
+        if session.response_written().is_none() && !ctx.responded && !ctx.unanswered {
             let err =
                 EdgeError::InvalidRequest(format!("bad request: {}", e.etype().as_str()).into());
             ctx.record.status = err.status();

@@ -207,6 +207,12 @@ async fn plugins_that_loop_hoard_or_trap_follow_their_fail_policy_and_the_edge_k
             if want == 503 {
                 let v: Value = serde_json::from_str(&body).unwrap();
                 assert_eq!(v["error"]["code"], "plugin_failed", "{body}");
+                // What went wrong inside (a trap's backtrace) is for the log only.
+                assert_eq!(
+                    v["error"]["message"],
+                    format!("policy plugin `{agent}` failed"),
+                    "{body}"
+                );
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(2),
@@ -252,6 +258,80 @@ async fn plugins_that_loop_hoard_or_trap_follow_their_fail_policy_and_the_edge_k
     // The edge is alive and well: still running, still answering.
     let mut s = s;
     assert!(s.child.try_wait().unwrap().is_none(), "the edge exited");
+    assert_eq!(chat(&s, "abc123", hi(false), &[]).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_ends_the_request_for_real_and_the_key_stays_hidden_unless_allowed() {
+    let mode = |name: &str, config: &str, extra: &str| {
+        plugin(
+            name,
+            "misbehave",
+            &format!("agents = [\"{name}\"]\nconfig = {{ {config} }}\n{extra}"),
+        )
+    };
+    let s = Stack::start(&format!(
+        "{}{}{}{}",
+        mode("resets", "mode = \"reset\"", ""),
+        mode("cuts", "mode = \"reset\", on = \"response\"", ""),
+        mode("blind", "mode = \"key\"", ""),
+        mode("sees", "mode = \"key\"", "sees_authorization = true"),
+    ))
+    .await;
+    for a in ["resets", "cuts", "blind", "sees"] {
+        s.admin_post(
+            "/v1/admin/agents",
+            json!({"name": a, "endpoint_id": a, "upstream": format!("http://{}", s.runtime)}),
+        )
+        .await;
+    }
+    let before = s.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    // Reset before the upstream: no answer at all, and the runtime never sees the request.
+    let reset = s
+        .post_as("resets", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(false))
+        .send()
+        .await;
+    if let Ok(r) = reset {
+        panic!(
+            "a reset request was answered: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        );
+    }
+    assert_eq!(
+        s.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "the runtime saw a request a plugin reset"
+    );
+    // Reset mid-answer: the stream is cut, never completed.
+    let cut = s
+        .post_as("cuts", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(true))
+        .send()
+        .await;
+    let body = match cut {
+        Ok(r) => r.text().await,
+        Err(e) => Err(e),
+    };
+    assert!(
+        body.as_ref().map_or(true, |b| !b.contains("[DONE]")),
+        "a stream a plugin reset was completed: {body:?}"
+    );
+    // The access log (flushed every 200 ms) says what happened to both.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.log().matches("\"stream_reset\"").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no stream_reset logged:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The key is hidden from plugins unless their configuration allows it.
+    assert_eq!(chat(&s, "blind", hi(false), &[]).await.0, 200);
+    assert_eq!(chat(&s, "sees", hi(false), &[]).await.0, 418);
+    // Others are served all along.
     assert_eq!(chat(&s, "abc123", hi(false), &[]).await.0, 200);
 }
 

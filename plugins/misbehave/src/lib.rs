@@ -1,7 +1,9 @@
 //! A plugin that misbehaves on purpose, for the edge's safety tests: with configuration
 //! `{"mode": "loop"}` it never returns, `"alloc"` allocates without end, `"trap"` traps,
-//! `"ok"` behaves (and counts requests in shared data and a metric). `"on": "response"` moves
-//! the misbehaviour to the response body. `"tick_ms": N` asks for ticks and counts them in the
+//! `"ok"` behaves (and counts requests in shared data and a metric), `"reset"` resets the
+//! stream, `"key"` answers 418 when it can see the client's `Authorization` (which the edge
+//! hides unless the plugin may see it). `"on": "response"` moves the misbehaviour to the
+//! response body. `"tick_ms": N` asks for ticks and counts them in the
 //! metric `misbehave_ticks`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -87,6 +89,11 @@ impl Request {
                 }
             }
             "trap" => std::process::abort(),
+            "reset" if self.config.on == "response" => self.reset_http_response(),
+            "reset" => self.reset_http_request(),
+            "key" if self.get_http_request_header("authorization").is_some() => {
+                self.send_http_response(418, vec![], Some(b"the key was visible"));
+            }
             _ => {}
         }
     }

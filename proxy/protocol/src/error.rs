@@ -70,6 +70,9 @@ pub enum EdgeError {
     /// The client went away before the answer was complete. Never written (there is nobody to
     /// write to); logged with nginx's 499.
     ClientClosed,
+    /// A policy plugin reset the stream (`proxy_close_stream`). Never written, as Envoy resets
+    /// the stream: the connection is dropped (cut mid-answer); logged with nginx's 444.
+    StreamReset,
     /// A policy plugin denied the request.
     Denied {
         /// Status chosen by the plugin.
@@ -117,6 +120,7 @@ impl EdgeError {
             Self::UpstreamUnavailable(_) => 502,
             Self::Upstream { status, .. } | Self::Denied { status, .. } => *status,
             Self::ClientClosed => 499,
+            Self::StreamReset => 444,
             Self::Unauthenticated(_) => 401,
             Self::Forbidden(_) => 403,
             Self::Conflict(_) => 409,
@@ -150,6 +154,7 @@ impl EdgeError {
             },
             Self::Denied { .. } => "policy_denied",
             Self::ClientClosed => "client_closed",
+            Self::StreamReset => "stream_reset",
             Self::Unauthenticated(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::Conflict(_) => "conflict",
@@ -222,7 +227,14 @@ impl EdgeError {
                 message.as_str().into()
             }
             Self::ClientClosed => "The client closed the connection".into(),
+            Self::StreamReset => "A policy plugin reset the stream".into(),
         }
+    }
+
+    /// False for the errors that are never written to the client: it went away, or a plugin
+    /// reset the stream. The connection is dropped instead.
+    pub fn is_written(&self) -> bool {
+        !matches!(self, Self::ClientClosed | Self::StreamReset)
     }
 
     /// Extra response headers this error carries (beyond content type and request id).

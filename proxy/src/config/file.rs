@@ -143,6 +143,8 @@ pub struct FilePlugin {
     pub deadline: Option<String>,
     #[serde(default)]
     pub memory_mb: Option<u64>,
+    #[serde(default)]
+    pub sees_authorization: bool,
 }
 
 /// `[tunnel]`.

@@ -294,6 +294,7 @@ fn plugins(files: Vec<FilePlugin>) -> Result<Vec<PluginConfig>, ConfigError> {
             routes: p.routes,
             deadline,
             memory_bytes: (memory_mb as usize) << 20,
+            sees_authorization: p.sees_authorization,
         });
     }
     Ok(out)

@@ -83,7 +83,7 @@ pub async fn serve(
 async fn plugin_answer(resp: &mut Responder<'_>, verdict: Verdict) -> Result<(), EdgeError> {
     let mut local = match verdict {
         Verdict::Respond(local) => local,
-        failed @ Verdict::Failed(_) => return Err(failed.into_error()),
+        other => return Err(other.into_error()),
     };
     let status = local.status;
     let headers = std::mem::take(&mut local.headers);

@@ -24,6 +24,9 @@ pub struct RequestCtx {
     pub plugins: Option<PluginRun>,
     /// Whether a response header was written (after that, errors end the stream instead).
     pub responded: bool,
+    /// The request ends without an answer (the client left, or a plugin reset the stream):
+    /// nothing more may be written, the connection is dropped.
+    pub unanswered: bool,
 }
 
 impl RequestCtx {

@@ -144,9 +144,9 @@ impl<'a> Responder<'a> {
 
     /// Ends a stream whose headers were sent: the error as an SSE event, then the end of the
     /// body. The body is complete, so the connection stays usable; the error goes to the
-    /// access log. A client that went away is reported as such.
+    /// access log. A client that went away, or a stream a plugin reset, is cut instead.
     pub async fn end_with_error(&mut self, err: EdgeError) -> Result<(), EdgeError> {
-        if err == EdgeError::ClientClosed {
+        if !err.is_written() {
             return Err(err);
         }
         self.ctx.record.error = Some(err.code());

@@ -189,11 +189,30 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap("env", "proxy_done", |_: Caller<'_, Host>| -> i32 {
         Status::Ok as i32
     })?;
-    for name in ["proxy_continue_stream", "proxy_close_stream"] {
-        l.func_wrap("env", name, |_: Caller<'_, Host>, _stream: i32| -> i32 {
-            Status::Ok as i32
-        })?;
-    }
+    l.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |_: Caller<'_, Host>, _stream: i32| -> i32 { Status::Ok as i32 },
+    )?;
+    // The SDKs' "reset" of the request or the response: as on Envoy, the stream ends for
+    // real (before the upstream: no upstream connection at all; mid-answer: a cut).
+    l.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: Caller<'_, Host>, stream: i32| -> i32 {
+            match stream {
+                // HttpRequest, HttpResponse.
+                0 | 1 => {
+                    let ex = try_raw!(exchange(&mut c), Status::NotFound);
+                    ex.reset = true;
+                    Status::Ok as i32
+                }
+                // Downstream, Upstream: TCP streams, which an HTTP context does not have.
+                2 | 3 => Status::NotFound as i32,
+                _ => Status::BadArgument as i32,
+            }
+        },
+    )?;
     // ABI 0.2.0's names for the same.
     for name in [
         "proxy_continue_request",

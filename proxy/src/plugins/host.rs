@@ -35,6 +35,8 @@ pub struct Exchange {
     pub set_properties: HashMap<String, Vec<u8>>,
     /// A local response a plugin asked for.
     pub local_response: Option<LocalResponse>,
+    /// A plugin reset the stream (`proxy_close_stream`).
+    pub reset: bool,
 }
 
 /// An answer a plugin sends instead of the runtime's.

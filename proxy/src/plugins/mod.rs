@@ -49,6 +49,9 @@ pub struct PluginConfig {
     pub deadline: Duration,
     /// Most memory a VM may have.
     pub memory_bytes: usize,
+    /// The plugin sees the client's `Authorization` header (hidden by default: the key id,
+    /// account and agent are properties).
+    pub sees_authorization: bool,
 }
 
 /// The process's wasmtime engine: epoch interruption (ticked every millisecond by a thread of
@@ -243,6 +246,7 @@ impl PluginSet {
                 ..Exchange::default()
             },
             thread: std::thread::current().id(),
+            authorization: Vec::new(),
             decisions: Vec::new(),
             spent: Duration::ZERO,
             finished: false,
@@ -347,8 +351,11 @@ pub fn forget_unloaded(set: &PluginSet) {
 pub enum Verdict {
     /// A plugin answered instead of the runtime.
     Respond(LocalResponse),
-    /// A fail-closed plugin failed; the message names it.
+    /// A fail-closed plugin failed; the message names it (and says nothing of its internals,
+    /// which the log has).
     Failed(String),
+    /// A plugin reset the stream.
+    Reset,
 }
 
 impl Verdict {
@@ -357,6 +364,7 @@ impl Verdict {
     pub fn into_error(self) -> crate::error::EdgeError {
         match self {
             Self::Failed(m) => crate::error::EdgeError::PluginFailed(m.into()),
+            Self::Reset => crate::error::EdgeError::StreamReset,
             Self::Respond(local) => crate::error::EdgeError::Denied {
                 status: local.status,
                 message: if local.details.is_empty() {
@@ -377,6 +385,8 @@ pub struct PluginRun {
     contexts: Vec<(usize, Option<(i32, u64)>)>,
     exchange: Exchange,
     thread: std::thread::ThreadId,
+    /// The client's `Authorization`, kept out of the exchange but for plugins that may see it.
+    authorization: Headers,
     /// `plugin:decision` for the access log.
     pub decisions: Vec<String>,
     /// Time spent in plugin calls.
@@ -405,6 +415,12 @@ impl PluginRun {
         for (i, ctx) in self.contexts.iter_mut() {
             let plugin = &set.plugins[*i];
             let exchange = &mut self.exchange;
+            let shown = plugin.cfg.sees_authorization && !self.authorization.is_empty();
+            if shown {
+                exchange
+                    .request_headers
+                    .extend(self.authorization.iter().cloned());
+            }
             let outcome = with_vm(plugin, |vm, generation| {
                 let id = match *ctx {
                     Some((id, g)) if g == generation => id,
@@ -418,8 +434,18 @@ impl PluginRun {
                 };
                 vm.phase(phase, id, exchange, end_of_stream)
             });
+            if shown {
+                exchange
+                    .request_headers
+                    .retain(|(k, _)| k != "authorization");
+            }
             match outcome {
                 Ok(action) => {
+                    if std::mem::take(&mut self.exchange.reset) {
+                        self.decisions.push(format!("{}:reset", plugin.cfg.name));
+                        result = Err(Verdict::Reset);
+                        break;
+                    }
                     if let Some(local) = self.exchange.local_response.take() {
                         self.decisions
                             .push(format!("{}:respond {}", plugin.cfg.name, local.status));
@@ -436,10 +462,11 @@ impl PluginRun {
                     tracing::debug!(plugin = %plugin.cfg.name, error = %e, "plugin skipped (fail open)");
                     *ctx = None;
                 }
-                Err(e) => {
+                Err(_) => {
+                    // What went wrong (a trap's backtrace, say) is in the log, not the answer.
                     self.decisions.push(format!("{}:failed", plugin.cfg.name));
                     result = Err(Verdict::Failed(format!(
-                        "policy plugin `{}` failed: {e}",
+                        "policy plugin `{}` failed",
                         plugin.cfg.name
                     )));
                     *ctx = None;
@@ -454,7 +481,11 @@ impl PluginRun {
     /// The request: headers (names lowercase) and the whole body, before any upstream
     /// connection. Plugins may change both, or answer instead.
     pub fn on_request(&mut self, headers: &mut Headers, body: &mut Bytes) -> Result<(), Verdict> {
-        self.exchange.request_headers = std::mem::take(headers);
+        let (authorization, rest) = std::mem::take(headers)
+            .into_iter()
+            .partition(|(k, _)| k == "authorization");
+        self.authorization = authorization;
+        self.exchange.request_headers = rest;
         self.exchange.request_body = body.clone();
         let r = self
             .run(Phase::RequestHeaders, body.is_empty())
@@ -466,6 +497,7 @@ impl PluginRun {
                 }
             });
         *headers = std::mem::take(&mut self.exchange.request_headers);
+        headers.extend(self.authorization.iter().cloned());
         *body = std::mem::take(&mut self.exchange.request_body);
         if r.is_ok() && self.decisions.is_empty() {
             self.decisions.push("allow".into());
