@@ -1,10 +1,10 @@
 //! A plugin that misbehaves on purpose, for the edge's safety tests: with configuration
 //! `{"mode": "loop"}` it never returns, `"alloc"` allocates without end, `"trap"` traps,
-//! `"ok"` behaves (and counts requests in shared data and a metric), `"reset"` resets the
-//! stream, `"key"` answers 418 when it can see the client's `Authorization` (which the edge
-//! hides unless the plugin may see it). `"on": "response"` moves the misbehaviour to the
-//! response body. `"tick_ms": N` asks for ticks and counts them in the
-//! metric `misbehave_ticks`.
+//! `"ok"` behaves (and counts requests in shared data and a metric, and edits trailers),
+//! `"reset"` resets the stream, `"key"` answers 418 when it can see the client's
+//! `Authorization` (which the edge hides unless the plugin may see it). `"on": "response"`
+//! moves the misbehaviour to the response body. `"tick_ms": N` asks for ticks and counts them
+//! in the metric `misbehave_ticks`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -120,6 +120,14 @@ impl HttpContext for Request {
             }
         }
         self.set_http_request_header("x-misbehave-seen", Some("1"));
+        // Trailer calls are accepted (the SDK unwraps them: a refusal would trap).
+        self.add_http_request_trailer("x-misbehave-trailer", "1");
+        self.set_http_request_trailer("x-misbehave-trailer", Some("2"));
+        assert_eq!(
+            self.get_http_request_trailer("x-misbehave-trailer").as_deref(),
+            Some("2")
+        );
+        self.set_http_request_trailer("x-misbehave-trailer", None);
         Action::Continue
     }
 

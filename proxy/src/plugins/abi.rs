@@ -51,11 +51,11 @@ impl Action {
 pub enum MapType {
     /// The request's headers.
     RequestHeaders,
-    /// The request's trailers (always empty here).
+    /// The request's trailers (empty unless a plugin adds some).
     RequestTrailers,
     /// The response's headers.
     ResponseHeaders,
-    /// The response's trailers (always empty here).
+    /// The response's trailers (empty unless a plugin adds some).
     ResponseTrailers,
 }
 
@@ -83,19 +83,56 @@ pub enum BufferType {
     VmConfiguration,
     /// The plugin's `config` from the edge's configuration.
     PluginConfiguration,
+    /// A buffer of the ABI that an HTTP request here never has (TCP stream data, an HTTP or
+    /// gRPC call's answer, call data).
+    Absent,
 }
 
 impl BufferType {
-    /// From the ABI's number; `None` for the others (stream data, HTTP call, gRPC).
+    /// From the ABI's number; `None` past the last type the ABI defines (`CallData`, 8).
     pub fn from_raw(v: i32) -> Option<Self> {
         Some(match v {
             0 => Self::RequestBody,
             1 => Self::ResponseBody,
             6 => Self::VmConfiguration,
             7 => Self::PluginConfiguration,
+            2..=5 | 8 => Self::Absent,
             _ => return None,
         })
     }
+}
+
+/// What `proxy_set_buffer_bytes(start, length, data)` does to `buffer`, by Envoy's rule
+/// (`Buffer::copyFrom`): at `start` 0, drop the first `length` bytes and put `data` in front
+/// (so `0, len` replaces all, `0, 0` prepends); at or past the end, append; anywhere else,
+/// `BadArgument`.
+pub fn splice(buffer: &[u8], start: usize, length: usize, data: &[u8]) -> Result<Vec<u8>, Status> {
+    let mut out;
+    if start == 0 {
+        let rest = &buffer[length.min(buffer.len())..];
+        out = Vec::with_capacity(data.len() + rest.len());
+        out.extend_from_slice(data);
+        out.extend_from_slice(rest);
+    } else if start >= buffer.len() {
+        out = Vec::with_capacity(buffer.len() + data.len());
+        out.extend_from_slice(buffer);
+        out.extend_from_slice(data);
+    } else {
+        return Err(Status::BadArgument);
+    }
+    Ok(out)
+}
+
+/// The part of a buffer `proxy_get_buffer_bytes(start, length)` reads, by proxy-wasm-cpp-host's
+/// rule: clamped to the buffer (nothing when `start` is past its end); `None` when `start +
+/// length` overflows.
+pub fn window(buffer: &[u8], start: u32, length: u32) -> Option<&[u8]> {
+    let end = start.checked_add(length)?;
+    let (start, end) = (start as usize, end as usize);
+    if start > buffer.len() {
+        return Some(&[]);
+    }
+    Some(&buffer[start..end.min(buffer.len())])
 }
 
 /// A header map: names lowercase, values as bytes, in order.
@@ -177,6 +214,22 @@ pub fn valid_header_value(value: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_are_spliced_and_read_as_envoy_does() {
+        let b = b"hello";
+        assert_eq!(splice(b, 0, 5, b"bye").unwrap(), b"bye");
+        assert_eq!(splice(b, 0, 0, b">").unwrap(), b">hello");
+        assert_eq!(splice(b, 0, 2, b"J").unwrap(), b"Jllo");
+        assert_eq!(splice(b, 0, 99, b"x").unwrap(), b"x");
+        assert_eq!(splice(b, 5, 0, b"!").unwrap(), b"hello!");
+        assert_eq!(splice(b, 70, 3, b"!").unwrap(), b"hello!");
+        assert_eq!(splice(b, 2, 1, b"x"), Err(Status::BadArgument));
+        assert_eq!(window(b, 1, 3), Some(&b"ell"[..]));
+        assert_eq!(window(b, 3, 99), Some(&b"lo"[..]));
+        assert_eq!(window(b, 9, 1), Some(&b""[..]));
+        assert_eq!(window(b, u32::MAX, 2), None);
+    }
 
     #[test]
     fn maps_round_trip_like_the_sdk_encodes_them() {

@@ -81,11 +81,12 @@ fn exchange<'a>(caller: &'a mut Caller<'_, Host>) -> Option<&'a mut Exchange> {
 }
 
 fn map(ex: &mut Exchange, t: MapType) -> Option<&mut Headers> {
-    match t {
-        MapType::RequestHeaders => Some(&mut ex.request_headers),
-        MapType::ResponseHeaders => Some(&mut ex.response_headers),
-        MapType::RequestTrailers | MapType::ResponseTrailers => None,
-    }
+    Some(match t {
+        MapType::RequestHeaders => &mut ex.request_headers,
+        MapType::ResponseHeaders => &mut ex.response_headers,
+        MapType::RequestTrailers => &mut ex.request_trailers,
+        MapType::ResponseTrailers => &mut ex.response_trailers,
+    })
 }
 
 /// The value, or return the status (from a host call returning `wasmtime::Result<i32>`).
@@ -227,7 +228,7 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// Whole header maps: get and set all pairs (trailers are not offered).
+/// Whole header maps: get and set all pairs.
 fn header_maps(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -340,7 +341,8 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let t = try_raw!(MapType::from_raw(t), Status::BadArgument);
             let n = {
                 let ex = try_raw!(exchange(&mut c), Status::NotFound);
-                map(ex, t).map_or(0, |m| m.len())
+                // Envoy answers the map's size in bytes (names and values), not its count.
+                map(ex, t).map_or(0, |m| m.iter().map(|(k, v)| k.len() + v.len()).sum())
             };
             try_raw!(
                 write_u32(&mut c, ret, n as u32),
@@ -353,7 +355,8 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// The buffers: bodies, the plugin and VM configuration, and their replacement.
+/// The buffers: bodies, the plugin and VM configuration, and their replacement, with
+/// proxy-wasm-cpp-host's and Envoy's rules for where a read or a write may start.
 fn buffers(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -366,35 +369,12 @@ fn buffers(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          ret_size: i32|
          -> wasmtime::Result<i32> {
             let t = try_status!(BufferType::from_raw(t), Status::BadArgument);
-            let (start, max) = (start as u32 as usize, max as u32 as usize);
-            let bytes = {
-                let config = c.data().shared.config.clone();
-                let buf: &[u8] = match t {
-                    BufferType::PluginConfiguration => &config,
-                    BufferType::VmConfiguration => &[],
-                    BufferType::RequestBody | BufferType::ResponseBody => {
-                        let ex = try_status!(c.data().exchange.as_ref(), Status::NotFound);
-                        let b = if t == BufferType::RequestBody {
-                            &ex.request_body
-                        } else {
-                            &ex.response_body
-                        };
-                        let end = start.saturating_add(max).min(b.len());
-                        if start > b.len() {
-                            return Ok(Status::BadArgument as i32);
-                        }
-                        let out = b[start..end].to_vec();
-                        return Ok(give(&mut c, &out, ret_ptr, ret_size)? as i32);
-                    }
-                };
-                if start > buf.len() {
-                    return Ok(Status::BadArgument as i32);
-                }
-                buf[start..start.saturating_add(max).min(buf.len())].to_vec()
-            };
-            if bytes.is_empty() && t != BufferType::PluginConfiguration {
-                return Ok(Status::NotFound as i32);
-            }
+            let buffer = try_status!(buffer(c.data(), t), Status::NotFound);
+            let bytes = try_status!(
+                abi::window(&buffer, start as u32, max as u32),
+                Status::BadArgument
+            )
+            .to_vec();
             Ok(give(&mut c, &bytes, ret_ptr, ret_size)? as i32)
         },
     )?;
@@ -403,24 +383,24 @@ fn buffers(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "proxy_set_buffer_bytes",
         |mut c: Caller<'_, Host>, t: i32, start: i32, size: i32, ptr: i32, len: i32| -> i32 {
             let t = try_raw!(BufferType::from_raw(t), Status::BadArgument);
+            if buffer(c.data(), t).is_none() {
+                return Status::NotFound as i32;
+            }
             let data = try_raw!(read(&mut c, ptr, len), Status::InvalidMemoryAccess);
             let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            // Only the bodies can be written; the configurations cannot.
             let b = match t {
                 BufferType::RequestBody => &mut ex.request_body,
                 BufferType::ResponseBody => &mut ex.response_body,
                 _ => return Status::BadArgument as i32,
             };
-            let (start, size) = (start as u32 as usize, size as u32 as usize);
-            if start > b.len() {
-                return Status::BadArgument as i32;
+            match abi::splice(b, start as u32 as usize, size as u32 as usize, &data) {
+                Ok(next) => {
+                    *b = Bytes::from(next);
+                    Status::Ok as i32
+                }
+                Err(s) => s as i32,
             }
-            let end = start.saturating_add(size).min(b.len());
-            let mut next = Vec::with_capacity(b.len() - (end - start) + data.len());
-            next.extend_from_slice(&b[..start]);
-            next.extend_from_slice(&data);
-            next.extend_from_slice(&b[end..]);
-            *b = Bytes::from(next);
-            Status::Ok as i32
         },
     )?;
     l.func_wrap(
@@ -428,12 +408,7 @@ fn buffers(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         "proxy_get_buffer_status",
         |mut c: Caller<'_, Host>, t: i32, len_ptr: i32, flags_ptr: i32| -> i32 {
             let t = try_raw!(BufferType::from_raw(t), Status::BadArgument);
-            let n = match (t, c.data().exchange.as_ref()) {
-                (BufferType::RequestBody, Some(ex)) => ex.request_body.len(),
-                (BufferType::ResponseBody, Some(ex)) => ex.response_body.len(),
-                (BufferType::PluginConfiguration, _) => c.data().shared.config.len(),
-                _ => 0,
-            };
+            let n = try_raw!(buffer(c.data(), t), Status::NotFound).len();
             try_raw!(
                 write_u32(&mut c, len_ptr, n as u32),
                 Status::InvalidMemoryAccess
@@ -444,6 +419,18 @@ fn buffers(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     )?;
 
     Ok(())
+}
+
+/// The buffer `t` as the current call sees it (bodies only while a request is served), or
+/// `None` when there is none (`NotFound`).
+fn buffer(host: &Host, t: BufferType) -> Option<Bytes> {
+    match t {
+        BufferType::PluginConfiguration => Some(Bytes::from(host.shared.config.clone())),
+        BufferType::VmConfiguration => Some(Bytes::new()),
+        BufferType::RequestBody => host.exchange.as_ref().map(|e| e.request_body.clone()),
+        BufferType::ResponseBody => host.exchange.as_ref().map(|e| e.response_body.clone()),
+        BufferType::Absent => None,
+    }
 }
 
 /// The local response: the request ends here with the plugin's answer.

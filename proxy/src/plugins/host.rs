@@ -29,6 +29,11 @@ pub struct Exchange {
     pub response_headers: Headers,
     /// The response body chunk being passed (shared with the edge until a plugin replaces it).
     pub response_body: Bytes,
+    /// Trailers plugins added to the request: seen by later plugins and phases, not sent (the
+    /// runtime gets a whole body with its length, and no trailers).
+    pub request_trailers: Headers,
+    /// Trailers plugins added to the response: as for the request's.
+    pub response_trailers: Headers,
     /// Properties by name (`request.path`, `moltghost.account`, ...).
     pub properties: Arc<HashMap<&'static str, Vec<u8>>>,
     /// Properties a plugin set.
