@@ -145,6 +145,12 @@ pub struct FilePlugin {
     pub memory_mb: Option<u64>,
     #[serde(default)]
     pub sees_authorization: bool,
+    #[serde(default)]
+    pub root_id: Option<String>,
+    #[serde(default)]
+    pub vm_id: Option<String>,
+    #[serde(default)]
+    pub vm_config: Option<toml::Value>,
 }
 
 /// `[tunnel]`.

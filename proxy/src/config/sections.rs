@@ -274,12 +274,14 @@ fn plugins(files: Vec<FilePlugin>) -> Result<Vec<PluginConfig>, ConfigError> {
                 ))
             }
         };
-        let config = match p.config {
-            None => String::new(),
-            Some(toml::Value::String(s)) => s,
-            // A table (or any other value) reaches the plugin as JSON.
-            Some(v) => serde_json::to_string(&v).map_err(|e| bad(key("config"), e))?,
+        // A string reaches the plugin as it is; a table (or any other value) as JSON.
+        let text = |name: &str, v: Option<toml::Value>| match v {
+            None => Ok(String::new()),
+            Some(toml::Value::String(s)) => Ok(s),
+            Some(v) => serde_json::to_string(&v).map_err(|e| bad(key(name), e)),
         };
+        let config = text("config", p.config)?;
+        let vm_config = text("vm_config", p.vm_config)?;
         let deadline = duration(&key("deadline"), &p.deadline, millis(10))?;
         let memory_mb = p.memory_mb.unwrap_or(64);
         if !(1..=1024).contains(&memory_mb) {
@@ -295,6 +297,9 @@ fn plugins(files: Vec<FilePlugin>) -> Result<Vec<PluginConfig>, ConfigError> {
             deadline,
             memory_bytes: (memory_mb as usize) << 20,
             sees_authorization: p.sees_authorization,
+            root_id: p.root_id.unwrap_or_default(),
+            vm_id: p.vm_id.unwrap_or_default(),
+            vm_config,
         });
     }
     Ok(out)

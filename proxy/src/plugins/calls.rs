@@ -426,7 +426,7 @@ fn buffers(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 fn buffer(host: &Host, t: BufferType) -> Option<Bytes> {
     match t {
         BufferType::PluginConfiguration => Some(Bytes::from(host.shared.config.clone())),
-        BufferType::VmConfiguration => Some(Bytes::new()),
+        BufferType::VmConfiguration => Some(Bytes::from(host.shared.vm_config.clone())),
         BufferType::RequestBody => host.exchange.as_ref().map(|e| e.request_body.clone()),
         BufferType::ResponseBody => host.exchange.as_ref().map(|e| e.response_body.clone()),
         BufferType::Absent => None,
@@ -488,8 +488,8 @@ fn properties(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let name = try_status!(abi::property_name(&path), Status::BadArgument);
             let value = match name.as_str() {
                 "plugin_name" => Some(c.data().shared.name.as_bytes().to_vec()),
-                "plugin_root_id" | "root_id" => Some(c.data().shared.name.as_bytes().to_vec()),
-                "plugin_vm_id" | "vm_id" => Some(Vec::new()),
+                "plugin_root_id" | "root_id" => Some(c.data().shared.root_id.as_bytes().to_vec()),
+                "plugin_vm_id" | "vm_id" => Some(c.data().shared.vm_id.as_bytes().to_vec()),
                 _ => c.data().exchange.as_ref().and_then(|ex| {
                     ex.set_properties
                         .get(&name)

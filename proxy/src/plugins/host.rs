@@ -268,8 +268,9 @@ impl Compiled {
             .map_err(|e| format!("root context: {e:#}"))?;
         if let Some(start) = vm.exports.vm_start.clone() {
             vm.arm();
+            let size = shared.vm_config.len() as i32;
             let ok = start
-                .call(&mut vm.store, (ROOT_CONTEXT, 0))
+                .call(&mut vm.store, (ROOT_CONTEXT, size))
                 .map_err(|e| format!("proxy_on_vm_start: {e:#}"))?;
             if ok == 0 {
                 return Err(

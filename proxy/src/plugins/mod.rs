@@ -52,6 +52,13 @@ pub struct PluginConfig {
     /// The plugin sees the client's `Authorization` header (hidden by default: the key id,
     /// account and agent are properties).
     pub sees_authorization: bool,
+    /// Envoy's `root_id` (default empty): which root context a module that has several
+    /// starts (the AssemblyScript SDK picks its factory by it).
+    pub root_id: String,
+    /// Envoy's `vm_id` (default empty): plugins with the same one share data.
+    pub vm_id: String,
+    /// Envoy's VM configuration, handed to `proxy_on_vm_start` (a table arrives as JSON).
+    pub vm_config: String,
 }
 
 /// The process's wasmtime engine: epoch interruption (ticked every millisecond by a thread of
@@ -132,7 +139,13 @@ impl Plugin {
             |wasm: &[u8]| compiled_module(wasm).map_err(|e| format!("plugin `{}`: {e}", cfg.name));
         let compiled = host::link(engine(), module(&wasm)?, cfg.memory_bytes)
             .map_err(|e| format!("plugin `{}`: {e}", cfg.name))?;
-        let shared = Arc::new(Shared::new(&cfg.name, cfg.config.clone().into_bytes()));
+        let shared = Arc::new(
+            Shared::new(&cfg.name, cfg.config.clone().into_bytes()).with_vm(
+                &cfg.root_id,
+                &cfg.vm_id,
+                cfg.vm_config.clone().into_bytes(),
+            ),
+        );
         // Started and configured once now, so that a bad plugin fails the load, not a request.
         compiled
             .instantiate(

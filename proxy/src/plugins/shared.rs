@@ -1,5 +1,7 @@
-//! What every VM of one plugin shares: its configuration, shared data and metrics, each
-//! bounded, so that a plugin cannot grow the edge's memory by calling the host in a loop.
+//! What every VM of one plugin shares: its configuration, ids and metrics; and the shared data
+//! of its VM id, which, as on Envoy, every plugin with the same `vm_id` shares (and which
+//! outlives reloads). Each is bounded, so that a plugin cannot grow the edge's memory by
+//! calling the host in a loop.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering::Relaxed};
@@ -23,7 +25,14 @@ pub struct Shared {
     pub name: String,
     /// Its `config`, handed over as the plugin configuration buffer.
     pub config: Vec<u8>,
-    data: Mutex<Data>,
+    /// The root id (`plugin_root_id`): the SDKs that host several root contexts in one module
+    /// (AssemblyScript's) pick one by it.
+    pub root_id: String,
+    /// The VM id (`plugin_vm_id`): plugins with the same one share data.
+    pub vm_id: String,
+    /// The VM configuration buffer (`proxy_on_vm_start`).
+    pub vm_config: Vec<u8>,
+    data: Arc<Mutex<Data>>,
     metrics: Mutex<Vec<Metric>>,
     /// Tick period the root context asked for, in milliseconds (0: none).
     pub tick_ms: AtomicU32,
@@ -49,16 +58,28 @@ pub struct Metric {
 }
 
 impl Shared {
-    /// A plugin's shared state.
+    /// A plugin's shared state, with the empty root and VM ids (Envoy's defaults).
     pub fn new(name: &str, config: Vec<u8>) -> Self {
         Self {
             name: name.to_owned(),
             config,
-            data: Mutex::new(Data::default()),
+            root_id: String::new(),
+            vm_id: String::new(),
+            vm_config: Vec::new(),
+            data: data_of(""),
             metrics: Mutex::new(Vec::new()),
             tick_ms: AtomicU32::new(0),
             warned: AtomicBool::new(false),
         }
+    }
+
+    /// The same, with these root and VM ids and VM configuration.
+    pub fn with_vm(mut self, root_id: &str, vm_id: &str, vm_config: Vec<u8>) -> Self {
+        self.root_id = root_id.to_owned();
+        self.data = data_of(vm_id);
+        self.vm_id = vm_id.to_owned();
+        self.vm_config = vm_config;
+        self
     }
 
     /// A shared value and its compare-and-swap token.
@@ -134,6 +155,16 @@ impl Shared {
     }
 }
 
+/// The shared data of `vm_id`, for the life of the process (few ids are ever configured).
+fn data_of(vm_id: &str) -> Arc<Mutex<Data>> {
+    static BY_VM: std::sync::OnceLock<Mutex<HashMap<String, Arc<Mutex<Data>>>>> =
+        std::sync::OnceLock::new();
+    lock(BY_VM.get_or_init(Default::default))
+        .entry(vm_id.to_owned())
+        .or_default()
+        .clone()
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -144,7 +175,7 @@ mod tests {
 
     #[test]
     fn shared_data_is_bounded_and_counts_replacements_once() {
-        let s = Shared::new("p", Vec::new());
+        let s = Shared::new("p", Vec::new()).with_vm("", "bounded", Vec::new());
         let big = vec![0u8; MAX_SHARED_DATA_BYTES / 4];
         for _ in 0..10 {
             // The same key replaced: the old value's room is given back.
@@ -161,6 +192,16 @@ mod tests {
         let (_, cas) = s.get_data("k").unwrap();
         assert_eq!(cas, 10);
         assert_eq!(s.set_data("k".into(), Vec::new(), 3), Status::CasMismatch);
+    }
+
+    #[test]
+    fn plugins_with_one_vm_id_share_data_and_others_do_not() {
+        let a = Shared::new("a", Vec::new()).with_vm("", "vm-1", Vec::new());
+        let b = Shared::new("b", Vec::new()).with_vm("", "vm-1", Vec::new());
+        let c = Shared::new("c", Vec::new()).with_vm("", "vm-2", Vec::new());
+        assert_eq!(a.set_data("k".into(), b"v".to_vec(), 0), Status::Ok);
+        assert_eq!(b.get_data("k").map(|(v, _)| v), Some(b"v".to_vec()));
+        assert_eq!(c.get_data("k"), None);
     }
 
     #[test]
