@@ -132,6 +132,9 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let Some(msg) = read(&mut c, ptr, len) else {
                 return Status::InvalidMemoryAccess as i32;
             };
+            if !c.data().shared.may_log() {
+                return Status::Ok as i32;
+            }
             let msg = String::from_utf8_lossy(&msg);
             let plugin = c.data().shared.name.as_str();
             match level {

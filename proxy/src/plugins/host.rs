@@ -176,7 +176,9 @@ fn define_unsupported(
     status: i32,
 ) -> wasmtime::Result<()> {
     let results: Vec<ValType> = ty.results().collect();
-    linker.func_new(module, name, ty, move |_, _, out| {
+    let call = name.to_owned();
+    linker.func_new(module, name, ty, move |c, _, out| {
+        c.data().shared.unsupported(&call, status);
         for (slot, t) in out.iter_mut().zip(&results) {
             *slot = match t {
                 ValType::I32 => Val::I32(status),
@@ -495,6 +497,35 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_this_host_does_not_offer_is_logged_once_and_answers_a_status() {
+        const CALLS_OUT: &str = r#"(module
+          (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_initialize")
+            (if (i32.ne (call $call (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                  (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10)) (then unreachable))
+            (drop (call $call (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                  (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))))
+          (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+          (func (export "proxy_abi_version_0_2_1"))
+          (func (export "proxy_on_context_create") (param i32 i32)))"#;
+        let text = super::super::logged(|| {
+            let engine = Engine::default();
+            let compiled = compile(&engine, CALLS_OUT.as_bytes(), 1 << 20).unwrap();
+            let shared = Arc::new(Shared::new("callout", Vec::new()));
+            compiled
+                .instantiate(&engine, shared, Duration::from_secs(1))
+                .expect("it starts: the call answered InternalFailure");
+        });
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("proxy_http_call"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("callout"), "{text}");
+    }
 
     #[test]
     fn every_host_call_survives_wild_pointers() {

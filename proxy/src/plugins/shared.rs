@@ -16,6 +16,10 @@ pub const MAX_METRICS: usize = 1_024;
 /// The longest metric name (Envoy's names with tags stay far below).
 pub const MAX_METRIC_NAME: usize = 1_024;
 
+/// Log lines a plugin may write per second (`proxy_log` and standard output and error); past
+/// it lines are dropped, and how many is said once the second is over.
+pub const LOG_LINES_PER_SECOND: u32 = 200;
+
 /// A metric's kind, as `proxy_define_metric` numbers them.
 pub const HISTOGRAM: i32 = 2;
 
@@ -38,6 +42,10 @@ pub struct Shared {
     pub tick_ms: AtomicU32,
     /// A limit was hit and said so in the log (once per plugin, not once per call).
     warned: AtomicBool,
+    /// Calls the plugin made that this host does not offer, each logged once.
+    unsupported: Mutex<std::collections::HashSet<String>>,
+    /// This second's log lines: when it began, lines written, lines dropped.
+    log_window: Mutex<(std::time::Instant, u32, u64)>,
 }
 
 /// Key-value store with compare-and-swap.
@@ -70,6 +78,8 @@ impl Shared {
             metrics: Mutex::new(Vec::new()),
             tick_ms: AtomicU32::new(0),
             warned: AtomicBool::new(false),
+            unsupported: Mutex::default(),
+            log_window: Mutex::new((std::time::Instant::now(), 0, 0)),
         }
     }
 
@@ -148,6 +158,33 @@ impl Shared {
         lock(&self.metrics).iter().for_each(&mut f);
     }
 
+    /// Notes that the plugin called `call`, which this host does not offer, answering
+    /// `status`: logged the first time only.
+    pub fn unsupported(&self, call: &str, status: i32) {
+        if lock(&self.unsupported).insert(call.to_owned()) {
+            tracing::warn!(plugin = %self.name, call, status, "plugin called a host function this edge does not offer (logged once per call)");
+        }
+    }
+
+    /// Whether the plugin may write one more log line now ([`LOG_LINES_PER_SECOND`]).
+    pub fn may_log(&self) -> bool {
+        let mut w = lock(&self.log_window);
+        let now = std::time::Instant::now();
+        if now.duration_since(w.0) >= std::time::Duration::from_secs(1) {
+            if w.2 > 0 {
+                tracing::warn!(plugin = %self.name, dropped = w.2, "plugin log lines dropped (over {LOG_LINES_PER_SECOND} a second)");
+            }
+            *w = (now, 0, 0);
+        }
+        if w.1 < LOG_LINES_PER_SECOND {
+            w.1 += 1;
+            true
+        } else {
+            w.2 += 1;
+            false
+        }
+    }
+
     fn limit_hit(&self, what: &str, limit: usize) {
         if !self.warned.swap(true, Relaxed) {
             tracing::warn!(plugin = %self.name, what, limit, "plugin reached a host limit; further calls over it are refused (logged once)");
@@ -202,6 +239,13 @@ mod tests {
         assert_eq!(a.set_data("k".into(), b"v".to_vec(), 0), Status::Ok);
         assert_eq!(b.get_data("k").map(|(v, _)| v), Some(b"v".to_vec()));
         assert_eq!(c.get_data("k"), None);
+    }
+
+    #[test]
+    fn log_lines_are_rate_limited() {
+        let s = Shared::new("p", Vec::new());
+        let allowed = (0..1_000).filter(|_| s.may_log()).count();
+        assert_eq!(allowed, LOG_LINES_PER_SECOND as usize);
     }
 
     #[test]

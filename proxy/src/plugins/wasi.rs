@@ -130,6 +130,9 @@ impl Host {
             let line: Vec<u8> = buf.drain(..=end.min(buf.len() - 1)).collect();
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end_matches('\n');
+            if !self.shared.may_log() {
+                continue;
+            }
             let plugin = &self.shared.name;
             if error {
                 tracing::error!(target: "plugin", %plugin, "{text}");
@@ -462,7 +465,7 @@ fn paths_and_sockets(l: &mut Linker<Host>, m: &str) -> wasmtime::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use super::super::host::{compile, Shared};
@@ -493,28 +496,9 @@ mod tests {
       (func (export "proxy_abi_version_0_2_1"))
       (func (export "proxy_on_context_create") (param i32 i32)))"#;
 
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_go_like_runtime_starts_and_its_fragments_are_logged_as_one_line() {
-        let log = Captured::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let text = super::super::logged(|| {
             let engine = wasmtime::Engine::default();
             let compiled = compile(&engine, GO_LIKE_START.as_bytes(), 1 << 20).unwrap();
             let shared = Arc::new(Shared::new("go", Vec::new()));
@@ -522,7 +506,6 @@ mod tests {
                 .instantiate(&engine, shared, Duration::from_secs(1))
                 .expect("the runtime starts");
         });
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().filter(|l| l.contains("runtime:")).collect();
         assert_eq!(lines.len(), 1, "{text}");
         assert!(lines[0].contains("ERROR") && lines[0].contains("runtime: hello from go"));
