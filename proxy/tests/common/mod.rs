@@ -650,6 +650,34 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
     dir.join(format!("{name}.wasm"))
 }
 
+/// The Go plugin `plugins/<name>` built with the Go toolchain scripts/setup.sh installs
+/// (`GOOS=wasip1 GOARCH=wasm -buildmode=c-shared`), once per test process.
+pub fn go_plugin_wasm(name: &str) -> PathBuf {
+    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+    let out = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| plugins.join("target"))
+        .join(format!("plugins/go/{name}.wasm"));
+    let (_, scripts, _) = run(Command::new("python3").args([
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('scripts'))",
+    ]));
+    let go = Path::new(scripts.trim()).join("go");
+    let (code, stdout, stderr) = run(Command::new(&go)
+        .current_dir(plugins.join(name))
+        .args(["build", "-buildmode=c-shared", "-o"])
+        .arg(&out)
+        .arg(".")
+        .env("GOOS", "wasip1")
+        .env("GOARCH", "wasm"));
+    assert_eq!(
+        code, 0,
+        "building the Go plugin {name} with {} failed (scripts/setup.sh installs Go):\n{stdout}{stderr}",
+        go.display()
+    );
+    out
+}
+
 /// A binary of the workspace (`moltghost`, `moltghost-pod`, `agent-runtime`), built beside the
 /// edge's: `cargo test --workspace` builds every package's binaries before any test runs.
 pub fn bin(name: &str) -> std::path::PathBuf {

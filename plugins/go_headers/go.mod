@@ -1,0 +1,3 @@
+module moltghost.dev/plugins/go_headers
+
+go 1.26
