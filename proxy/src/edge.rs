@@ -17,6 +17,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::error::EdgeError;
 use crate::pipeline::respond::Responder;
 use crate::pipeline::{Pipeline, RequestCtx};
+use crate::plugins::Verdict;
 
 /// The edge service.
 pub struct Edge {
@@ -65,7 +66,13 @@ impl ProxyHttp for Edge {
         ctx.unanswered = !err.is_written();
         if !ctx.responded {
             ctx.record.status = err.status();
-            if err.is_written() && Responder::new(session, ctx).error(&err).await.is_ok() {
+            let mut resp = Responder::new(session, ctx);
+            let written = match resp.ctx.local_reply.take() {
+                Some(local) => resp.verdict(Verdict::Respond(local)).await,
+                None if err.is_written() => resp.error(&err).await,
+                None => Err(err.clone()),
+            };
+            if written.is_ok() {
                 return Ok(true);
             }
         }

@@ -262,7 +262,7 @@ async fn plugins_that_loop_hoard_or_trap_follow_their_fail_policy_and_the_edge_k
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_ends_the_request_for_real_and_the_key_stays_hidden_unless_allowed() {
+async fn resets_and_local_replies_work_in_every_phase_and_the_key_stays_hidden() {
     let mode = |name: &str, config: &str, extra: &str| {
         plugin(
             name,
@@ -271,14 +271,15 @@ async fn a_reset_ends_the_request_for_real_and_the_key_stays_hidden_unless_allow
         )
     };
     let s = Stack::start(&format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
+        mode("answers", "mode = \"answer\", on = \"response\"", ""),
         mode("resets", "mode = \"reset\"", ""),
         mode("cuts", "mode = \"reset\", on = \"response\"", ""),
         mode("blind", "mode = \"key\"", ""),
         mode("sees", "mode = \"key\"", "sees_authorization = true"),
     ))
     .await;
-    for a in ["resets", "cuts", "blind", "sees"] {
+    for a in ["answers", "resets", "cuts", "blind", "sees"] {
         s.admin_post(
             "/v1/admin/agents",
             json!({"name": a, "endpoint_id": a, "upstream": format!("http://{}", s.runtime)}),
@@ -328,6 +329,17 @@ async fn a_reset_ends_the_request_for_real_and_the_key_stays_hidden_unless_allow
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A local reply from the response phase is sent whole: its status, body and headers.
+    let r = s
+        .post_as("answers", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 451);
+    assert_eq!(r.headers()["x-misbehave"], "answered");
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_eq!(r.text().await.unwrap(), "unavailable for legal reasons");
     // The key is hidden from plugins unless their configuration allows it.
     assert_eq!(chat(&s, "blind", hi(false), &[]).await.0, 200);
     assert_eq!(chat(&s, "sees", hi(false), &[]).await.0, 418);

@@ -2,7 +2,8 @@
 //! `{"mode": "loop"}` it never returns, `"alloc"` allocates without end, `"trap"` traps,
 //! `"ok"` behaves (and counts requests in shared data and a metric, and edits trailers),
 //! `"reset"` resets the stream, `"key"` answers 418 when it can see the client's
-//! `Authorization` (which the edge hides unless the plugin may see it). `"on": "response"`
+//! `Authorization` (which the edge hides unless the plugin may see it), `"answer"` answers 451
+//! itself with a body and a header. `"on": "response"`
 //! moves the misbehaviour to the response body. `"tick_ms": N` asks for ticks and counts them
 //! in the metric `misbehave_ticks`.
 
@@ -91,6 +92,11 @@ impl Request {
             "trap" => std::process::abort(),
             "reset" if self.config.on == "response" => self.reset_http_response(),
             "reset" => self.reset_http_request(),
+            "answer" => self.send_http_response(
+                451,
+                vec![("x-misbehave", "answered")],
+                Some(b"unavailable for legal reasons"),
+            ),
             "key" if self.get_http_request_header("authorization").is_some() => {
                 self.send_http_response(418, vec![], Some(b"the key was visible"));
             }
@@ -128,6 +134,14 @@ impl HttpContext for Request {
             Some("2")
         );
         self.set_http_request_trailer("x-misbehave-trailer", None);
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end: bool) -> Action {
+        if self.config.on == "response" && self.config.mode == "answer" {
+            self.misbehave();
+            return Action::Pause;
+        }
         Action::Continue
     }
 

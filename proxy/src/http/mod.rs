@@ -6,7 +6,6 @@ mod head;
 mod health;
 mod transport;
 
-use bytes::Bytes;
 use pingora_proxy::Session;
 use tokio::time::Instant;
 
@@ -15,7 +14,6 @@ use crate::pipeline::accounting::Outcome;
 use crate::pipeline::prepare::Preparation;
 use crate::pipeline::respond::Responder;
 use crate::pipeline::{Downstream, Pipeline, RequestCtx};
-use crate::plugins::Verdict;
 use crate::routing::{self, Route};
 use crate::{body, lifecycle};
 
@@ -63,7 +61,7 @@ pub async fn serve(
     )? {
         Preparation::Forward(prepared) => *prepared,
         Preparation::Answered(verdict) => {
-            return plugin_answer(&mut Responder::new(session, ctx), verdict).await
+            return Responder::new(session, ctx).verdict(verdict).await
         }
     };
     let mut opened = p
@@ -75,34 +73,4 @@ pub async fn serve(
     p.conclude(ctx, &admission.agent, opened, Outcome::of(&result))
         .await;
     result
-}
-
-/// Sends what a plugin decided instead of the runtime's answer: its own local response (its
-/// body, or the table's `policy_denied` when it gave none, with its headers), or the
-/// fail-closed error.
-async fn plugin_answer(resp: &mut Responder<'_>, verdict: Verdict) -> Result<(), EdgeError> {
-    let mut local = match verdict {
-        Verdict::Respond(local) => local,
-        other => return Err(other.into_error()),
-    };
-    let status = local.status;
-    let headers = std::mem::take(&mut local.headers);
-    let (content_type, body) = if local.body.is_empty() {
-        (
-            "application/json",
-            Verdict::Respond(local).into_error().body(),
-        )
-    } else {
-        ("text/plain", Bytes::from(local.body))
-    };
-    let mut h = resp.header(status, content_type);
-    for (k, v) in &headers {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(k.as_bytes()),
-            http::HeaderValue::from_bytes(v),
-        ) {
-            let _ = h.insert_header(name, value);
-        }
-    }
-    resp.whole(h, body).await
 }

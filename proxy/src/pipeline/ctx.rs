@@ -8,7 +8,8 @@ use pingora_http::ResponseHeader;
 use crate::access::AccessRecord;
 use crate::error::EdgeError;
 use crate::limits::RateInfo;
-use crate::plugins::PluginRun;
+use crate::plugins::host::LocalResponse;
+use crate::plugins::{PluginRun, Verdict};
 use crate::policy::Admission;
 
 /// One request's state (an HTTP request, or one WebSocket message).
@@ -24,6 +25,9 @@ pub struct RequestCtx {
     pub plugins: Option<PluginRun>,
     /// Whether a response header was written (after that, errors end the stream instead).
     pub responded: bool,
+    /// A plugin's own answer, decided in the response header phase: sent instead of the
+    /// runtime's (whose header has not gone out).
+    pub local_reply: Option<LocalResponse>,
     /// The request ends without an answer (the client left, or a plugin reset the stream):
     /// nothing more may be written, the connection is dropped.
     pub unanswered: bool,
@@ -55,8 +59,12 @@ impl RequestCtx {
             return Ok(false);
         };
         let mut headers = crate::plugins::response_headers(h);
-        run.on_response_headers(&mut headers)
-            .map_err(|v| v.into_error())?;
+        if let Err(verdict) = run.on_response_headers(&mut headers) {
+            if let Verdict::Respond(local) = &verdict {
+                self.local_reply = Some(local.clone());
+            }
+            return Err(verdict.into_error());
+        }
         crate::plugins::apply_response_headers(h, &headers);
         let sees_body = run.sees_response_body();
         if sees_body {

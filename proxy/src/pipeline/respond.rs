@@ -11,6 +11,7 @@ use pingora_proxy::Session;
 use super::RequestCtx;
 use crate::error::EdgeError;
 use crate::forward;
+use crate::plugins::Verdict;
 
 /// Adds the request id and, once known, the rate and token headers (OpenAI's names).
 pub fn decorate(h: &mut ResponseHeader, ctx: &RequestCtx) {
@@ -107,6 +108,36 @@ impl<'a> Responder<'a> {
             h.insert_header(k, v).expect("error headers are valid");
         }
         self.whole(h, err.body()).await
+    }
+
+    /// Sends what a plugin decided instead of the runtime's answer, in any phase before the
+    /// answer's header went out: its own local response (its body, or the table's
+    /// `policy_denied` when it gave none, with its headers), or the error its verdict means.
+    pub async fn verdict(&mut self, verdict: Verdict) -> Result<(), EdgeError> {
+        let mut local = match verdict {
+            Verdict::Respond(local) => local,
+            other => return Err(other.into_error()),
+        };
+        let status = local.status;
+        let headers = std::mem::take(&mut local.headers);
+        let (content_type, body) = if local.body.is_empty() {
+            (
+                "application/json",
+                Verdict::Respond(local).into_error().body(),
+            )
+        } else {
+            ("text/plain", Bytes::from(local.body))
+        };
+        let mut h = self.header(status, content_type);
+        for (k, v) in &headers {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_bytes(v),
+            ) {
+                let _ = h.insert_header(name, value);
+            }
+        }
+        self.whole(h, body).await
     }
 
     /// Writes a chunk of a streamed body, through the plugins; notes when the first went.
