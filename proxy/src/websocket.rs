@@ -84,6 +84,7 @@ pub async fn serve(
         queue: VecDeque::new(),
         head: session.req_header().clone(),
         addr: pipeline::client_addr(session),
+        local: pipeline::server_addr(session),
         tls: pipeline::is_tls(session),
         watch: AdmissionWatch::new(p.plane.registry.clone(), admission.clone()),
         admission,
@@ -198,6 +199,7 @@ struct Connection {
     /// The upgrade request's head (what the plugins and the runtime see of each message).
     head: RequestHeader,
     addr: Option<std::net::SocketAddr>,
+    local: Option<std::net::SocketAddr>,
     tls: bool,
     admission: Admission,
     watch: AdmissionWatch,
@@ -402,6 +404,7 @@ impl Connection {
         let mut down = Downstream::WebSocket {
             head: Box::new(self.head.clone()),
             addr: self.addr,
+            local: self.local,
             tls: self.tls,
         };
         let prepared = match p.prepare(&mut down, ctx, &self.admission, Route::Ws, text, now)? {

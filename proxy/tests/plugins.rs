@@ -360,6 +360,55 @@ async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
     assert_eq!(chat(&s, "abc123", hi(false), &[]).await.0, 200);
     let (status, body) = chat(&s, "abc123", hi(false), &[("x-go-question", "ping")]).await;
     assert_eq!((status, body.as_str()), (200, "pong"));
+    // Properties with Envoy's names and encodings.
+    let body = s
+        .post_as("abc123", "/v1/chat/completions?trace=1", Some(&s.key))
+        .header("x-go-question", "props")
+        .header("user-agent", "props-test/1")
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let props: std::collections::HashMap<&str, &str> =
+        body.lines().filter_map(|l| l.split_once('=')).collect();
+    let expect = [
+        ("request.path", "/v1/chat/completions?trace=1"),
+        ("request.url_path", "/v1/chat/completions"),
+        (
+            "request.host",
+            &format!("abc123.agent.localhost:{}", s.port),
+        ),
+        ("request.scheme", "http"),
+        ("request.method", "POST"),
+        ("request.query", "trace=1"),
+        ("request.useragent", "props-test/1"),
+        ("request.protocol", "HTTP/1.1"),
+        ("destination.address", &format!("127.0.0.1:{}", s.port)),
+        ("destination.port", &s.port.to_string()),
+        ("route_name", "/v1/chat/completions"),
+        ("cluster_name", "abc123"),
+        ("plugin_name", "go"),
+        ("plugin_root_id", ""),
+        ("plugin_vm_id", ""),
+        ("moltghost.agent", "abc123"),
+        ("request.size", &hi(false).to_string().len().to_string()),
+    ];
+    for (name, want) in expect {
+        assert_eq!(props.get(name).copied(), Some(want), "{name} in:\n{body}");
+    }
+    let time: u128 = props["request.time"].parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    assert!(
+        now - time < 10_000_000_000,
+        "request.time {time}, now {now}"
+    );
+    assert!(props["source.address"].starts_with("127.0.0.1:"), "{body}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while s.log().matches("go plugin saw a request").count() < 2 {
         assert!(

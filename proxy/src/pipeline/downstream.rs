@@ -18,6 +18,8 @@ pub enum Downstream<'a> {
         head: Box<RequestHeader>,
         /// The client's address.
         addr: Option<SocketAddr>,
+        /// The edge's address the client connected to.
+        local: Option<SocketAddr>,
         /// Whether the socket came over TLS.
         tls: bool,
     },
@@ -48,6 +50,14 @@ impl Downstream<'_> {
         }
     }
 
+    /// The edge's address the client connected to.
+    pub fn server_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Http(s) => server_addr(s),
+            Self::WebSocket { local, .. } => *local,
+        }
+    }
+
     /// Whether the request came over TLS.
     pub fn is_tls(&self) -> bool {
         match self {
@@ -73,4 +83,9 @@ pub fn is_tls(session: &Session) -> bool {
 /// The client's address of `session`, when it is an IP socket.
 pub fn client_addr(session: &Session) -> Option<SocketAddr> {
     session.client_addr().and_then(|a| a.as_inet()).copied()
+}
+
+/// The edge's address `session` came in on, when it is an IP socket.
+pub fn server_addr(session: &Session) -> Option<SocketAddr> {
+    session.server_addr().and_then(|a| a.as_inet()).copied()
 }

@@ -106,7 +106,7 @@ impl Pipeline {
             return None;
         }
         let agent = &admission.agent;
-        let props = properties(down, ctx, admission, route);
+        let props = properties(down, ctx, admission, route, body.len());
         let mut run = set.start(route.path(), &agent.endpoint_id, &agent.name, props)?;
         let scheme = if down.is_tls() { "https" } else { "http" };
         let mut headers = crate::plugins::request_headers(down.head(), scheme);
@@ -260,43 +260,86 @@ fn invalid(msg: String) -> EdgeError {
     EdgeError::InvalidRequest(msg.into())
 }
 
-/// The properties plugins may read of this request (Envoy's names, and the edge's own).
+/// The request's properties for plugins, by Envoy's attribute names where Envoy has one (with
+/// its encodings: strings as bytes, integers as 8-byte little-endian, times as nanoseconds since
+/// the epoch, booleans as one byte), then the edge's own under `moltghost.`.
 fn properties(
     down: &Downstream<'_>,
     ctx: &RequestCtx,
     admission: &Admission,
     route: Route,
+    body_len: usize,
 ) -> HashMap<&'static str, Vec<u8>> {
     let head = down.head();
     let client = down.client_addr();
+    let local = down.server_addr();
     let bytes = |s: &str| s.as_bytes().to_vec();
+    let int = |n: u64| n.to_le_bytes().to_vec();
+    let header = |name: &str| {
+        head.headers
+            .get(name)
+            .map_or_else(Vec::new, |v| v.as_bytes().to_vec())
+    };
+    let addr =
+        |a: Option<std::net::SocketAddr>| bytes(&a.map(|a| a.to_string()).unwrap_or_default());
+    let port = |a: Option<std::net::SocketAddr>| int(u64::from(a.map_or(0, |a| a.port())));
+    let arrived = std::time::SystemTime::now() - ctx.record.started.elapsed();
+    let arrived = arrived
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let head_size: usize = head
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + head.uri.to_string().len();
+    let agent = &admission.agent;
     HashMap::from([
-        ("request.path", bytes(head.uri.path())),
+        (
+            "request.path",
+            bytes(head.uri.path_and_query().map_or("/", |p| p.as_str())),
+        ),
         ("request.url_path", bytes(head.uri.path())),
+        ("request.host", header("host")),
+        (
+            "request.scheme",
+            bytes(if down.is_tls() { "https" } else { "http" }),
+        ),
         ("request.method", bytes(head.method.as_str())),
+        ("request.query", bytes(head.uri.query().unwrap_or(""))),
+        ("request.referer", header("referer")),
+        ("request.useragent", header("user-agent")),
+        ("request.time", int(arrived)),
         ("request.id", bytes(&ctx.record.request_id)),
-        (
-            "request.protocol",
-            format!("{:?}", head.version).into_bytes(),
-        ),
-        (
-            "source.address",
-            client
-                .map(|a| a.to_string())
-                .unwrap_or_default()
-                .into_bytes(),
-        ),
-        (
-            "source.port",
-            i64::from(client.map_or(0, |a| a.port()))
-                .to_le_bytes()
-                .to_vec(),
-        ),
+        ("request.protocol", bytes(protocol(head.version))),
+        ("request.size", int(body_len as u64)),
+        ("request.total_size", int((head_size + body_len) as u64)),
+        ("source.address", addr(client)),
+        ("source.port", port(client)),
+        ("destination.address", addr(local)),
+        ("destination.port", port(local)),
+        ("connection.mtls", vec![0]),
+        // The agent is the edge's "cluster", and the route its route.
+        ("cluster_name", bytes(&agent.endpoint_id)),
+        ("xds.cluster_name", bytes(&agent.endpoint_id)),
+        ("route_name", bytes(route.path())),
+        ("xds.route_name", bytes(route.path())),
         ("moltghost.account", bytes(&admission.account.id)),
         ("moltghost.key_id", bytes(&admission.key.id)),
-        ("moltghost.agent", bytes(&admission.agent.endpoint_id)),
-        ("moltghost.agent_name", bytes(&admission.agent.name)),
+        ("moltghost.agent", bytes(&agent.endpoint_id)),
+        ("moltghost.agent_name", bytes(&agent.name)),
         ("moltghost.plan", bytes(&admission.account.plan.name)),
         ("moltghost.route", bytes(route.path())),
     ])
+}
+
+/// `request.protocol` as Envoy spells it.
+fn protocol(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
 }

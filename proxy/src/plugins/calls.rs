@@ -498,6 +498,7 @@ fn properties(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                         .get(&name)
                         .cloned()
                         .or_else(|| ex.properties.get(name.as_str()).cloned())
+                        .or_else(|| live_property(ex, &name))
                         .or_else(|| request_header_property(ex, &name))
                 }),
             };
@@ -623,6 +624,30 @@ fn metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 /// A plugin's metric by id: its kind (0 counter, 1 gauge, 2 histogram) and its value.
 fn metric(host: &Host, id: i32) -> Option<(i32, Arc<AtomicI64>)> {
     host.shared.metric(id as u32)
+}
+
+/// The properties that change as the request goes: the answer's status and size, and the
+/// request's duration so far (Envoy's encodings: integers as 8-byte little-endian).
+fn live_property(ex: &Exchange, name: &str) -> Option<Vec<u8>> {
+    let int = |n: u64| Some(n.to_le_bytes().to_vec());
+    match name {
+        "response.code" => int(u64::from(ex.response_code?)),
+        "response.code_details" => ex.response_code.map(|_| b"via_upstream".to_vec()),
+        "response.size" | "response.total_size" => {
+            ex.response_code?;
+            int(ex.response_size)
+        }
+        "request.duration" => {
+            let t = ex.properties.get("request.time")?;
+            let started = u64::from_le_bytes(t.as_slice().try_into().ok()?);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            int(now.saturating_sub(started))
+        }
+        _ => None,
+    }
 }
 
 /// `request.headers.<name>`-style lookups that Envoy offers as attributes.

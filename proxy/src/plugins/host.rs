@@ -42,6 +42,10 @@ pub struct Exchange {
     pub local_response: Option<LocalResponse>,
     /// A plugin reset the stream (`proxy_close_stream`).
     pub reset: bool,
+    /// The answer's status, once its header is known (`response.code`).
+    pub response_code: Option<u16>,
+    /// Bytes of the answer's body so far (`response.size`).
+    pub response_size: u64,
 }
 
 /// An answer a plugin sends instead of the runtime's.

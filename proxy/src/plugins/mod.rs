@@ -520,6 +520,10 @@ impl PluginRun {
 
     /// The response's headers (status in `:status`). Plugins may change them or answer instead.
     pub fn on_response_headers(&mut self, headers: &mut Headers) -> Result<(), Verdict> {
+        self.exchange.response_code = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
         self.exchange.response_headers = std::mem::take(headers);
         let r = self.run(Phase::ResponseHeaders, false);
         *headers = std::mem::take(&mut self.exchange.response_headers);
@@ -532,6 +536,7 @@ impl PluginRun {
         chunk: Bytes,
         end_of_stream: bool,
     ) -> Result<Bytes, Verdict> {
+        self.exchange.response_size += chunk.len() as u64;
         if !self.sees_response_body() {
             return Ok(chunk);
         }
