@@ -421,6 +421,40 @@ async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assemblyscript_sdk_plugin_runs_under_its_root_id() {
+    let wasm = common::as_plugin_wasm("as_add_header");
+    let conf = |root_id: &str, config: &str| {
+        format!(
+            "[[plugins]]\nname = \"as\"\npath = \"{}\"\nroot_id = \"{root_id}\"\n{config}\n",
+            wasm.display()
+        )
+    };
+    // The SDK finds its root context by the root id, as on Envoy.
+    let s = Stack::start(&conf("add_header", "config = \"from config\"")).await;
+    let r = s
+        .post_as("abc123", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["hello"], "from config");
+    drop(s);
+    // Under another root id it has no root context: the edge refuses it at load, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, conf("elsewhere", "")).unwrap();
+    let (code, _, err) = common::run(
+        std::process::Command::new(common::bin("moltghost-proxy"))
+            .args(["--config"])
+            .arg(&path)
+            .arg("--check"),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("`as`") && err.contains("\"elsewhere\""), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_plugin_is_refused_at_load_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");

@@ -271,7 +271,12 @@ impl Compiled {
         vm.exports
             .context_create
             .call(&mut vm.store, (ROOT_CONTEXT, 0))
-            .map_err(|e| format!("root context: {e:#}"))?;
+            .map_err(|e| {
+                format!(
+                    "root context under root_id {:?} (a module with several root contexts picks one by it): {e:#}",
+                    shared.root_id
+                )
+            })?;
         if let Some(start) = vm.exports.vm_start.clone() {
             vm.arm();
             let size = shared.vm_config.len() as i32;

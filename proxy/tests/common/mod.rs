@@ -678,6 +678,39 @@ pub fn go_plugin_wasm(name: &str) -> PathBuf {
     out
 }
 
+/// The AssemblyScript plugin `plugins/<name>` built with its locked npm packages (the SDK
+/// `@solo-io/proxy-runtime` and the `asc` compiler), once per test process.
+pub fn as_plugin_wasm(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins")
+        .join(name);
+    let out = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| dir.join("../target"))
+        .join(format!("plugins/as/{name}.wasm"));
+    if !dir.join("node_modules").exists() {
+        let (code, stdout, stderr) = run(Command::new("npm").current_dir(&dir).args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ]));
+        assert_eq!(
+            code, 0,
+            "npm ci in plugins/{name} failed:\n{stdout}{stderr}"
+        );
+    }
+    let (code, stdout, stderr) = run(Command::new("npm")
+        .current_dir(&dir)
+        .args(["run", "--silent", "build", "--"])
+        .arg(&out));
+    assert_eq!(
+        code, 0,
+        "building the AssemblyScript plugin {name} failed:\n{stdout}{stderr}"
+    );
+    out
+}
+
 /// A binary of the workspace (`moltghost`, `moltghost-pod`, `agent-runtime`), built beside the
 /// edge's: `cargo test --workspace` builds every package's binaries before any test runs.
 pub fn bin(name: &str) -> std::path::PathBuf {
