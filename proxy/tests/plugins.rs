@@ -451,7 +451,10 @@ async fn an_assemblyscript_sdk_plugin_runs_under_its_root_id() {
             .arg("--check"),
     );
     assert_ne!(code, 0);
-    assert!(err.contains("`as`") && err.contains("\"elsewhere\""), "{err}");
+    assert!(
+        err.contains("`as`") && err.contains("\"elsewhere\""),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
