@@ -407,7 +407,10 @@ impl Connection {
             local: self.local,
             tls: self.tls,
         };
-        let prepared = match p.prepare(&mut down, ctx, &self.admission, Route::Ws, text, now)? {
+        let prepared = match p
+            .prepare(&mut down, ctx, &self.admission, Route::Ws, text, now)
+            .await?
+        {
             Preparation::Forward(prepared) => *prepared,
             Preparation::Answered(verdict) => return Err(plugin_failure(verdict)),
         };
@@ -439,7 +442,7 @@ impl Connection {
         let mut h = ResponseHeader::build_no_case(200, Some(2)).expect("200 is a status");
         h.insert_header("content-type", "application/json")
             .expect("static value");
-        ctx.filter_response_header(&mut h)?;
+        ctx.filter_response_header(&mut h).await?;
         ctx.record.status = 200;
         let mut relay = NativeRelay::new();
         let mut accounting = x.accounting.as_mut();
@@ -480,7 +483,7 @@ impl Connection {
         sent: &mut u64,
     ) -> Result<(), Failure> {
         let text = Bytes::from(event.to_string());
-        let text = ctx.filter_response_body(text, end)?;
+        let text = ctx.filter_response_body(text, end).await?;
         if text.is_empty() {
             return Ok(());
         }

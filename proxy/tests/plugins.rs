@@ -5,31 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Stack;
+use common::{chat, hi, plugin, Stack};
 use serde_json::{json, Value};
-
-fn plugin(name: &str, wasm: &str, extra: &str) -> String {
-    format!(
-        "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n",
-        common::plugin_wasm(wasm).display()
-    )
-}
-
-async fn chat(s: &Stack, agent: &str, body: Value, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut r = s
-        .post_as(agent, "/v1/chat/completions", Some(&s.key))
-        .json(&body);
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
-}
-
-fn hi(stream: bool) -> Value {
-    json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allowlist_admits_listed_addresses_and_header_values() {

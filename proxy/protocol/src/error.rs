@@ -83,6 +83,14 @@ pub enum EdgeError {
     /// A policy plugin whose fail policy is `closed` failed (trapped, ran past its deadline or
     /// its memory limit, or is backing off after doing so).
     PluginFailed(Cow<'static, str>),
+    /// A policy plugin paused the answer to see it whole, and it outgrew what the plugin may
+    /// hold back (its `buffer_kb`).
+    PluginBufferFull {
+        /// The plugin.
+        plugin: String,
+        /// Its limit in bytes.
+        limit: usize,
+    },
     /// Plain HTTP on an edge configured to redirect it: the same URL over HTTPS.
     HttpsRequired {
         /// The `https://` URL to use instead.
@@ -125,6 +133,7 @@ impl EdgeError {
             Self::Forbidden(_) => 403,
             Self::Conflict(_) => 409,
             Self::PluginFailed(_) => 503,
+            Self::PluginBufferFull { .. } => 502,
             Self::HttpsRequired { .. } => 308,
             Self::InvalidIdentity(_) => 401,
             Self::RuntimeUnreachable(_) => 502,
@@ -159,6 +168,7 @@ impl EdgeError {
             Self::Forbidden(_) => "forbidden",
             Self::Conflict(_) => "conflict",
             Self::PluginFailed(_) => "plugin_failed",
+            Self::PluginBufferFull { .. } => "answer_too_large",
             Self::HttpsRequired { .. } => "https_required",
             Self::InvalidIdentity(_) => "invalid_identity",
             Self::RuntimeUnreachable(_) => "runtime_unreachable",
@@ -228,6 +238,10 @@ impl EdgeError {
             }
             Self::ClientClosed => "The client closed the connection".into(),
             Self::StreamReset => "A policy plugin reset the stream".into(),
+            Self::PluginBufferFull { plugin, limit } => format!(
+                "The answer is larger than policy plugin `{plugin}` may hold back ({limit} bytes)"
+            )
+            .into(),
         }
     }
 

@@ -151,6 +151,10 @@ pub struct FilePlugin {
     pub vm_id: Option<String>,
     #[serde(default)]
     pub vm_config: Option<toml::Value>,
+    #[serde(default)]
+    pub upstreams: std::collections::HashMap<String, String>,
+    #[serde(default)]
+    pub buffer_kb: Option<u64>,
 }
 
 /// `[tunnel]`.

@@ -287,6 +287,13 @@ fn plugins(files: Vec<FilePlugin>) -> Result<Vec<PluginConfig>, ConfigError> {
         if !(1..=1024).contains(&memory_mb) {
             return Err(bad(key("memory_mb"), "must be between 1 and 1024"));
         }
+        // Envoy's default buffer limit is 1 MiB per stream.
+        let buffer_kb = p.buffer_kb.unwrap_or(1024);
+        if !(1..=64 * 1024).contains(&buffer_kb) {
+            return Err(bad(key("buffer_kb"), "must be between 1 and 65536"));
+        }
+        let upstreams = crate::plugins::callout::upstreams(&p.upstreams)
+            .map_err(|e| bad(key("upstreams"), e))?;
         out.push(PluginConfig {
             name: p.name,
             path: PathBuf::from(p.path),
@@ -300,6 +307,8 @@ fn plugins(files: Vec<FilePlugin>) -> Result<Vec<PluginConfig>, ConfigError> {
             root_id: p.root_id.unwrap_or_default(),
             vm_id: p.vm_id.unwrap_or_default(),
             vm_config,
+            upstreams,
+            buffer_bytes: (buffer_kb as usize) << 10,
         });
     }
     Ok(out)

@@ -51,14 +51,17 @@ pub async fn serve(
     .await?;
     // Plugins' changes to the head are made in the session itself, so each stage can wrap it
     // afresh.
-    let prepared = match p.prepare(
-        &mut Downstream::Http(session),
-        ctx,
-        &admission,
-        route,
-        body,
-        now,
-    )? {
+    let prepared = match p
+        .prepare(
+            &mut Downstream::Http(session),
+            ctx,
+            &admission,
+            route,
+            body,
+            now,
+        )
+        .await?
+    {
         Preparation::Forward(prepared) => *prepared,
         Preparation::Answered(verdict) => {
             return Responder::new(session, ctx).verdict(verdict).await

@@ -28,6 +28,11 @@ pub struct RequestCtx {
     /// A plugin's own answer, decided in the response header phase: sent instead of the
     /// runtime's (whose header has not gone out).
     pub local_reply: Option<LocalResponse>,
+    /// A plugin paused the answer's header: it is not written before body bytes pass.
+    pub hold_header: bool,
+    /// The answer's header, held back by a plugin until the first body bytes pass (an error
+    /// before then is still answered whole, as JSON).
+    pub held_header: Option<Box<ResponseHeader>>,
     /// The request ends without an answer (the client left, or a plugin reset the stream):
     /// nothing more may be written, the connection is dropped.
     pub unanswered: bool,
@@ -53,19 +58,24 @@ impl RequestCtx {
     }
 
     /// The response header through the plugins; true when they will see (and may rewrite) the
-    /// body, which is then re-framed (its length dropped).
-    pub fn filter_response_header(&mut self, h: &mut ResponseHeader) -> Result<bool, EdgeError> {
+    /// body, which is then re-framed (its length dropped). A plugin that paused the header
+    /// holds it back: [`Self::held_header`] keeps it until the body's first bytes go out.
+    pub async fn filter_response_header(
+        &mut self,
+        h: &mut ResponseHeader,
+    ) -> Result<bool, EdgeError> {
         let Some(run) = self.plugins.as_mut() else {
             return Ok(false);
         };
         let mut headers = crate::plugins::response_headers(h);
-        if let Err(verdict) = run.on_response_headers(&mut headers) {
+        if let Err(verdict) = run.on_response_headers(&mut headers).await {
             if let Verdict::Respond(local) = &verdict {
                 self.local_reply = Some(local.clone());
             }
             return Err(verdict.into_error());
         }
         crate::plugins::apply_response_headers(h, &headers);
+        self.hold_header = run.holds_header;
         let sees_body = run.sees_response_body();
         if sees_body {
             h.remove_header("content-length");
@@ -74,10 +84,17 @@ impl RequestCtx {
     }
 
     /// A response body chunk through the plugins (`end` on the last).
-    pub fn filter_response_body(&mut self, bytes: Bytes, end: bool) -> Result<Bytes, EdgeError> {
+    pub async fn filter_response_body(
+        &mut self,
+        bytes: Bytes,
+        end: bool,
+    ) -> Result<Bytes, EdgeError> {
         match self.plugins.as_mut() {
             None => Ok(bytes),
-            Some(run) => run.on_response_body(bytes, end).map_err(|v| v.into_error()),
+            Some(run) => run
+                .on_response_body(bytes, end)
+                .await
+                .map_err(|v| v.into_error()),
         }
     }
 

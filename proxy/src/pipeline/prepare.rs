@@ -68,7 +68,7 @@ pub enum Preparation {
 
 impl Pipeline {
     /// Request-side plugins, then translation (see the module's doc).
-    pub fn prepare(
+    pub async fn prepare(
         &self,
         down: &mut Downstream<'_>,
         ctx: &mut RequestCtx,
@@ -77,7 +77,10 @@ impl Pipeline {
         mut body: Bytes,
         now: Instant,
     ) -> Result<Preparation, EdgeError> {
-        if let Some(verdict) = self.request_plugins(down, ctx, admission, route, &mut body) {
+        if let Some(verdict) = self
+            .request_plugins(down, ctx, admission, route, &mut body)
+            .await
+        {
             return Ok(Preparation::Answered(verdict));
         }
         let query = down.head().uri.query().map(|q| format!("?{q}"));
@@ -93,7 +96,7 @@ impl Pipeline {
 
     /// The request's headers and whole body through the plugins that apply, before any
     /// upstream connection. `Some` when a plugin decided instead; header changes are applied.
-    fn request_plugins(
+    async fn request_plugins(
         &self,
         down: &mut Downstream<'_>,
         ctx: &mut RequestCtx,
@@ -110,7 +113,7 @@ impl Pipeline {
         let mut run = set.start(route.path(), &agent.endpoint_id, &agent.name, props)?;
         let scheme = if down.is_tls() { "https" } else { "http" };
         let mut headers = crate::plugins::request_headers(down.head(), scheme);
-        let verdict = run.on_request(&mut headers, body);
+        let verdict = run.on_request(&mut headers, body).await;
         ctx.plugins = Some(run);
         match verdict {
             Ok(()) => {

@@ -79,6 +79,11 @@ impl<'a> Responder<'a> {
                     .expect("static value");
             }
         }
+        if self.ctx.hold_header {
+            // A plugin paused it: it goes out with the first body bytes that pass.
+            self.ctx.held_header = Some(Box::new(h));
+            return Ok(());
+        }
         self.ctx.responded_with(h.status.as_u16());
         self.session
             .write_response_header(Box::new(h), false)
@@ -151,7 +156,7 @@ impl<'a> Responder<'a> {
 
     /// Writes a chunk of a body, through the plugins.
     pub async fn pass(&mut self, bytes: Bytes) -> Result<(), EdgeError> {
-        let bytes = self.ctx.filter_response_body(bytes, false)?;
+        let bytes = self.ctx.filter_response_body(bytes, false).await?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -160,13 +165,13 @@ impl<'a> Responder<'a> {
 
     /// Writes the last chunk of a body (through the plugins, which see its end) and ends it.
     pub async fn last(&mut self, bytes: Bytes) -> Result<(), EdgeError> {
-        let bytes = self.ctx.filter_response_body(bytes, true)?;
+        let bytes = self.ctx.filter_response_body(bytes, true).await?;
         self.write(Some(bytes), true).await
     }
 
     /// Ends a streamed body (the plugins see its end first).
     pub async fn finish(&mut self) -> Result<(), EdgeError> {
-        let last = self.ctx.filter_response_body(Bytes::new(), true)?;
+        let last = self.ctx.filter_response_body(Bytes::new(), true).await?;
         if !last.is_empty() {
             self.write(Some(last), false).await?;
         }
@@ -177,7 +182,8 @@ impl<'a> Responder<'a> {
     /// body. The body is complete, so the connection stays usable; the error goes to the
     /// access log. A client that went away, or a stream a plugin reset, is cut instead.
     pub async fn end_with_error(&mut self, err: EdgeError) -> Result<(), EdgeError> {
-        if !err.is_written() {
+        if !err.is_written() || self.ctx.held_header.take().is_some() {
+            // Nothing went out yet when a plugin held the header: the error is answered whole.
             return Err(err);
         }
         self.ctx.record.error = Some(err.code());
@@ -185,6 +191,13 @@ impl<'a> Responder<'a> {
     }
 
     async fn write(&mut self, bytes: Option<Bytes>, end: bool) -> Result<(), EdgeError> {
+        if let Some(h) = self.ctx.held_header.take() {
+            self.ctx.responded_with(h.status.as_u16());
+            self.session
+                .write_response_header(h, false)
+                .await
+                .map_err(|_| EdgeError::ClientClosed)?;
+        }
         self.session
             .write_response_body(bytes, end)
             .await

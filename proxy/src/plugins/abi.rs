@@ -57,16 +57,22 @@ pub enum MapType {
     ResponseHeaders,
     /// The response's trailers (empty unless a plugin adds some).
     ResponseTrailers,
+    /// An HTTP call's answer's headers (`:status` first), in its callback.
+    CallResponseHeaders,
+    /// An HTTP call's answer's trailers, in its callback.
+    CallResponseTrailers,
 }
 
 impl MapType {
-    /// From the ABI's number; `None` for maps this host has no use for (gRPC, HTTP calls).
+    /// From the ABI's number; `None` for maps this host has no use for (gRPC metadata).
     pub fn from_raw(v: i32) -> Option<Self> {
         Some(match v {
             0 => Self::RequestHeaders,
             1 => Self::RequestTrailers,
             2 => Self::ResponseHeaders,
             3 => Self::ResponseTrailers,
+            6 => Self::CallResponseHeaders,
+            7 => Self::CallResponseTrailers,
             _ => return None,
         })
     }
@@ -83,8 +89,10 @@ pub enum BufferType {
     VmConfiguration,
     /// The plugin's `config` from the edge's configuration.
     PluginConfiguration,
-    /// A buffer of the ABI that an HTTP request here never has (TCP stream data, an HTTP or
-    /// gRPC call's answer, call data).
+    /// An HTTP call's answer's body, in its callback.
+    CallResponseBody,
+    /// A buffer of the ABI that an HTTP request here never has (TCP stream data, a gRPC
+    /// message, call data).
     Absent,
 }
 
@@ -96,7 +104,8 @@ impl BufferType {
             1 => Self::ResponseBody,
             6 => Self::VmConfiguration,
             7 => Self::PluginConfiguration,
-            2..=5 | 8 => Self::Absent,
+            4 => Self::CallResponseBody,
+            2 | 3 | 5 | 8 => Self::Absent,
             _ => return None,
         })
     }

@@ -86,6 +86,8 @@ fn map(ex: &mut Exchange, t: MapType) -> Option<&mut Headers> {
         MapType::ResponseHeaders => &mut ex.response_headers,
         MapType::RequestTrailers => &mut ex.request_trailers,
         MapType::ResponseTrailers => &mut ex.response_trailers,
+        MapType::CallResponseHeaders => &mut ex.call_response.as_mut()?.headers,
+        MapType::CallResponseTrailers => &mut ex.call_response.as_mut()?.trailers,
     })
 }
 
@@ -120,7 +122,8 @@ pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     local_response(l)?;
     properties(l)?;
     shared_data(l)?;
-    metrics(l)
+    metrics(l)?;
+    super::callout::define(l)
 }
 
 /// Logging, time, ticks, and the stream and context calls.
@@ -193,10 +196,22 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap("env", "proxy_done", |_: Caller<'_, Host>| -> i32 {
         Status::Ok as i32
     })?;
+    // Resuming a paused request or response: the walk through the plugins goes on once the
+    // current callback returns.
     l.func_wrap(
         "env",
         "proxy_continue_stream",
-        |_: Caller<'_, Host>, _stream: i32| -> i32 { Status::Ok as i32 },
+        |mut c: Caller<'_, Host>, stream: i32| -> i32 {
+            match stream {
+                0 | 1 => {
+                    let ex = try_raw!(exchange(&mut c), Status::NotFound);
+                    ex.continued = true;
+                    Status::Ok as i32
+                }
+                2 | 3 => Status::NotFound as i32,
+                _ => Status::BadArgument as i32,
+            }
+        },
     )?;
     // The SDKs' "reset" of the request or the response: as on Envoy, the stream ends for
     // real (before the upstream: no upstream connection at all; mid-answer: a cut).
@@ -218,15 +233,19 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         },
     )?;
     // ABI 0.2.0's names for the same.
-    for name in [
-        "proxy_continue_request",
-        "proxy_continue_response",
-        "proxy_clear_route_cache",
-    ] {
-        l.func_wrap("env", name, |_: Caller<'_, Host>| -> i32 {
+    for name in ["proxy_continue_request", "proxy_continue_response"] {
+        l.func_wrap("env", name, |mut c: Caller<'_, Host>| -> i32 {
+            let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            ex.continued = true;
             Status::Ok as i32
         })?;
     }
+    // The route is chosen before plugins run: there is no cache to clear.
+    l.func_wrap(
+        "env",
+        "proxy_clear_route_cache",
+        |_: Caller<'_, Host>| -> i32 { Status::Ok as i32 },
+    )?;
 
     Ok(())
 }
@@ -432,6 +451,10 @@ fn buffer(host: &Host, t: BufferType) -> Option<Bytes> {
         BufferType::VmConfiguration => Some(Bytes::from(host.shared.vm_config.clone())),
         BufferType::RequestBody => host.exchange.as_ref().map(|e| e.request_body.clone()),
         BufferType::ResponseBody => host.exchange.as_ref().map(|e| e.response_body.clone()),
+        BufferType::CallResponseBody => host
+            .exchange
+            .as_ref()
+            .and_then(|e| Some(e.call_response.as_ref()?.body.clone())),
         BufferType::Absent => None,
     }
 }

@@ -15,6 +15,7 @@ use wasmtime::{
 };
 
 use super::abi::{self, Headers, Status};
+use super::callout::{CallRequest, CallResponse};
 pub use super::shared::Shared;
 
 /// What a request exposes to plugins: headers, body, answer, and the properties.
@@ -46,6 +47,11 @@ pub struct Exchange {
     pub response_code: Option<u16>,
     /// Bytes of the answer's body so far (`response.size`).
     pub response_size: u64,
+    /// A plugin resumed the stream (`proxy_continue_stream`, or 0.2.0's
+    /// `proxy_continue_request`/`_response`).
+    pub continued: bool,
+    /// The answer to an HTTP call, while its callback runs.
+    pub call_response: Option<CallResponse>,
 }
 
 /// An answer a plugin sends instead of the runtime's.
@@ -69,7 +75,14 @@ pub struct Host {
     pub exchange: Option<Exchange>,
     /// Standard output and error written so far without a newline.
     pub(super) stdio: [Vec<u8>; 2],
+    /// HTTP calls the plugin asked for, to be made once the current call returns.
+    pub(super) calls_out: Vec<CallRequest>,
+    /// The last HTTP call token handed out.
+    pub(super) next_token: u32,
 }
+
+/// `proxy_on_http_call_response(root, token, headers, body size, trailers)`.
+type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 /// The calls a VM exports, by name.
 struct Exports {
@@ -84,6 +97,7 @@ struct Exports {
     done: Option<TypedFunc<i32, i32>>,
     delete: Option<TypedFunc<i32, ()>>,
     tick: Option<TypedFunc<i32, ()>>,
+    http_call_response: Option<CallResponseFn>,
 }
 
 /// The root context every VM creates first.
@@ -169,6 +183,8 @@ fn dummy_host() -> Host {
         shared: Arc::new(Shared::new("", Vec::new())),
         exchange: None,
         stdio: Default::default(),
+        calls_out: Vec::new(),
+        next_token: 0,
     }
 }
 
@@ -214,6 +230,8 @@ impl Compiled {
             shared: shared.clone(),
             exchange: None,
             stdio: Default::default(),
+            calls_out: Vec::new(),
+            next_token: 0,
         };
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);
@@ -259,6 +277,7 @@ impl Compiled {
             done: typed!("proxy_on_done"),
             delete: typed!("proxy_on_delete"),
             tick: typed!("proxy_on_tick"),
+            http_call_response: typed!("proxy_on_http_call_response"),
         };
         let mut vm = Vm {
             store,
@@ -396,6 +415,40 @@ impl Vm {
         result
     }
 
+    /// The HTTP calls the plugin asked for since this was last asked.
+    pub fn take_calls(&mut self) -> Vec<CallRequest> {
+        std::mem::take(&mut self.store.data_mut().calls_out)
+    }
+
+    /// Delivers the answer to the HTTP call `token` (`proxy_on_http_call_response`, on the
+    /// root context as Envoy does: the SDKs find the calling context by the token), with
+    /// `exchange` visible so that the callback can resume or answer its request.
+    pub fn call_response(
+        &mut self,
+        token: u32,
+        response: CallResponse,
+        exchange: &mut Exchange,
+    ) -> Result<(), String> {
+        let Some(f) = self.exports.http_call_response.clone() else {
+            return Ok(());
+        };
+        let counts = (
+            response.headers.len() as i32,
+            response.body.len() as i32,
+            response.trailers.len() as i32,
+        );
+        exchange.call_response = Some(response);
+        self.store.data_mut().exchange = Some(std::mem::take(exchange));
+        self.arm();
+        let r = f.call(
+            &mut self.store,
+            (ROOT_CONTEXT, token as i32, counts.0, counts.1, counts.2),
+        );
+        *exchange = self.store.data_mut().exchange.take().unwrap_or_default();
+        exchange.call_response = None;
+        r.map_err(|e| format!("{e:#}"))
+    }
+
     /// Delivers a tick to the root context.
     pub fn tick(&mut self) -> Result<(), String> {
         if let Some(f) = self.exports.tick.clone() {
@@ -510,13 +563,12 @@ mod tests {
     #[test]
     fn a_call_this_host_does_not_offer_is_logged_once_and_answers_a_status() {
         const CALLS_OUT: &str = r#"(module
-          (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+          (import "env" "proxy_get_status" (func $status (param i32 i32 i32) (result i32)))
           (memory (export "memory") 1)
           (func (export "_initialize")
-            (if (i32.ne (call $call (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                  (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10)) (then unreachable))
-            (drop (call $call (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
-                  (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))))
+            (if (i32.ne (call $status (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10))
+              (then unreachable))
+            (drop (call $status (i32.const 0) (i32.const 0) (i32.const 0))))
           (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
           (func (export "proxy_abi_version_0_2_1"))
           (func (export "proxy_on_context_create") (param i32 i32)))"#;
@@ -530,7 +582,7 @@ mod tests {
         });
         let lines: Vec<&str> = text
             .lines()
-            .filter(|l| l.contains("proxy_http_call"))
+            .filter(|l| l.contains("proxy_get_status"))
             .collect();
         assert_eq!(lines.len(), 1, "{text}");
         assert!(lines[0].contains("callout"), "{text}");

@@ -3,9 +3,10 @@
 //!
 //! - [`abi`]: the ABI's plain data (statuses, map encoding), free of wasmtime.
 //! - [`host`]: the host calls and one plugin VM.
+//! - [`callout`]: HTTP calls out (`proxy_http_call`).
+//! - [`run`]: [`PluginRun`], a request's walk through the plugins' phases.
 //! - this module: the configured plugin set, one VM per plugin per worker thread (the edge's
-//!   workers do not steal work, so a request's context stays in its thread's VM), and
-//!   [`PluginRun`], a request's walk through the plugins' phases.
+//!   workers do not steal work, so a request's context stays in its thread's VM).
 //!
 //! Modules are compiled once when the configuration loads (a module that does not compile,
 //! link, start or accept its configuration is refused then). Every call runs under an epoch
@@ -13,10 +14,18 @@
 //! back-off, and the request in flight follows the plugin's fail policy.
 
 pub mod abi;
+pub mod callout;
 mod calls;
+mod headers;
 pub mod host;
+mod run;
 pub mod shared;
 mod wasi;
+
+pub use headers::{
+    apply_request_headers, apply_response_headers, request_headers, response_headers,
+};
+pub use run::{PluginRun, Verdict};
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,11 +33,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use wasmtime::Engine;
 
-use self::abi::{Action, Headers};
-use self::host::{Compiled, Exchange, LocalResponse, Phase, Shared, Vm};
+use self::host::{Compiled, Exchange, Shared, Vm};
 
 /// A plugin as the configuration declares it (validated).
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +66,10 @@ pub struct PluginConfig {
     pub vm_id: String,
     /// Envoy's VM configuration, handed to `proxy_on_vm_start` (a table arrives as JSON).
     pub vm_config: String,
+    /// Where the plugin's HTTP calls may go, by name (Envoy's clusters).
+    pub upstreams: HashMap<String, url::Url>,
+    /// The most of an answer (or of an HTTP call's answer) the plugin may hold back.
+    pub buffer_bytes: usize,
 }
 
 /// The process's wasmtime engine: epoch interruption (ticked every millisecond by a thread of
@@ -140,11 +151,9 @@ impl Plugin {
         let compiled = host::link(engine(), module(&wasm)?, cfg.memory_bytes)
             .map_err(|e| format!("plugin `{}`: {e}", cfg.name))?;
         let shared = Arc::new(
-            Shared::new(&cfg.name, cfg.config.clone().into_bytes()).with_vm(
-                &cfg.root_id,
-                &cfg.vm_id,
-                cfg.vm_config.clone().into_bytes(),
-            ),
+            Shared::new(&cfg.name, cfg.config.clone().into_bytes())
+                .with_vm(&cfg.root_id, &cfg.vm_id, cfg.vm_config.clone().into_bytes())
+                .with_upstreams(cfg.upstreams.clone()),
         );
         // Started and configured once now, so that a bad plugin fails the load, not a request.
         compiled
@@ -189,6 +198,14 @@ fn start_ticks(plugin: &Arc<Plugin>) {
         .name(format!("moltghost-wasm-tick-{}", plugin.cfg.name))
         .spawn(move || {
             let mut vm: Option<Vm> = None;
+            // Where the root context's HTTP calls are made: this thread waits for them (a
+            // tick comes late rather than overlapping its calls).
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             loop {
                 let Some(p) = weak.upgrade() else { return };
                 let period = p.shared.tick_ms.load(Relaxed);
@@ -204,7 +221,8 @@ fn start_ticks(plugin: &Arc<Plugin>) {
                         .ok();
                 }
                 if let Some(v) = vm.as_mut() {
-                    if let Err(e) = v.tick() {
+                    let limit = p.cfg.buffer_bytes;
+                    if let Err(e) = v.tick().and_then(|()| tick_calls(v, limit, &rt)) {
                         tracing::warn!(plugin = %p.cfg.name, error = %e, "plugin tick failed: its VM is rebuilt");
                         vm = None;
                     }
@@ -213,6 +231,20 @@ fn start_ticks(plugin: &Arc<Plugin>) {
                 std::thread::sleep(Duration::from_millis(u64::from(period.max(1))));
             }
         });
+}
+
+/// Makes the HTTP calls a root context asked for (from `on_tick`, or from the callbacks of
+/// earlier calls) and delivers their answers, until none is pending.
+fn tick_calls(vm: &mut Vm, limit: usize, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+    loop {
+        let calls = vm.take_calls();
+        if calls.is_empty() {
+            return Ok(());
+        }
+        for (token, answer) in rt.block_on(callout::perform_all(calls, limit)) {
+            vm.call_response(token, answer, &mut Exchange::default())?;
+        }
+    }
 }
 
 /// The configured plugins, in order.
@@ -251,19 +283,7 @@ impl PluginSet {
         if active.is_empty() {
             return None;
         }
-        Some(PluginRun {
-            set: self.clone(),
-            contexts: active.into_iter().map(|i| (i, None)).collect(),
-            exchange: Exchange {
-                properties: Arc::new(properties),
-                ..Exchange::default()
-            },
-            thread: std::thread::current().id(),
-            authorization: Vec::new(),
-            decisions: Vec::new(),
-            spent: Duration::ZERO,
-            finished: false,
-        })
+        Some(PluginRun::new(self.clone(), active, properties))
     }
 }
 
@@ -357,298 +377,6 @@ pub fn forget_unloaded(set: &PluginSet) {
         vms.borrow_mut()
             .retain(|uid, _| set.plugins.iter().any(|p| p.uid == *uid))
     });
-}
-
-/// How a request's run through the plugins ended a phase.
-#[derive(Debug)]
-pub enum Verdict {
-    /// A plugin answered instead of the runtime.
-    Respond(LocalResponse),
-    /// A fail-closed plugin failed; the message names it (and says nothing of its internals,
-    /// which the log has).
-    Failed(String),
-    /// A plugin reset the stream.
-    Reset,
-}
-
-impl Verdict {
-    /// The verdict as the edge's error, from the one table: a fail-closed failure is
-    /// `plugin_failed`, a local answer `policy_denied` with the plugin's status and reason.
-    pub fn into_error(self) -> crate::error::EdgeError {
-        match self {
-            Self::Failed(m) => crate::error::EdgeError::PluginFailed(m.into()),
-            Self::Reset => crate::error::EdgeError::StreamReset,
-            Self::Respond(local) => crate::error::EdgeError::Denied {
-                status: local.status,
-                message: if local.details.is_empty() {
-                    "Denied by policy".into()
-                } else {
-                    local.details
-                },
-            },
-        }
-    }
-}
-
-/// One request's walk through the plugins: contexts in this thread's VMs, the exchange they
-/// see, what they decided.
-pub struct PluginRun {
-    set: Arc<PluginSet>,
-    /// Per active plugin: its index, and its context (id, VM generation) once created.
-    contexts: Vec<(usize, Option<(i32, u64)>)>,
-    exchange: Exchange,
-    thread: std::thread::ThreadId,
-    /// The client's `Authorization`, kept out of the exchange but for plugins that may see it.
-    authorization: Headers,
-    /// `plugin:decision` for the access log.
-    pub decisions: Vec<String>,
-    /// Time spent in plugin calls.
-    pub spent: Duration,
-    finished: bool,
-}
-
-impl PluginRun {
-    /// True when some active plugin handles response bodies (answers are then re-framed,
-    /// since their length may change).
-    pub fn sees_response_body(&self) -> bool {
-        self.contexts
-            .iter()
-            .any(|(i, _)| self.set.plugins[*i].compiled.sees_response_body)
-    }
-
-    /// Runs `phase` through every active plugin in order.
-    fn run(&mut self, phase: Phase, end_of_stream: bool) -> Result<(), Verdict> {
-        if std::thread::current().id() != self.thread {
-            // The request moved threads (it should not): its contexts are elsewhere.
-            return Ok(());
-        }
-        let started = Instant::now();
-        let set = self.set.clone();
-        let mut result = Ok(());
-        for (i, ctx) in self.contexts.iter_mut() {
-            let plugin = &set.plugins[*i];
-            let exchange = &mut self.exchange;
-            let shown = plugin.cfg.sees_authorization && !self.authorization.is_empty();
-            if shown {
-                exchange
-                    .request_headers
-                    .extend(self.authorization.iter().cloned());
-            }
-            let outcome = with_vm(plugin, |vm, generation| {
-                let id = match *ctx {
-                    Some((id, g)) if g == generation => id,
-                    // Its VM was rebuilt since: the context is gone with it.
-                    Some(_) => return Err("the plugin's VM was rebuilt mid-request".into()),
-                    None => {
-                        let id = vm.create_context()?;
-                        *ctx = Some((id, generation));
-                        id
-                    }
-                };
-                vm.phase(phase, id, exchange, end_of_stream)
-            });
-            if shown {
-                exchange
-                    .request_headers
-                    .retain(|(k, _)| k != "authorization");
-            }
-            match outcome {
-                Ok(action) => {
-                    if std::mem::take(&mut self.exchange.reset) {
-                        self.decisions.push(format!("{}:reset", plugin.cfg.name));
-                        result = Err(Verdict::Reset);
-                        break;
-                    }
-                    if let Some(local) = self.exchange.local_response.take() {
-                        self.decisions
-                            .push(format!("{}:respond {}", plugin.cfg.name, local.status));
-                        result = Err(Verdict::Respond(local));
-                        break;
-                    }
-                    if action == Action::Pause && matches!(phase, Phase::RequestHeaders) {
-                        // Paused for the body: the body phase follows anyway.
-                        continue;
-                    }
-                }
-                Err(e) if plugin.cfg.fail_open => {
-                    self.decisions.push(format!("{}:skipped", plugin.cfg.name));
-                    tracing::debug!(plugin = %plugin.cfg.name, error = %e, "plugin skipped (fail open)");
-                    *ctx = None;
-                }
-                Err(_) => {
-                    // What went wrong (a trap's backtrace, say) is in the log, not the answer.
-                    self.decisions.push(format!("{}:failed", plugin.cfg.name));
-                    result = Err(Verdict::Failed(format!(
-                        "policy plugin `{}` failed",
-                        plugin.cfg.name
-                    )));
-                    *ctx = None;
-                    break;
-                }
-            }
-        }
-        self.spent += started.elapsed();
-        result
-    }
-
-    /// The request: headers (names lowercase) and the whole body, before any upstream
-    /// connection. Plugins may change both, or answer instead.
-    pub fn on_request(&mut self, headers: &mut Headers, body: &mut Bytes) -> Result<(), Verdict> {
-        let (authorization, rest) = std::mem::take(headers)
-            .into_iter()
-            .partition(|(k, _)| k == "authorization");
-        self.authorization = authorization;
-        self.exchange.request_headers = rest;
-        self.exchange.request_body = body.clone();
-        let r = self
-            .run(Phase::RequestHeaders, body.is_empty())
-            .and_then(|()| {
-                if body.is_empty() {
-                    Ok(())
-                } else {
-                    self.run(Phase::RequestBody, true)
-                }
-            });
-        *headers = std::mem::take(&mut self.exchange.request_headers);
-        headers.extend(self.authorization.iter().cloned());
-        *body = std::mem::take(&mut self.exchange.request_body);
-        if r.is_ok() && self.decisions.is_empty() {
-            self.decisions.push("allow".into());
-        }
-        r
-    }
-
-    /// The response's headers (status in `:status`). Plugins may change them or answer instead.
-    pub fn on_response_headers(&mut self, headers: &mut Headers) -> Result<(), Verdict> {
-        self.exchange.response_code = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
-        self.exchange.response_headers = std::mem::take(headers);
-        let r = self.run(Phase::ResponseHeaders, false);
-        *headers = std::mem::take(&mut self.exchange.response_headers);
-        r
-    }
-
-    /// A response body chunk, as it passes (`end_of_stream` on the last). Plugins may rewrite it.
-    pub fn on_response_body(
-        &mut self,
-        chunk: Bytes,
-        end_of_stream: bool,
-    ) -> Result<Bytes, Verdict> {
-        self.exchange.response_size += chunk.len() as u64;
-        if !self.sees_response_body() {
-            return Ok(chunk);
-        }
-        self.exchange.response_body = chunk;
-        self.run(Phase::ResponseBody, end_of_stream)?;
-        Ok(std::mem::take(&mut self.exchange.response_body))
-    }
-
-    /// Ends the request in every plugin (`proxy_on_log`, `_done`, `_delete`).
-    pub fn finish(&mut self) {
-        if self.finished || std::thread::current().id() != self.thread {
-            return;
-        }
-        self.finished = true;
-        let set = self.set.clone();
-        for (i, ctx) in &self.contexts {
-            let Some((id, g)) = *ctx else { continue };
-            let plugin = &set.plugins[*i];
-            let exchange = &mut self.exchange;
-            let _ = with_vm(plugin, |vm, generation| {
-                if generation != g {
-                    return Ok(());
-                }
-                vm.finish(id, exchange)
-            });
-        }
-    }
-}
-
-impl Drop for PluginRun {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-impl std::fmt::Debug for PluginRun {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginRun")
-            .field("decisions", &self.decisions)
-            .field("spent", &self.spent)
-            .finish()
-    }
-}
-
-/// A request header as plugins see it: pseudo-headers (`:method`, `:path`, `:authority`,
-/// `:scheme`) first, then every header, names lowercase.
-pub fn request_headers(h: &pingora_http::RequestHeader, scheme: &str) -> Headers {
-    let mut out = Vec::with_capacity(h.headers.len() + 4);
-    out.push((":method".into(), h.method.as_str().as_bytes().to_vec()));
-    let path = h.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.push((":path".into(), path.as_bytes().to_vec()));
-    let authority = h
-        .headers
-        .get("host")
-        .map(|v| v.as_bytes().to_vec())
-        .or_else(|| h.uri.authority().map(|a| a.as_str().as_bytes().to_vec()))
-        .unwrap_or_default();
-    out.push((":authority".into(), authority));
-    out.push((":scheme".into(), scheme.as_bytes().to_vec()));
-    for (k, v) in h.headers.iter() {
-        out.push((k.as_str().to_owned(), v.as_bytes().to_vec()));
-    }
-    out
-}
-
-/// Puts what plugins left of the request's headers back (pseudo-headers are not changeable).
-pub fn apply_request_headers(h: &mut pingora_http::RequestHeader, headers: &Headers) {
-    let names: Vec<http::HeaderName> = h.headers.keys().cloned().collect();
-    for n in names {
-        h.remove_header(&n);
-    }
-    for (k, v) in headers.iter().filter(|(k, _)| !k.starts_with(':')) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(k.as_bytes()),
-            http::HeaderValue::from_bytes(v),
-        ) {
-            let _ = h.append_header(name, value);
-        }
-    }
-}
-
-/// A response header as plugins see it: `:status`, then every header.
-pub fn response_headers(h: &pingora_http::ResponseHeader) -> Headers {
-    let mut out = Vec::with_capacity(h.headers.len() + 1);
-    out.push((":status".into(), h.status.as_str().as_bytes().to_vec()));
-    for (k, v) in h.headers.iter() {
-        out.push((k.as_str().to_owned(), v.as_bytes().to_vec()));
-    }
-    out
-}
-
-/// Puts what plugins left of the response's headers back (`:status` included).
-pub fn apply_response_headers(h: &mut pingora_http::ResponseHeader, headers: &Headers) {
-    let names: Vec<http::HeaderName> = h.headers.keys().cloned().collect();
-    for n in names {
-        h.remove_header(&n);
-    }
-    for (k, v) in headers {
-        if k == ":status" {
-            if let Some(s) = std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u16>().ok())
-            {
-                let _ = h.set_status(s);
-            }
-        } else if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(k.as_bytes()),
-            http::HeaderValue::from_bytes(v),
-        ) {
-            let _ = h.append_header(name, value);
-        }
-    }
 }
 
 /// Every plugin's failures and the metrics plugins defined, in Prometheus's text format

@@ -36,6 +36,8 @@ pub struct Shared {
     pub vm_id: String,
     /// The VM configuration buffer (`proxy_on_vm_start`).
     pub vm_config: Vec<u8>,
+    /// Where `proxy_http_call` may go, by name (Envoy's clusters).
+    pub upstreams: HashMap<String, url::Url>,
     data: Arc<Mutex<Data>>,
     metrics: Mutex<Vec<Metric>>,
     /// Tick period the root context asked for, in milliseconds (0: none).
@@ -74,6 +76,7 @@ impl Shared {
             root_id: String::new(),
             vm_id: String::new(),
             vm_config: Vec::new(),
+            upstreams: HashMap::new(),
             data: data_of(""),
             metrics: Mutex::new(Vec::new()),
             tick_ms: AtomicU32::new(0),
@@ -89,6 +92,12 @@ impl Shared {
         self.data = data_of(vm_id);
         self.vm_id = vm_id.to_owned();
         self.vm_config = vm_config;
+        self
+    }
+
+    /// The same, with these upstreams for HTTP calls.
+    pub fn with_upstreams(mut self, upstreams: HashMap<String, url::Url>) -> Self {
+        self.upstreams = upstreams;
         self
     }
 

@@ -716,3 +716,35 @@ pub fn as_plugin_wasm(name: &str) -> PathBuf {
 pub fn bin(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_BIN_EXE_moltghost-proxy")).with_file_name(name)
 }
+
+/// A `[[plugins]]` entry for the example plugin `wasm` (see [`plugin_wasm`]), named `name`,
+/// with `extra` TOML lines.
+pub fn plugin(name: &str, wasm: &str, extra: &str) -> String {
+    format!(
+        "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\n",
+        plugin_wasm(wasm).display()
+    )
+}
+
+/// A chat completion to `agent` with the stack's key and extra headers: status and body.
+pub async fn chat(
+    s: &Stack,
+    agent: &str,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut r = s
+        .post_as(agent, "/v1/chat/completions", Some(&s.key))
+        .json(&body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// A one-message chat request, streamed or not.
+pub fn hi(stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+}

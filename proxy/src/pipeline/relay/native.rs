@@ -99,8 +99,8 @@ pub async fn answer(resp: &mut Responder<'_>, x: &mut Opened) -> Result<(), Edge
     let billed = accounting.map(|a| a.complete(Some(&body)));
     let answer = chat::answer_from_openai(&body, &resp.ctx.record.request_id, billed)?;
     let mut h = resp.header(200, "application/json");
-    resp.ctx.filter_response_header(&mut h)?;
-    let answer = resp.ctx.filter_response_body(answer, true)?;
+    resp.ctx.filter_response_header(&mut h).await?;
+    let answer = resp.ctx.filter_response_body(answer, true).await?;
     resp.whole(h, answer).await
 }
 
@@ -114,7 +114,7 @@ pub async fn stream(
     let mut h = resp.header(200, "text/event-stream");
     h.insert_header("cache-control", "no-cache")
         .expect("static value");
-    resp.ctx.filter_response_header(&mut h)?;
+    resp.ctx.filter_response_header(&mut h).await?;
     resp.send_header(h, true).await?;
     let _open = OpenGauge::new(gauge);
     let (inbound, guard, accounting) = x.parts();

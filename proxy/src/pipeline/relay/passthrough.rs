@@ -30,7 +30,7 @@ pub async fn pass_header(
                 .expect("parsed header");
         }
     }
-    resp.ctx.filter_response_header(&mut h)?;
+    resp.ctx.filter_response_header(&mut h).await?;
     decorate(&mut h, resp.ctx);
     resp.send_header(h, stream).await
 }

@@ -1,0 +1,266 @@
+//! HTTP calls out (`proxy_http_call`), as Envoy's wasm filter makes them: to an upstream the
+//! plugin's configuration names (`upstreams = { name = "http://..." }`, Envoy's cluster), with
+//! the plugin's headers (`:method`, `:path` and `:authority` required), body and timeout. The
+//! host call only records the call and hands back a token; the request's walk through the
+//! plugins ([`super::PluginRun`]) makes it once the phase returns, without blocking the worker,
+//! and delivers the answer to `proxy_on_http_call_response` on the root context, where the
+//! SDKs route it to the context that called by its token. A call that fails (refused, timed
+//! out, too large) is delivered as Envoy delivers it: with no headers, no body, no trailers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use wasmtime::{Caller, Linker};
+
+use super::abi::{self, Headers, Status};
+use super::calls::{read, write_u32};
+use super::host::Host;
+
+/// Calls one request may have waiting at once (past it `proxy_http_call` answers
+/// `InternalFailure`, logged once).
+pub const MAX_PENDING: usize = 64;
+/// The longest a call may take (a plugin's larger timeout, or none, is cut to it).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A call a plugin asked for, not yet made.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    /// The token the plugin got for it.
+    pub token: u32,
+    /// Where: the upstream's URL with the plugin's `:path`.
+    pub url: url::Url,
+    /// `:method`.
+    pub method: http::Method,
+    /// The other headers (`:authority` as `host`).
+    pub headers: Headers,
+    /// The body.
+    pub body: Vec<u8>,
+    /// The plugin's timeout, within [`MAX_TIMEOUT`].
+    pub timeout: Duration,
+}
+
+/// An answer, as the callback sees it (all empty when the call failed).
+#[derive(Debug, Clone, Default)]
+pub struct CallResponse {
+    /// `:status` first, then the headers, names lowercase.
+    pub headers: Headers,
+    /// The body.
+    pub body: Bytes,
+    /// The trailers (HTTP/1.1 answers have none).
+    pub trailers: Headers,
+}
+
+/// The upstreams a plugin's configuration names, checked once: each an `http` or `https` URL.
+pub fn upstreams(table: &HashMap<String, String>) -> Result<HashMap<String, url::Url>, String> {
+    table
+        .iter()
+        .map(|(name, raw)| {
+            let url = url::Url::parse(raw).map_err(|e| format!("upstream `{name}`: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(format!(
+                    "upstream `{name}`: {raw:?} is not an http:// or https:// URL"
+                ));
+            }
+            Ok((name.clone(), url))
+        })
+        .collect()
+}
+
+/// Defines `proxy_http_call`.
+pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_http_call",
+        |mut c: Caller<'_, Host>,
+         up: i32,
+         up_len: i32,
+         hp: i32,
+         hl: i32,
+         bp: i32,
+         bl: i32,
+         tp: i32,
+         tl: i32,
+         timeout_ms: i32,
+         token_ptr: i32|
+         -> i32 {
+            let Some(upstream) = read(&mut c, up, up_len) else {
+                return Status::InvalidMemoryAccess as i32;
+            };
+            let (Some(headers), Some(body), Some(_trailers)) = (
+                read(&mut c, hp, hl),
+                read(&mut c, bp, bl),
+                read(&mut c, tp, tl),
+            ) else {
+                return Status::InvalidMemoryAccess as i32;
+            };
+            let Some(headers) = abi::decode_map(&headers) else {
+                return Status::ParseFailure as i32;
+            };
+            let upstream = String::from_utf8_lossy(&upstream);
+            let Some(base) = c.data().shared.upstreams.get(upstream.as_ref()) else {
+                // Envoy: an unknown cluster is a bad argument.
+                return Status::BadArgument as i32;
+            };
+            let Some(mut request) = request(base, headers, body, timeout_ms) else {
+                return Status::BadArgument as i32;
+            };
+            let host = c.data_mut();
+            if host.calls_out.len() >= MAX_PENDING {
+                host.shared
+                    .unsupported("proxy_http_call (over 64 pending)", 10);
+                return Status::InternalFailure as i32;
+            }
+            host.next_token = host.next_token.wrapping_add(1).max(1);
+            request.token = host.next_token;
+            let token = request.token;
+            host.calls_out.push(request);
+            if write_u32(&mut c, token_ptr, token).is_none() {
+                c.data_mut().calls_out.pop();
+                return Status::InvalidMemoryAccess as i32;
+            }
+            Status::Ok as i32
+        },
+    )?;
+    Ok(())
+}
+
+/// The call the plugin's headers describe, or `None` (Envoy's `BadArgument`) when `:method`,
+/// `:path` or `:authority` is missing or unusable.
+fn request(
+    base: &url::Url,
+    headers: Headers,
+    body: Vec<u8>,
+    timeout_ms: i32,
+) -> Option<CallRequest> {
+    let pseudo = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    };
+    let method = http::Method::from_bytes(pseudo(":method")?.as_bytes()).ok()?;
+    let path = pseudo(":path")?;
+    let authority = pseudo(":authority")?;
+    if !path.starts_with('/') || authority.is_empty() {
+        return None;
+    }
+    let url = base.join(path).ok()?;
+    let mut rest: Headers = headers
+        .iter()
+        .filter(|(k, v)| !k.starts_with(':') && abi::valid_header_value(v))
+        .filter(|(k, _)| abi::valid_header_name(k) && k != "host")
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    rest.push(("host".into(), authority.as_bytes().to_vec()));
+    let timeout = match timeout_ms {
+        t if t > 0 => Duration::from_millis(t as u64).min(MAX_TIMEOUT),
+        _ => MAX_TIMEOUT,
+    };
+    Some(CallRequest {
+        token: 0,
+        url,
+        method,
+        headers: rest,
+        body,
+        timeout,
+    })
+}
+
+thread_local! {
+    // One client per worker thread: its connections live on that worker's runtime.
+    static CLIENT: reqwest::Client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client");
+}
+
+/// Makes the call; an answer whose body passes `max_body` bytes, like any failure, comes back
+/// empty (as Envoy reports a failed call).
+pub async fn perform(call: CallRequest, max_body: usize) -> CallResponse {
+    let client = CLIENT.with(Clone::clone);
+    let mut builder = client
+        .request(call.method, call.url)
+        .timeout(call.timeout)
+        .body(call.body);
+    for (k, v) in &call.headers {
+        builder = builder.header(k.as_str(), v.as_slice());
+    }
+    let answer = async {
+        let mut resp = builder.send().await.ok()?;
+        let mut headers: Headers = Vec::with_capacity(resp.headers().len() + 1);
+        headers.push((":status".into(), resp.status().as_str().as_bytes().to_vec()));
+        for (k, v) in resp.headers() {
+            headers.push((k.as_str().to_owned(), v.as_bytes().to_vec()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.ok()? {
+            if body.len() + chunk.len() > max_body {
+                return None;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Some(CallResponse {
+            headers,
+            body: body.into(),
+            trailers: Vec::new(),
+        })
+    };
+    answer.await.unwrap_or_default()
+}
+
+/// Makes `calls` concurrently: each token with its answer, in the order asked.
+pub async fn perform_all(calls: Vec<CallRequest>, max_body: usize) -> Vec<(u32, CallResponse)> {
+    futures_util::future::join_all(calls.into_iter().map(|c| async move {
+        let token = c.token;
+        (token, perform(c, max_body).await)
+    }))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> Headers {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn a_call_needs_method_path_and_authority_as_on_envoy() {
+        let base = url::Url::parse("http://127.0.0.1:9/base/").unwrap();
+        let full = h(&[
+            (":method", "POST"),
+            (":path", "/check?x=1"),
+            (":authority", "auth.local"),
+            ("x-a", "1"),
+        ]);
+        let r = request(&base, full.clone(), b"b".to_vec(), 250).unwrap();
+        assert_eq!(r.url.as_str(), "http://127.0.0.1:9/check?x=1");
+        assert_eq!(r.method, http::Method::POST);
+        assert_eq!(r.timeout, Duration::from_millis(250));
+        assert!(r.headers.contains(&("host".into(), b"auth.local".to_vec())));
+        assert!(r.headers.contains(&("x-a".into(), b"1".to_vec())));
+        for missing in [":method", ":path", ":authority"] {
+            let some: Headers = full.iter().filter(|(k, _)| k != missing).cloned().collect();
+            assert!(request(&base, some, Vec::new(), 0).is_none(), "{missing}");
+        }
+        assert_eq!(
+            request(&base, full, Vec::new(), 0).unwrap().timeout,
+            MAX_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn upstreams_must_be_http_urls() {
+        let ok = HashMap::from([("a".to_string(), "https://x.test:8443".to_string())]);
+        assert!(upstreams(&ok).is_ok());
+        for bad in ["ftp://x", "not a url", "unix:/tmp/s"] {
+            let t = HashMap::from([("a".to_string(), bad.to_string())]);
+            assert!(upstreams(&t).is_err(), "{bad}");
+        }
+    }
+}

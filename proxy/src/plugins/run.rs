@@ -1,0 +1,396 @@
+//! A request's walk through the plugins that apply to it: [`PluginRun`], phase by phase in
+//! Envoy's order, with pause, buffering and HTTP callouts, and the [`Verdict`] that ends it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::abi::{Action, Headers};
+use super::callout::{self, CallRequest};
+use super::host::{Exchange, LocalResponse, Phase, Vm};
+use super::{with_vm, PluginSet};
+
+/// How a request's run through the plugins ended a phase.
+#[derive(Debug)]
+pub enum Verdict {
+    /// A plugin answered instead of the runtime.
+    Respond(LocalResponse),
+    /// A fail-closed plugin failed; the message names it (and says nothing of its internals,
+    /// which the log has).
+    Failed(String),
+    /// A plugin reset the stream.
+    Reset,
+    /// A plugin held back more of the answer than it may buffer (`buffer_kb`).
+    BufferFull {
+        /// The plugin.
+        plugin: String,
+        /// Its limit in bytes.
+        limit: usize,
+    },
+}
+
+impl Verdict {
+    /// The verdict as the edge's error, from the one table: a fail-closed failure is
+    /// `plugin_failed`, a local answer `policy_denied` with the plugin's status and reason.
+    pub fn into_error(self) -> crate::error::EdgeError {
+        match self {
+            Self::Failed(m) => crate::error::EdgeError::PluginFailed(m.into()),
+            Self::Reset => crate::error::EdgeError::StreamReset,
+            Self::BufferFull { plugin, limit } => {
+                crate::error::EdgeError::PluginBufferFull { plugin, limit }
+            }
+            Self::Respond(local) => crate::error::EdgeError::Denied {
+                status: local.status,
+                message: if local.details.is_empty() {
+                    "Denied by policy".into()
+                } else {
+                    local.details
+                },
+            },
+        }
+    }
+}
+
+/// One active plugin's part in a request.
+struct Part {
+    /// The plugin's index in the set.
+    plugin: usize,
+    /// Its context (id, VM generation) once created.
+    context: Option<(i32, u64)>,
+    /// The answer it held back (paused) so far, to be handed to it whole with what follows.
+    held: Vec<u8>,
+}
+
+/// One request's walk through the plugins: contexts in this thread's VMs, the exchange they
+/// see, what they decided.
+///
+/// Pause follows Envoy: a plugin that pauses the request's headers gets the body before the
+/// plugins after it see the headers; one that pauses the answer's headers holds them back
+/// (the client gets them with the first bytes of the body that pass); one that pauses the
+/// answer's body before its end buffers it (up to `buffer_kb`) and gets it whole with the
+/// next chunk. A pause is resumed by `proxy_continue_stream` from an HTTP call's callback, or
+/// by the next phase; a plugin that pauses at the end of a stream with no call pending could
+/// never be resumed, and fails (its fail policy decides).
+pub struct PluginRun {
+    set: Arc<PluginSet>,
+    parts: Vec<Part>,
+    exchange: Exchange,
+    thread: std::thread::ThreadId,
+    /// The client's `Authorization`, kept out of the exchange but for plugins that may see it.
+    authorization: Headers,
+    /// A plugin paused the answer's headers: they wait for the body.
+    pub holds_header: bool,
+    /// `plugin:decision` for the access log.
+    pub decisions: Vec<String>,
+    /// Time spent in plugin calls.
+    pub spent: Duration,
+    finished: bool,
+}
+
+impl PluginRun {
+    /// A run through the plugins of `set` at `active` (indices), with `properties`.
+    pub(super) fn new(
+        set: Arc<PluginSet>,
+        active: Vec<usize>,
+        properties: HashMap<&'static str, Vec<u8>>,
+    ) -> Self {
+        Self {
+            set,
+            parts: active
+                .into_iter()
+                .map(|plugin| Part {
+                    plugin,
+                    context: None,
+                    held: Vec::new(),
+                })
+                .collect(),
+            exchange: Exchange {
+                properties: Arc::new(properties),
+                ..Exchange::default()
+            },
+            thread: std::thread::current().id(),
+            authorization: Vec::new(),
+            holds_header: false,
+            decisions: Vec::new(),
+            spent: Duration::ZERO,
+            finished: false,
+        }
+    }
+
+    /// True when some active plugin handles response bodies (answers are then re-framed,
+    /// since their length may change).
+    pub fn sees_response_body(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| self.set.plugins[p.plugin].compiled.sees_response_body)
+    }
+
+    /// Runs `f` on plugin `k`'s context in this thread's VM (created on first use), with the
+    /// exchange visible; afterwards, the HTTP calls it asked for. A reset or a local answer
+    /// ends the walk (`Err`); a failure follows the plugin's fail policy (`Ok(None)`: skipped).
+    fn call<T>(
+        &mut self,
+        k: usize,
+        f: impl FnOnce(&mut Vm, i32, &mut Exchange) -> Result<T, String>,
+    ) -> Result<Option<(T, Vec<CallRequest>)>, Verdict> {
+        if std::thread::current().id() != self.thread {
+            // The request moved threads (it should not): its contexts are elsewhere.
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let plugin = self.set.plugins[self.parts[k].plugin].clone();
+        let exchange = &mut self.exchange;
+        let shown = plugin.cfg.sees_authorization && !self.authorization.is_empty();
+        if shown {
+            exchange
+                .request_headers
+                .extend(self.authorization.iter().cloned());
+        }
+        let context = &mut self.parts[k].context;
+        let outcome = with_vm(&plugin, |vm, generation| {
+            let id = match *context {
+                Some((id, g)) if g == generation => id,
+                // Its VM was rebuilt since: the context is gone with it.
+                Some(_) => return Err("the plugin's VM was rebuilt mid-request".into()),
+                None => {
+                    let id = vm.create_context()?;
+                    *context = Some((id, generation));
+                    id
+                }
+            };
+            let r = f(vm, id, exchange);
+            let calls = vm.take_calls();
+            r.map(|v| (v, calls))
+        });
+        if shown {
+            exchange
+                .request_headers
+                .retain(|(k, _)| k != "authorization");
+        }
+        self.spent += started.elapsed();
+        let name = &plugin.cfg.name;
+        match outcome {
+            Ok(done) => {
+                if std::mem::take(&mut self.exchange.reset) {
+                    self.decisions.push(format!("{name}:reset"));
+                    return Err(Verdict::Reset);
+                }
+                if let Some(local) = self.exchange.local_response.take() {
+                    self.decisions
+                        .push(format!("{name}:respond {}", local.status));
+                    return Err(Verdict::Respond(local));
+                }
+                Ok(Some(done))
+            }
+            Err(e) => self.failed(k, &e),
+        }
+    }
+
+    /// Plugin `k` failed (`reason`, for the log): skipped when it fails open, else the walk
+    /// ends. What went wrong stays in the log, out of the answer.
+    fn failed<T>(&mut self, k: usize, reason: &str) -> Result<Option<T>, Verdict> {
+        let plugin = &self.set.plugins[self.parts[k].plugin];
+        let name = &plugin.cfg.name;
+        self.parts[k].context = None;
+        if plugin.cfg.fail_open {
+            self.decisions.push(format!("{name}:skipped"));
+            tracing::debug!(plugin = %name, error = %reason, "plugin skipped (fail open)");
+            Ok(None)
+        } else {
+            self.decisions.push(format!("{name}:failed"));
+            Err(Verdict::Failed(format!("policy plugin `{name}` failed")))
+        }
+    }
+
+    /// Runs `phase` on plugin `k`, then makes the HTTP calls it asked for and delivers their
+    /// answers, until none is pending. The plugin's action: `Continue` when it went on or
+    /// resumed from a callback.
+    async fn step(&mut self, k: usize, phase: Phase, end: bool) -> Result<Action, Verdict> {
+        let Some((mut action, mut calls)) =
+            self.call(k, |vm, id, ex| vm.phase(phase, id, ex, end))?
+        else {
+            return Ok(Action::Continue);
+        };
+        self.exchange.continued = false;
+        while !calls.is_empty() {
+            let limit = self.set.plugins[self.parts[k].plugin].cfg.buffer_bytes;
+            let answers = callout::perform_all(std::mem::take(&mut calls), limit).await;
+            for (token, answer) in answers {
+                match self.call(k, |vm, _, ex| vm.call_response(token, answer, ex))? {
+                    Some(((), more)) => calls.extend(more),
+                    None => return Ok(Action::Continue),
+                }
+            }
+            if std::mem::take(&mut self.exchange.continued) {
+                action = Action::Continue;
+            }
+        }
+        Ok(action)
+    }
+
+    /// Plugin `k` paused at the end of a stream with nothing pending that could resume it.
+    fn stalled(&mut self, k: usize) -> Result<(), Verdict> {
+        let name = &self.set.plugins[self.parts[k].plugin].cfg.name;
+        tracing::warn!(plugin = %name, "plugin paused at the end of the stream with no HTTP call pending: nothing can resume it");
+        self.failed::<()>(k, "paused with nothing to resume it")
+            .map(|_| ())
+    }
+
+    /// The request: headers (names lowercase) and the whole body, before any upstream
+    /// connection. Plugins may change both, or answer instead.
+    pub async fn on_request(
+        &mut self,
+        headers: &mut Headers,
+        body: &mut Bytes,
+    ) -> Result<(), Verdict> {
+        let (authorization, rest) = std::mem::take(headers)
+            .into_iter()
+            .partition(|(k, _)| k == "authorization");
+        self.authorization = authorization;
+        self.exchange.request_headers = rest;
+        self.exchange.request_body = body.clone();
+        let r = self.request_phases(!body.is_empty()).await;
+        *headers = std::mem::take(&mut self.exchange.request_headers);
+        headers.extend(self.authorization.iter().cloned());
+        *body = std::mem::take(&mut self.exchange.request_body);
+        if r.is_ok() && self.decisions.is_empty() {
+            self.decisions.push("allow".into());
+        }
+        r
+    }
+
+    /// The request's phases in Envoy's order: headers plugin by plugin; a plugin that pauses
+    /// them gets the body before the headers go on to the next.
+    async fn request_phases(&mut self, has_body: bool) -> Result<(), Verdict> {
+        let mut bodied = 0;
+        for k in 0..self.parts.len() {
+            if self.step(k, Phase::RequestHeaders, !has_body).await? == Action::Continue {
+                continue;
+            }
+            if !has_body {
+                self.stalled(k)?;
+                continue;
+            }
+            self.request_bodies(bodied..k + 1).await?;
+            bodied = k + 1;
+        }
+        if has_body {
+            self.request_bodies(bodied..self.parts.len()).await?;
+        }
+        Ok(())
+    }
+
+    /// The whole request body through the plugins in `range`.
+    async fn request_bodies(&mut self, range: std::ops::Range<usize>) -> Result<(), Verdict> {
+        for k in range {
+            if self.step(k, Phase::RequestBody, true).await? == Action::Pause {
+                self.stalled(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The response's headers (status in `:status`). Plugins may change them or answer instead;
+    /// one that pauses them holds them back ([`Self::holds_header`]).
+    pub async fn on_response_headers(&mut self, headers: &mut Headers) -> Result<(), Verdict> {
+        self.exchange.response_code = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
+        self.exchange.response_headers = std::mem::take(headers);
+        let mut r = Ok(());
+        for k in 0..self.parts.len() {
+            match self.step(k, Phase::ResponseHeaders, false).await {
+                Ok(Action::Pause) => self.holds_header = true,
+                Ok(Action::Continue) => {}
+                Err(v) => {
+                    r = Err(v);
+                    break;
+                }
+            }
+        }
+        *headers = std::mem::take(&mut self.exchange.response_headers);
+        r
+    }
+
+    /// A response body chunk, as it passes (`end` on the last). Plugins may rewrite it; one
+    /// that pauses before the end holds it back, and gets it whole with the next chunk.
+    pub async fn on_response_body(&mut self, chunk: Bytes, end: bool) -> Result<Bytes, Verdict> {
+        self.exchange.response_size += chunk.len() as u64;
+        if !self.sees_response_body() {
+            return Ok(chunk);
+        }
+        let mut data = chunk;
+        for k in 0..self.parts.len() {
+            let plugin = self.set.plugins[self.parts[k].plugin].clone();
+            if !plugin.compiled.sees_response_body {
+                continue;
+            }
+            let held = std::mem::take(&mut self.parts[k].held);
+            if !held.is_empty() {
+                let mut all = held;
+                all.extend_from_slice(&data);
+                data = all.into();
+            }
+            self.exchange.response_body = data;
+            let action = self.step(k, Phase::ResponseBody, end).await?;
+            data = std::mem::take(&mut self.exchange.response_body);
+            if action == Action::Pause {
+                if end {
+                    self.stalled(k)?;
+                    continue;
+                }
+                if data.len() > plugin.cfg.buffer_bytes {
+                    self.decisions
+                        .push(format!("{}:buffer_full", plugin.cfg.name));
+                    return Err(Verdict::BufferFull {
+                        plugin: plugin.cfg.name.clone(),
+                        limit: plugin.cfg.buffer_bytes,
+                    });
+                }
+                self.parts[k].held = data.into();
+                return Ok(Bytes::new());
+            }
+        }
+        Ok(data)
+    }
+
+    /// Ends the request in every plugin (`proxy_on_log`, `_done`, `_delete`).
+    pub fn finish(&mut self) {
+        if self.finished || std::thread::current().id() != self.thread {
+            return;
+        }
+        self.finished = true;
+        let set = self.set.clone();
+        for part in &self.parts {
+            let Some((id, g)) = part.context else {
+                continue;
+            };
+            let plugin = &set.plugins[part.plugin];
+            let exchange = &mut self.exchange;
+            let _ = with_vm(plugin, |vm, generation| {
+                if generation != g {
+                    return Ok(());
+                }
+                vm.finish(id, exchange)
+            });
+        }
+    }
+}
+
+impl Drop for PluginRun {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl std::fmt::Debug for PluginRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRun")
+            .field("decisions", &self.decisions)
+            .field("spent", &self.spent)
+            .finish()
+    }
+}

@@ -1,0 +1,288 @@
+//! Pause, buffering and HTTP calls out, as Envoy's wasm filter does them, through the real
+//! edge with plugins built from `plugins/` with the public proxy-wasm SDK: `callout` (the SDK's
+//! `http_auth_random` pattern: pause, call, resume or answer) and `buffer` (the SDK's
+//! `http_body` pattern: pause the body until its end, rewrite it whole).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{chat, hi, plugin, Stack};
+use serde_json::{json, Value};
+
+/// An authorization service for the callout plugin: it answers with the status the client
+/// asked for in `x-callout-want` (0: never in time), and says what it heard. `GET /tick`
+/// answers `tick <n>`. Counts of both.
+async fn auth_service() -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let calls = Arc::new(AtomicU64::new(0));
+    let ticks = Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    let ticked = ticks.clone();
+    let app = axum::Router::new()
+        .route(
+            "/tick",
+            axum::routing::get(move || {
+                let n = ticked.fetch_add(1, Relaxed) + 1;
+                async move { format!("tick {n}") }
+            }),
+        )
+        .route(
+            "/check",
+            axum::routing::post(move |headers: HeaderMap, body: String| {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, Relaxed);
+                    let h = |k: &str| {
+                        headers
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    let want: u16 = h("x-callout-want").parse().unwrap_or(200);
+                    if want == 0 {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    let status = StatusCode::from_u16(want).unwrap_or(StatusCode::OK);
+                    let said = format!("{} heard {body} from {}", h("host"), h("x-key-id"));
+                    (status, said)
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, calls, ticks)
+}
+
+async fn add_agents(s: &Stack, names: &[&str]) {
+    for a in names {
+        s.admin_post(
+            "/v1/admin/agents",
+            json!({"name": a, "endpoint_id": a, "upstream": format!("http://{}", s.runtime)}),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_pauses_calls_out_and_resumes_or_answers_without_blocking_the_edge() {
+    let (auth, calls, ticks) = auth_service().await;
+    let s = Stack::start(&format!(
+        "{}{}{}",
+        plugin(
+            "guard",
+            "callout",
+            &format!(
+                "agents = [\"guarded\"]\nconfig = {{ upstream = \"auth\", timeout_ms = 300 }}\n\
+                 upstreams = {{ auth = \"http://{auth}\" }}"
+            ),
+        ),
+        plugin(
+            "ticking",
+            "callout",
+            &format!(
+                "agents = [\"ticking\"]\nconfig = {{ upstream = \"auth\", tick_path = \"/tick\" }}\n\
+                 upstreams = {{ auth = \"http://{auth}\" }}"
+            ),
+        ),
+        plugin(
+            "lost",
+            "callout",
+            "agents = [\"lost\"]\nconfig = { upstream = \"nowhere\" }",
+        ),
+    ))
+    .await;
+    add_agents(&s, &["guarded", "ticking", "lost"]).await;
+    let served = || s.stats.requests.load(Relaxed);
+
+    // 200 from the service: the request resumes, and the context kept what the service said.
+    for stream in [false, true] {
+        let r = s
+            .post_as("guarded", "/v1/chat/completions", Some(&s.key))
+            .json(&hi(stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let said = r.headers()["x-callout-answer"].to_str().unwrap().to_owned();
+        assert!(
+            said.starts_with("auth.internal heard may I? from "),
+            "{said}"
+        );
+        assert!(
+            said.len() > "auth.internal heard may I? from ".len(),
+            "no key id: {said}"
+        );
+        let body = r.text().await.unwrap();
+        assert!(!stream || body.contains("[DONE]"), "{body}");
+    }
+    assert_eq!(calls.load(Relaxed), 2);
+
+    // 403 from the service: the plugin answers itself, and the runtime never sees the request.
+    let before = served();
+    let r = s
+        .post_as("guarded", "/v1/chat/completions", Some(&s.key))
+        .header("x-callout-want", "403")
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-callout-status"], "403");
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_eq!(
+        r.text().await.unwrap(),
+        "Access forbidden by the callout.\n"
+    );
+    assert_eq!(served(), before, "a denied request reached the runtime");
+
+    // A service that does not answer in time: the callback gets no headers (as on Envoy), and
+    // the plugin denies. Meanwhile the edge serves others: waiting never holds a worker.
+    let slow = (0..6).map(|_| {
+        let s = &s;
+        async move {
+            let (status, _) = chat(s, "guarded", hi(false), &[("x-callout-want", "0")]).await;
+            (status, Instant::now())
+        }
+    });
+    let quick = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, _) = chat(&s, "abc123", hi(false), &[]).await;
+        (status, Instant::now())
+    };
+    let (slow, (quick_status, quick_done)) =
+        tokio::join!(futures_util::future::join_all(slow), quick);
+    assert_eq!(quick_status, 200);
+    for (status, done) in slow {
+        assert_eq!(status, 403);
+        assert!(quick_done < done, "a request waited behind the callouts");
+    }
+
+    // An upstream the plugin's configuration does not name: Envoy's BadArgument, which the
+    // plugin turns into its own 502.
+    let r = s
+        .post_as("lost", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-callout-status"], "BadArgument");
+
+    // A root context's calls from `on_tick` are made too, and their answers delivered: the
+    // plugin refreshes what it keeps in shared data in the background.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ticks.load(Relaxed) < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ticks.load(Relaxed) >= 3, "the tick's calls were not made");
+    let r = s
+        .post_as("ticking", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tick = r.headers()["x-callout-tick"].to_str().unwrap().to_owned();
+    assert!(tick.starts_with("tick "), "{tick}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_body_is_buffered_whole_up_to_its_limit() {
+    let buffer = |name: &str, config: &str, extra: &str| {
+        plugin(
+            name,
+            "buffer",
+            &format!("agents = [\"{name}\"]\nconfig = {{ {config} }}\n{extra}"),
+        )
+    };
+    let s = Stack::start(&format!(
+        "{}{}{}{}",
+        buffer(
+            "whole",
+            "find = \"sales@acme.example\", replace = \"[mail]\"",
+            ""
+        ),
+        buffer("held", "hold_headers = true", ""),
+        buffer("small", "", "buffer_kb = 1"),
+        buffer("small-held", "hold_headers = true", "buffer_kb = 1"),
+    ))
+    .await;
+    add_agents(&s, &["whole", "held", "small", "small-held"]).await;
+    let tokens = |n: &'static str| [("x-mock-tokens", n), ("x-mock-interval-ms", "30")];
+
+    // The plugin gets the stream once, whole, after its end: it saw every chunk's bytes.
+    let (status, body) = chat(&s, "whole", hi(true), &tokens("32")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("[mail]") && !body.contains("sales@acme"),
+        "{body}"
+    );
+    let (stream, line) = body.split_at(body.find(": seen whole: ").expect(&body));
+    assert!(stream.ends_with("data: [DONE]\n\n"), "{body}");
+    let seen: Vec<&str> = line.split_whitespace().collect();
+    let calls: u32 = seen[6].parse().unwrap();
+    assert!(calls > 2, "the body came in one piece: {line}");
+    assert_eq!(
+        seen[3].parse::<usize>().unwrap(),
+        stream.len() - "[mail]".len() + "sales@acme.example".len(),
+        "{line}"
+    );
+
+    // Headers paused too: nothing reaches the client before the whole answer is there.
+    let started = Instant::now();
+    let r = s
+        .post_as("held", "/v1/chat/completions", Some(&s.key))
+        .headers(
+            tokens("10")
+                .iter()
+                .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+                .collect(),
+        )
+        .json(&hi(true))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "headers went out before the body was seen whole"
+    );
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("seen whole"));
+
+    // Past the limit, headers sent: the stream ends with an error event, never with [DONE].
+    let (status, body) = chat(&s, "small", hi(true), &tokens("200")).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("answer_too_large") && !body.contains("[DONE]"),
+        "{body}"
+    );
+    // Past the limit, headers held: a whole JSON error.
+    let r = s
+        .post_as("small-held", "/v1/chat/completions", Some(&s.key))
+        .header("x-mock-tokens", "200")
+        .json(&hi(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(r.headers().contains_key("x-request-id"));
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "answer_too_large", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("small-held"),
+        "{err}"
+    );
+    // Small answers pass under the same limit.
+    let (status, body) = chat(&s, "small", hi(true), &[("x-mock-tokens", "2")]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("[DONE]"), "{body}");
+}
