@@ -130,7 +130,8 @@ impl HttpContext for Request {
         self.add_http_request_trailer("x-misbehave-trailer", "1");
         self.set_http_request_trailer("x-misbehave-trailer", Some("2"));
         assert_eq!(
-            self.get_http_request_trailer("x-misbehave-trailer").as_deref(),
+            self.get_http_request_trailer("x-misbehave-trailer")
+                .as_deref(),
             Some("2")
         );
         self.set_http_request_trailer("x-misbehave-trailer", None);
