@@ -12,7 +12,14 @@ use moltghost::plugins::host::{self, Exchange, Shared, Vm};
 static VM: LazyLock<(Mutex<Vm>, usize)> = LazyLock::new(|| {
     let engine = moltghost::plugins::engine();
     let compiled = host::compile(engine, host::host_call_module().as_bytes(), 4 << 20).unwrap();
-    let shared = Arc::new(Shared::new("fuzz", b"{\"a\":1}".to_vec()));
+    // An upstream named by one byte, so that calls out get past the name now and then.
+    let upstreams = [(
+        "a".to_string(),
+        url::Url::parse("http://127.0.0.1:9").unwrap(),
+    )];
+    let shared = Arc::new(
+        Shared::new("fuzz", b"{\"a\":1}".to_vec()).with_upstreams(upstreams.into_iter().collect()),
+    );
     let vm = compiled
         .instantiate(engine, shared, Duration::from_millis(100))
         .unwrap();
@@ -24,8 +31,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else {
         return;
     };
-    let mut args = [0i64; 10];
-    for (i, chunk) in rest.chunks(4).take(10).enumerate() {
+    let mut args = [0i64; 12];
+    for (i, chunk) in rest.chunks(4).take(12).enumerate() {
         let mut b = [0u8; 4];
         b[..chunk.len()].copy_from_slice(chunk);
         // Small values are the interesting ones for lengths and map types; keep some wild.

@@ -153,7 +153,8 @@ pub fn router(cfg: RuntimeConfig) -> (Router, Arc<Stats>) {
 }
 
 /// Echoes the caller a pod's sidecar named (`x-moltghost-account`, `-key-id`, `-agent`) as
-/// `x-mock-caller: account/key/agent`, so that tests see what reached the runtime.
+/// `x-mock-caller: account/key/agent`, and the request's `Host` and path as `x-mock-host` and
+/// `x-mock-path`, so that tests see what reached the runtime.
 async fn echo_caller(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -167,9 +168,18 @@ async fn echo_caller(
             get("x-moltghost-agent").unwrap_or_default()
         )
     });
+    let host = h.get("host").cloned();
+    let path =
+        axum::http::HeaderValue::from_str(req.uri().path_and_query().map_or("/", |p| p.as_str()))
+            .ok();
     let mut resp = next.run(req).await;
     if let Some(v) = caller.and_then(|c| axum::http::HeaderValue::from_str(&c).ok()) {
         resp.headers_mut().insert("x-mock-caller", v);
+    }
+    for (name, value) in [("x-mock-host", host), ("x-mock-path", path)] {
+        if let Some(v) = value {
+            resp.headers_mut().insert(name, v);
+        }
     }
     resp
 }

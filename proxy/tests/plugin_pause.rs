@@ -162,6 +162,15 @@ async fn a_plugin_pauses_calls_out_and_resumes_or_answers_without_blocking_the_e
         assert_eq!(status, 403);
         assert!(quick_done < done, "a request waited behind the callouts");
     }
+    // In the failed call's callback, `proxy_get_status` says what Envoy says: 11, "reset".
+    let r = s
+        .post_as("guarded", "/v1/chat/completions", Some(&s.key))
+        .header("x-callout-want", "0")
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-callout-status"], "none (11 reset)");
 
     // An upstream the plugin's configuration does not name: Envoy's BadArgument, which the
     // plugin turns into its own 502.
@@ -285,4 +294,158 @@ async fn a_paused_body_is_buffered_whole_up_to_its_limit() {
     let (status, body) = chat(&s, "small", hi(true), &[("x-mock-tokens", "2")]).await;
     assert_eq!(status, 200);
     assert!(body.contains("[DONE]"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_keeps_its_length_unless_a_plugin_drops_it() {
+    let s = Stack::start(&format!(
+        "{}{}{}",
+        plugin("open", "allowlist", "agents = [\"open\"]"),
+        plugin("whole", "buffer", "agents = [\"whole\"]"),
+        plugin(
+            "sloppy",
+            "buffer",
+            "agents = [\"sloppy\"]\nconfig = { keep_length = true }"
+        ),
+    ))
+    .await;
+    add_agents(&s, &["open", "whole", "sloppy"]).await;
+    let whole = |agent: &'static str| {
+        s.post_as(agent, "/v1/chat/completions", Some(&s.key))
+            .json(&hi(false))
+            .send()
+    };
+
+    // A header-only plugin (it exports the body callback, as every SDK's plugin does, but
+    // leaves `content-length`): the answer keeps its length, no chunked coding.
+    let r = whole("open").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let length: usize = r.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!r.headers().contains_key("transfer-encoding"));
+    assert_eq!(r.bytes().await.unwrap().len(), length);
+
+    // A plugin that changes the length and drops `content-length`, as the SDK's example does:
+    // re-framed, whole.
+    let r = whole("whole").await.unwrap();
+    assert!(!r.headers().contains_key("content-length"));
+    assert!(r.text().await.unwrap().contains("seen whole"));
+
+    // One that changes the length but leaves `content-length` would misframe the answer: it
+    // is cut instead, and the log names the plugin.
+    let r = whole("sloppy").await.unwrap();
+    assert!(r.headers().contains_key("content-length"));
+    assert!(r.bytes().await.is_err(), "a misframed answer was completed");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.log().contains("sloppy:length_changed\"") {
+        assert!(Instant::now() < deadline, "{}", s.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(s.log().contains("remove content-length"), "{}", s.log());
+}
+
+/// A gRPC service over HTTP/2 (h2c) for the callout plugin's gRPC mode: `auth.Guard/Check`
+/// replies `granted to <x-key-id>` when the message is `ok`, fails with status 7 (permission
+/// denied, in a trailers-only reply) when it is `deny`, and never answers in time when `slow`.
+async fn grpc_service() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let (head, mut body) = req.into_parts();
+                        let mut framed = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            framed.extend_from_slice(&chunk);
+                        }
+                        let message = framed.get(5..).unwrap_or_default().to_vec();
+                        let key = head.headers.get("x-key-id").cloned();
+                        let response = |status: &str| {
+                            http::Response::builder()
+                                .status(200)
+                                .header("content-type", "application/grpc")
+                                .header("x-grpc-path", head.uri.path())
+                                .header("grpc-status", status)
+                                .header("grpc-message", "not%20you")
+                                .body(())
+                                .unwrap()
+                        };
+                        match &message[..] {
+                            b"deny" => {
+                                let _ = respond.send_response(response("7"), true);
+                            }
+                            b"slow" => tokio::time::sleep(Duration::from_secs(5)).await,
+                            _ => {
+                                let ok = http::Response::builder()
+                                    .status(200)
+                                    .header("content-type", "application/grpc")
+                                    .body(())
+                                    .unwrap();
+                                let Ok(mut send) = respond.send_response(ok, false) else {
+                                    return;
+                                };
+                                let key = key.as_ref().and_then(|k| k.to_str().ok()).unwrap_or("");
+                                let reply = format!("granted to {key}");
+                                let mut frame = vec![0];
+                                frame.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+                                frame.extend_from_slice(reply.as_bytes());
+                                let _ = send.send_data(frame.into(), false);
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", "0".parse().unwrap());
+                                let _ = send.send_trailers(trailers);
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_asks_by_grpc_and_resumes_or_denies() {
+    let grpc = grpc_service().await;
+    let s = Stack::start(&plugin(
+        "guard",
+        "callout",
+        &format!(
+            "agents = [\"guarded\"]\nconfig = {{ upstream = \"auth\", timeout_ms = 300, \
+             grpc = [\"auth.Guard\", \"Check\"] }}\nupstreams = {{ auth = \"http://{grpc}\" }}"
+        ),
+    ))
+    .await;
+    add_agents(&s, &["guarded"]).await;
+    let ask = |want: &'static str| {
+        s.post_as("guarded", "/v1/chat/completions", Some(&s.key))
+            .header("x-callout-want", want)
+            .json(&hi(false))
+            .send()
+    };
+
+    // The reply's message reaches `on_grpc_call_response`; the request resumes.
+    let r = ask("ok").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let said = r.headers()["x-callout-answer"].to_str().unwrap().to_owned();
+    assert!(said.starts_with("granted to ") && said.len() > 11, "{said}");
+
+    // A failure: its code to the callback, code and message by `proxy_get_status`.
+    let r = ask("deny").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-callout-status"], "grpc 7 not you");
+
+    // Past the timeout: DEADLINE_EXCEEDED (4).
+    let r = ask("slow").await.unwrap();
+    assert_eq!(r.status(), 403);
+    let status = r.headers()["x-callout-status"].to_str().unwrap().to_owned();
+    assert!(status.starts_with("grpc 4 "), "{status}");
 }

@@ -632,3 +632,125 @@ async fn plugins_see_websocket_messages_and_frames() {
     );
     assert_eq!(frames.last().unwrap()["done"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pseudo_header_edits_route_the_request_again_as_on_envoy() {
+    let s = Stack::start(&plugin("rewrite", "rewrite", "")).await;
+    let send = |path: &'static str, rewrites: &[(&'static str, &'static str)], body: Value| {
+        let mut r = s.post_as("abc123", path, Some(&s.key)).json(&body);
+        for (k, v) in rewrites {
+            r = r.header(*k, *v);
+        }
+        r.send()
+    };
+
+    // `:path` to another route: the answer is that route's, and the query goes along.
+    let r = send(
+        "/v1/completions",
+        &[("x-rewrite-path", "/v1/chat/completions?trace=1")],
+        hi(false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-mock-path"], "/v1/chat/completions?trace=1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion", "{v}");
+
+    // `:method` and `:path` together: a GET route.
+    let r = send(
+        "/v1/chat/completions",
+        &[
+            ("x-rewrite-path", "/v1/models"),
+            ("x-rewrite-method", "GET"),
+        ],
+        hi(false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "list", "{v}");
+
+    // `:authority`: the Host the runtime is sent; the agent is still the one admitted.
+    let r = send(
+        "/v1/chat/completions",
+        &[("x-rewrite-authority", "inside.svc:8080")],
+        hi(false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-mock-host"], "inside.svc:8080");
+
+    // A rewrite that leads nowhere, or to the edge's own answers: 404 in JSON; a method the
+    // new route does not take: 405; an unusable `:path`: the plugin failed.
+    for (rewrites, status, code) in [
+        (vec![("x-rewrite-path", "/nope")], 404, "not_found"),
+        (
+            vec![
+                ("x-rewrite-path", "/v1/health"),
+                ("x-rewrite-method", "GET"),
+            ],
+            404,
+            "not_found",
+        ),
+        (vec![("x-rewrite-method", "GET")], 405, "method_not_allowed"),
+        (vec![("x-rewrite-path", "nope")], 503, "plugin_failed"),
+    ] {
+        let r = send("/v1/chat/completions", &rewrites, hi(false))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{rewrites:?}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "{rewrites:?}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_plugin_drains_a_shared_queue_its_filter_feeds() {
+    let s = Stack::start(&format!(
+        "{}{}",
+        plugin(
+            "collector-service",
+            "collector",
+            "service = true\nvm_id = \"collector\"\nconfig = { role = \"service\" }"
+        ),
+        plugin(
+            "collector",
+            "collector",
+            "vm_id = \"collector\"\nconfig = { role = \"filter\" }"
+        ),
+    ))
+    .await;
+    // Each request enqueues; the service, woken on its own thread, counts. The count an
+    // answer carries lags by what the service has not drained yet.
+    let mut count = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for sent in 1.. {
+        let r = s
+            .post_as("abc123", "/v1/chat/completions", Some(&s.key))
+            .json(&hi(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        count = r
+            .headers()
+            .get("x-collector-count")
+            .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+        assert!(count <= sent, "counted {count} of {sent} sent");
+        if count >= 5 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(count >= 5, "the service drained {count}");
+    // The service plugin itself runs on no request.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !s.log().contains("\"plugins\":\"collector-service"),
+        "{}",
+        s.log()
+    );
+}

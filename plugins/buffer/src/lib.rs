@@ -5,7 +5,8 @@
 //!
 //! Configuration: `{"find": " Acme Inc", "replace": " [name]", "hold_headers": false}`.
 //! `hold_headers` pauses the answer's headers too, so that nothing reaches the client before
-//! the body has been seen whole.
+//! the body has been seen whole. `keep_length` leaves the answer's `content-length` although the
+//! length changes (a plugin bug the edge must not turn into a misframed answer).
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -19,6 +20,8 @@ struct Config {
     replace: String,
     #[serde(default)]
     hold_headers: bool,
+    #[serde(default)]
+    keep_length: bool,
 }
 
 proxy_wasm::main! {{
@@ -62,7 +65,9 @@ impl Context for Answer {}
 impl HttpContext for Answer {
     fn on_http_response_headers(&mut self, _headers: usize, _end: bool) -> Action {
         // The length changes: as the SDK's example does, drop it.
-        self.set_http_response_header("content-length", None);
+        if !self.config.keep_length {
+            self.set_http_response_header("content-length", None);
+        }
         if self.config.hold_headers {
             Action::Pause
         } else {

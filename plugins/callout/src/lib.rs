@@ -1,7 +1,8 @@
 //! Authorization by an HTTP call out, as the proxy-wasm Rust SDK's `http_auth_random` example
 //! does it: the request's headers pause while the plugin asks an upstream named in its
 //! configuration; on a 200 the request resumes (and the answer says what the upstream said),
-//! otherwise the plugin answers 403 itself. If the call cannot even be made (an upstream the
+//! otherwise the plugin answers 403 itself (with the call's status, or, for a call that failed,
+//! what `proxy_get_status` says). If the call cannot even be made (an upstream the
 //! edge does not know), the plugin answers 502 with the status the host gave.
 //!
 //! Configuration: `{"upstream": "auth", "path": "/check", "timeout_ms": 1000, "tick_path":
@@ -9,6 +10,10 @@
 //! upstream answers with it). With `tick_path`, the root context also calls the upstream there
 //! every 50 ms from `on_tick` and keeps the last answer in shared data, which every answer
 //! carries in `x-callout-tick` (a background refresh, as plugins that fetch keys or lists do).
+//! With `"grpc": ["pkg.Service", "Method"]` it asks by a gRPC unary call instead (the message
+//! is `x-callout-want`'s value, the key id goes as metadata): a reply resumes the request and is
+//! shown in `x-callout-answer`; a failure answers 403 with `x-callout-status: grpc <code>
+//! <message>`.
 
 use std::time::Duration;
 
@@ -25,6 +30,9 @@ struct Config {
     timeout_ms: u64,
     #[serde(default)]
     tick_path: Option<String>,
+    /// Ask by gRPC instead: `["pkg.Service", "Method"]`.
+    #[serde(default)]
+    grpc: Option<(String, String)>,
 }
 
 /// Where the root context keeps the last answer to its tick call.
@@ -124,10 +132,33 @@ impl Context for Request {
             self.resume_http_request();
             return;
         }
-        let status = status.unwrap_or_else(|| "none".into());
+        // A failed call has no status line; the host's status says why (Envoy: 11, "reset").
+        let status = status.unwrap_or_else(|| {
+            let (code, message) = self.get_grpc_status();
+            format!("none ({code} {})", message.unwrap_or_default())
+        });
+        self.deny(&status);
+    }
+
+    fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
+        if status == 0 {
+            let said = self
+                .get_grpc_call_response_body(0, size)
+                .unwrap_or_default();
+            self.verdict = Some(String::from_utf8_lossy(&said).into_owned());
+            self.resume_http_request();
+            return;
+        }
+        let (code, message) = self.get_grpc_status();
+        self.deny(&format!("grpc {code} {}", message.unwrap_or_default()));
+    }
+}
+
+impl Request {
+    fn deny(&self, status: &str) {
         self.send_http_response(
             403,
-            vec![("x-callout-status", status.as_str())],
+            vec![("x-callout-status", status)],
             Some(b"Access forbidden by the callout.\n"),
         );
     }
@@ -142,19 +173,30 @@ impl HttpContext for Request {
             .get_property(vec!["moltghost", "key_id"])
             .map(|k| String::from_utf8_lossy(&k).into_owned())
             .unwrap_or_default();
-        let dispatched = self.dispatch_http_call(
-            &self.config.upstream,
-            vec![
-                (":method", "POST"),
-                (":path", &self.config.path),
-                (":authority", "auth.internal"),
-                ("x-callout-want", &want),
-                ("x-key-id", &key),
-            ],
-            Some(b"may I?"),
-            vec![],
-            Duration::from_millis(self.config.timeout_ms),
-        );
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        let dispatched = match &self.config.grpc {
+            Some((service, method)) => self.dispatch_grpc_call(
+                &self.config.upstream,
+                service,
+                method,
+                vec![("x-key-id", key.as_bytes())],
+                Some(want.as_bytes()),
+                timeout,
+            ),
+            None => self.dispatch_http_call(
+                &self.config.upstream,
+                vec![
+                    (":method", "POST"),
+                    (":path", &self.config.path),
+                    (":authority", "auth.internal"),
+                    ("x-callout-want", &want),
+                    ("x-key-id", &key),
+                ],
+                Some(b"may I?"),
+                vec![],
+                timeout,
+            ),
+        };
         match dispatched {
             Ok(_) => Action::Pause,
             Err(status) => {

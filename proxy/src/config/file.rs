@@ -155,6 +155,8 @@ pub struct FilePlugin {
     pub upstreams: std::collections::HashMap<String, String>,
     #[serde(default)]
     pub buffer_kb: Option<u64>,
+    #[serde(default)]
+    pub service: bool,
 }
 
 /// `[tunnel]`.

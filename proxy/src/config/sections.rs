@@ -294,6 +294,12 @@ fn plugins(files: Vec<FilePlugin>) -> Result<Vec<PluginConfig>, ConfigError> {
         }
         let upstreams = crate::plugins::callout::upstreams(&p.upstreams)
             .map_err(|e| bad(key("upstreams"), e))?;
+        if p.service && !(p.agents.is_empty() && p.routes.is_empty()) {
+            return Err(bad(
+                key("service"),
+                "a service plugin runs on no request: `agents` and `routes` do not apply",
+            ));
+        }
         out.push(PluginConfig {
             name: p.name,
             path: PathBuf::from(p.path),
@@ -309,6 +315,7 @@ fn plugins(files: Vec<FilePlugin>) -> Result<Vec<PluginConfig>, ConfigError> {
             vm_config,
             upstreams,
             buffer_bytes: (buffer_kb as usize) << 10,
+            service: p.service,
         });
     }
     Ok(out)

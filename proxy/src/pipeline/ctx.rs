@@ -57,15 +57,16 @@ impl RequestCtx {
         self.responded = true;
     }
 
-    /// The response header through the plugins; true when they will see (and may rewrite) the
-    /// body, which is then re-framed (its length dropped). A plugin that paused the header
-    /// holds it back: [`Self::held_header`] keeps it until the body's first bytes go out.
+    /// The response header through the plugins. The answer keeps its framing unless a plugin
+    /// removed `content-length` (as on Envoy, a plugin that changes a body's length does); it
+    /// is then re-framed. A plugin that paused the header holds it back: [`Self::held_header`]
+    /// keeps it until the body's first bytes go out.
     pub async fn filter_response_header(
         &mut self,
         h: &mut ResponseHeader,
-    ) -> Result<bool, EdgeError> {
+    ) -> Result<(), EdgeError> {
         let Some(run) = self.plugins.as_mut() else {
-            return Ok(false);
+            return Ok(());
         };
         let mut headers = crate::plugins::response_headers(h);
         if let Err(verdict) = run.on_response_headers(&mut headers).await {
@@ -76,11 +77,7 @@ impl RequestCtx {
         }
         crate::plugins::apply_response_headers(h, &headers);
         self.hold_header = run.holds_header;
-        let sees_body = run.sees_response_body();
-        if sees_body {
-            h.remove_header("content-length");
-        }
-        Ok(sees_body)
+        Ok(())
     }
 
     /// A response body chunk through the plugins (`end` on the last).

@@ -67,7 +67,9 @@ pub enum Preparation {
 }
 
 impl Pipeline {
-    /// Request-side plugins, then translation (see the module's doc).
+    /// Request-side plugins, then translation (see the module's doc). A plugin's edit of
+    /// `:method` or `:path` routes the request again; one of `:authority` is the `Host` the
+    /// runtime is sent.
     pub async fn prepare(
         &self,
         down: &mut Downstream<'_>,
@@ -77,25 +79,35 @@ impl Pipeline {
         mut body: Bytes,
         now: Instant,
     ) -> Result<Preparation, EdgeError> {
-        if let Some(verdict) = self
+        let rewrites = match self
             .request_plugins(down, ctx, admission, route, &mut body)
             .await
         {
-            return Ok(Preparation::Answered(verdict));
-        }
+            Ok(rewrites) => rewrites,
+            Err(verdict) => return Ok(Preparation::Answered(verdict)),
+        };
+        let route = if rewrites.rerouted && route != Route::Ws {
+            reroute(down, ctx)?
+        } else {
+            route
+        };
         let query = down.head().uri.query().map(|q| format!("?{q}"));
-        let prepared = self.translate(
+        let mut prepared = self.translate(
             route,
             &admission.agent,
             query.as_deref().unwrap_or(""),
             body,
             now,
         )?;
+        if let Some(authority) = rewrites.authority {
+            prepared.outbound.authority = authority;
+        }
         Ok(Preparation::Forward(Box::new(prepared)))
     }
 
     /// The request's headers and whole body through the plugins that apply, before any
-    /// upstream connection. `Some` when a plugin decided instead; header changes are applied.
+    /// upstream connection. `Err` when a plugin decided instead; header changes are applied,
+    /// and what they change of the pseudo-headers is returned.
     async fn request_plugins(
         &self,
         down: &mut Downstream<'_>,
@@ -103,25 +115,27 @@ impl Pipeline {
         admission: &Admission,
         route: Route,
         body: &mut Bytes,
-    ) -> Option<Verdict> {
+    ) -> Result<crate::plugins::Rewrites, Verdict> {
         let set = self.plane.plugins.load_full();
         if set.plugins().is_empty() {
-            return None;
+            return Ok(Default::default());
         }
         let agent = &admission.agent;
         let props = properties(down, ctx, admission, route, body.len());
-        let mut run = set.start(route.path(), &agent.endpoint_id, &agent.name, props)?;
+        let Some(mut run) = set.start(route.path(), &agent.endpoint_id, &agent.name, props) else {
+            return Ok(Default::default());
+        };
         let scheme = if down.is_tls() { "https" } else { "http" };
         let mut headers = crate::plugins::request_headers(down.head(), scheme);
         let verdict = run.on_request(&mut headers, body).await;
         ctx.plugins = Some(run);
-        match verdict {
-            Ok(()) => {
-                crate::plugins::apply_request_headers(down.head_mut(), &headers);
-                None
-            }
-            Err(v) => Some(v),
+        verdict?;
+        if route == Route::Ws {
+            // A message's route is the WebSocket's: its head is not the plugins' to rewrite.
+            headers.retain(|(k, _)| !k.starts_with(':'));
         }
+        crate::plugins::apply_request_headers(down.head_mut(), &headers)
+            .map_err(|what| Verdict::Failed(format!("a policy plugin set {what}")))
     }
 
     /// The runtime request for a route, its deadline and its cost.
@@ -242,6 +256,24 @@ impl Pipeline {
 }
 
 /// A request for `agent`'s runtime.
+/// The route a plugin's new `:method` and `:path` lead to. The edge's own answers (`/v1/health`)
+/// and the WebSocket are chosen before plugins run: a rewrite to them finds no route.
+fn reroute(down: &Downstream<'_>, ctx: &mut RequestCtx) -> Result<Route, EdgeError> {
+    let head = down.head();
+    let route = crate::routing::route(&head.method, head.uri.path())?;
+    if matches!(route, Route::Health | Route::Ws) {
+        return Err(EdgeError::NotFound(
+            format!(
+                "No route for {} after a policy plugin's rewrite",
+                route.path()
+            )
+            .into(),
+        ));
+    }
+    ctx.record.route = Some(route);
+    Ok(route)
+}
+
 pub(crate) fn outbound(
     agent: &Agent,
     method: Method,

@@ -24,6 +24,8 @@ pub enum Status {
     /// Anything else, including what this host does not offer (never `Unimplemented`, which
     /// the Rust SDK turns into a trap).
     InternalFailure = 10,
+    /// An HTTP call that failed (`proxy_get_status` in its callback).
+    BrokenConnection = 11,
 }
 
 /// What a plugin's phase callback asks of the host.
@@ -89,10 +91,9 @@ pub enum BufferType {
     VmConfiguration,
     /// The plugin's `config` from the edge's configuration.
     PluginConfiguration,
-    /// An HTTP call's answer's body, in its callback.
+    /// An HTTP call's answer's body, or a gRPC call's reply message, in its callback.
     CallResponseBody,
-    /// A buffer of the ABI that an HTTP request here never has (TCP stream data, a gRPC
-    /// message, call data).
+    /// A buffer of the ABI that an HTTP request here never has (TCP stream data, call data).
     Absent,
 }
 
@@ -104,8 +105,8 @@ impl BufferType {
             1 => Self::ResponseBody,
             6 => Self::VmConfiguration,
             7 => Self::PluginConfiguration,
-            4 => Self::CallResponseBody,
-            2 | 3 | 5 | 8 => Self::Absent,
+            4 | 5 => Self::CallResponseBody,
+            2 | 3 | 8 => Self::Absent,
             _ => return None,
         })
     }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use wasmtime::{Caller, Linker};
 
 use super::abi::{self, Headers, Status};
-use super::calls::{read, write_u32};
+use super::calls::{give, read, write_u32};
 use super::host::Host;
 
 /// Calls one request may have waiting at once (past it `proxy_http_call` answers
@@ -38,11 +38,24 @@ pub struct CallRequest {
     pub body: Vec<u8>,
     /// The plugin's timeout, within [`MAX_TIMEOUT`].
     pub timeout: Duration,
+    /// A gRPC unary call ([`super::grpc`]), not an HTTP call.
+    pub grpc: bool,
+}
+
+/// What a call's callback is given.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// An HTTP call's answer.
+    Http(CallResponse),
+    /// A gRPC call's reply message, or its failure.
+    Grpc(Result<Bytes, super::grpc::GrpcStatus>),
 }
 
 /// An answer, as the callback sees it (all empty when the call failed).
 #[derive(Debug, Clone, Default)]
 pub struct CallResponse {
+    /// The call failed (refused, timed out, too large): `proxy_get_status` says so.
+    pub failed: bool,
     /// `:status` first, then the headers, names lowercase.
     pub headers: Headers,
     /// The body.
@@ -67,8 +80,25 @@ pub fn upstreams(table: &HashMap<String, String>) -> Result<HashMap<String, url:
         .collect()
 }
 
-/// Defines `proxy_http_call`.
+/// Defines `proxy_http_call` and `proxy_get_status`.
 pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    // As Envoy: during the callback of a failed HTTP call, `BrokenConnection` and "reset"; in
+    // a gRPC call's close, its status code and message; else 0 and nothing.
+    l.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: Caller<'_, Host>,
+         code_ptr: i32,
+         msg_ptr: i32,
+         msg_size: i32|
+         -> wasmtime::Result<i32> {
+            let (code, message) = c.data().call_status.clone();
+            if write_u32(&mut c, code_ptr, code).is_none() {
+                return Ok(Status::InvalidMemoryAccess as i32);
+            }
+            Ok(give(&mut c, message.as_bytes(), msg_ptr, msg_size)? as i32)
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_http_call",
@@ -97,32 +127,65 @@ pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let Some(headers) = abi::decode_map(&headers) else {
                 return Status::ParseFailure as i32;
             };
-            let upstream = String::from_utf8_lossy(&upstream);
-            let Some(base) = c.data().shared.upstreams.get(upstream.as_ref()) else {
-                // Envoy: an unknown cluster is a bad argument.
+            let Some(base) = upstream_url(c.data(), &upstream) else {
                 return Status::BadArgument as i32;
             };
-            let Some(mut request) = request(base, headers, body, timeout_ms) else {
+            let Some(request) = request(&base, headers, body, timeout_ms) else {
                 return Status::BadArgument as i32;
             };
-            let host = c.data_mut();
-            if host.calls_out.len() >= MAX_PENDING {
-                host.shared
-                    .unsupported("proxy_http_call (over 64 pending)", 10);
-                return Status::InternalFailure as i32;
-            }
-            host.next_token = host.next_token.wrapping_add(1).max(1);
-            request.token = host.next_token;
-            let token = request.token;
-            host.calls_out.push(request);
-            if write_u32(&mut c, token_ptr, token).is_none() {
-                c.data_mut().calls_out.pop();
-                return Status::InvalidMemoryAccess as i32;
-            }
-            Status::Ok as i32
+            record(&mut c, request, token_ptr)
         },
     )?;
     Ok(())
+}
+
+/// The URL of the upstream the plugin's configuration names `name`; `None` (Envoy: an unknown
+/// cluster, `BadArgument`) for any other.
+pub(super) fn upstream_url(host: &Host, name: &[u8]) -> Option<url::Url> {
+    let name = std::str::from_utf8(name).ok()?;
+    host.shared.upstreams.get(name).cloned()
+}
+
+/// Records a call to be made once the current callback returns, and writes its token to the
+/// guest's `token_ptr`.
+pub(super) fn record(c: &mut Caller<'_, Host>, mut request: CallRequest, token_ptr: i32) -> i32 {
+    let host = c.data_mut();
+    if host.calls_out.len() >= MAX_PENDING {
+        host.shared.unsupported("calls out (over 64 pending)", 10);
+        return Status::InternalFailure as i32;
+    }
+    host.next_token = host.next_token.wrapping_add(1).max(1);
+    request.token = host.next_token;
+    let token = request.token;
+    host.calls_out.push(request);
+    if write_u32(c, token_ptr, token).is_none() {
+        c.data_mut().calls_out.pop();
+        return Status::InvalidMemoryAccess as i32;
+    }
+    Status::Ok as i32
+}
+
+/// Drops call `token`: not made if it is still waiting, its answer not delivered if it is in
+/// flight. `NotFound` for a token never handed out.
+pub(super) fn cancel(host: &mut Host, token: u32) -> Status {
+    if let Some(i) = host.calls_out.iter().position(|c| c.token == token) {
+        host.calls_out.remove(i);
+        return Status::Ok;
+    }
+    if token == 0 || token > host.next_token {
+        return Status::NotFound;
+    }
+    host.cancelled.push(token);
+    Status::Ok
+}
+
+/// A plugin's timeout in milliseconds as the call's: 0 or less, or past [`MAX_TIMEOUT`], is
+/// [`MAX_TIMEOUT`].
+pub fn timeout(ms: i32) -> Duration {
+    match ms {
+        t if t > 0 => Duration::from_millis(t as u64).min(MAX_TIMEOUT),
+        _ => MAX_TIMEOUT,
+    }
 }
 
 /// The call the plugin's headers describe, or `None` (Envoy's `BadArgument`) when `:method`,
@@ -153,17 +216,14 @@ fn request(
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
         .collect();
     rest.push(("host".into(), authority.as_bytes().to_vec()));
-    let timeout = match timeout_ms {
-        t if t > 0 => Duration::from_millis(t as u64).min(MAX_TIMEOUT),
-        _ => MAX_TIMEOUT,
-    };
     Some(CallRequest {
         token: 0,
         url,
         method,
         headers: rest,
         body,
-        timeout,
+        timeout: timeout(timeout_ms),
+        grpc: false,
     })
 }
 
@@ -175,9 +235,18 @@ thread_local! {
         .expect("an HTTP client");
 }
 
-/// Makes the call; an answer whose body passes `max_body` bytes, like any failure, comes back
-/// empty (as Envoy reports a failed call).
-pub async fn perform(call: CallRequest, max_body: usize) -> CallResponse {
+/// Makes the call, HTTP or gRPC; an answer whose body passes `max_body` bytes is a failure.
+pub async fn perform(call: CallRequest, max_body: usize) -> Answer {
+    if call.grpc {
+        Answer::Grpc(super::grpc::perform(call, max_body).await)
+    } else {
+        Answer::Http(http(call, max_body).await)
+    }
+}
+
+/// Makes an HTTP call; an answer whose body passes `max_body` bytes, like any failure, comes
+/// back empty (as Envoy reports a failed call).
+async fn http(call: CallRequest, max_body: usize) -> CallResponse {
     let client = CLIENT.with(Clone::clone);
     let mut builder = client
         .request(call.method, call.url)
@@ -201,16 +270,20 @@ pub async fn perform(call: CallRequest, max_body: usize) -> CallResponse {
             body.extend_from_slice(&chunk);
         }
         Some(CallResponse {
+            failed: false,
             headers,
             body: body.into(),
             trailers: Vec::new(),
         })
     };
-    answer.await.unwrap_or_default()
+    answer.await.unwrap_or_else(|| CallResponse {
+        failed: true,
+        ..CallResponse::default()
+    })
 }
 
 /// Makes `calls` concurrently: each token with its answer, in the order asked.
-pub async fn perform_all(calls: Vec<CallRequest>, max_body: usize) -> Vec<(u32, CallResponse)> {
+pub async fn perform_all(calls: Vec<CallRequest>, max_body: usize) -> Vec<(u32, Answer)> {
     futures_util::future::join_all(calls.into_iter().map(|c| async move {
         let token = c.token;
         (token, perform(c, max_body).await)

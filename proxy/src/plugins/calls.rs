@@ -47,7 +47,7 @@ pub(super) fn write_u32(caller: &mut Caller<'_, Host>, ptr: i32, v: u32) -> Opti
 
 /// Copies `bytes` into memory the guest allocates, and writes its address and size to the
 /// guest's `ret_ptr` and `ret_size`. A trap in the guest's allocator propagates.
-fn give(
+pub(super) fn give(
     caller: &mut Caller<'_, Host>,
     bytes: &[u8],
     ret_ptr: i32,
@@ -123,7 +123,9 @@ pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     properties(l)?;
     shared_data(l)?;
     metrics(l)?;
-    super::callout::define(l)
+    super::callout::define(l)?;
+    super::grpc::define(l)?;
+    super::queues::define(l)
 }
 
 /// Logging, time, ticks, and the stream and context calls.

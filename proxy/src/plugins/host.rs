@@ -15,7 +15,7 @@ use wasmtime::{
 };
 
 use super::abi::{self, Headers, Status};
-use super::callout::{CallRequest, CallResponse};
+use super::callout::{Answer, CallRequest, CallResponse};
 pub use super::shared::Shared;
 
 /// What a request exposes to plugins: headers, body, answer, and the properties.
@@ -79,6 +79,20 @@ pub struct Host {
     pub(super) calls_out: Vec<CallRequest>,
     /// The last HTTP call token handed out.
     pub(super) next_token: u32,
+    /// What `proxy_get_status` answers: the status of the call whose callback runs.
+    pub(super) call_status: (u32, String),
+    /// Calls the plugin cancelled while they were in flight: their answers are dropped.
+    pub(super) cancelled: Vec<u32>,
+}
+
+/// Which callback a call's answer goes to, with its arguments after the context and token.
+enum Callback {
+    /// `proxy_on_http_call_response`: headers, body size, trailers.
+    Http((i32, i32, i32)),
+    /// `proxy_on_grpc_receive`: the message's size.
+    GrpcReceive(i32),
+    /// `proxy_on_grpc_close`: the gRPC status code.
+    GrpcClose(i32),
 }
 
 /// `proxy_on_http_call_response(root, token, headers, body size, trailers)`.
@@ -98,6 +112,9 @@ struct Exports {
     delete: Option<TypedFunc<i32, ()>>,
     tick: Option<TypedFunc<i32, ()>>,
     http_call_response: Option<CallResponseFn>,
+    grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
+    grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    queue_ready: Option<TypedFunc<(i32, i32), ()>>,
 }
 
 /// The root context every VM creates first.
@@ -185,6 +202,8 @@ fn dummy_host() -> Host {
         stdio: Default::default(),
         calls_out: Vec::new(),
         next_token: 0,
+        call_status: (0, String::new()),
+        cancelled: Vec::new(),
     }
 }
 
@@ -232,6 +251,8 @@ impl Compiled {
             stdio: Default::default(),
             calls_out: Vec::new(),
             next_token: 0,
+            call_status: (0, String::new()),
+            cancelled: Vec::new(),
         };
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);
@@ -278,6 +299,9 @@ impl Compiled {
             delete: typed!("proxy_on_delete"),
             tick: typed!("proxy_on_tick"),
             http_call_response: typed!("proxy_on_http_call_response"),
+            grpc_receive: typed!("proxy_on_grpc_receive"),
+            grpc_close: typed!("proxy_on_grpc_close"),
+            queue_ready: typed!("proxy_on_queue_ready"),
         };
         let mut vm = Vm {
             store,
@@ -420,33 +444,85 @@ impl Vm {
         std::mem::take(&mut self.store.data_mut().calls_out)
     }
 
-    /// Delivers the answer to the HTTP call `token` (`proxy_on_http_call_response`, on the
-    /// root context as Envoy does: the SDKs find the calling context by the token), with
-    /// `exchange` visible so that the callback can resume or answer its request.
+    /// Delivers the answer to call `token` on the root context, as Envoy does (the SDKs find
+    /// the calling context by the token), with `exchange` visible so that the callback can
+    /// resume or answer its request: an HTTP answer to `proxy_on_http_call_response`, a gRPC
+    /// reply to `proxy_on_grpc_receive`, a gRPC failure to `proxy_on_grpc_close`. A cancelled
+    /// call's answer is dropped.
     pub fn call_response(
         &mut self,
         token: u32,
-        response: CallResponse,
+        answer: Answer,
         exchange: &mut Exchange,
     ) -> Result<(), String> {
-        let Some(f) = self.exports.http_call_response.clone() else {
+        let host = self.store.data_mut();
+        if let Some(i) = host.cancelled.iter().position(|&t| t == token) {
+            host.cancelled.swap_remove(i);
             return Ok(());
+        }
+        let (response, status, callback) = match answer {
+            Answer::Http(r) => {
+                let status = r
+                    .failed
+                    .then(|| (Status::BrokenConnection as u32, "reset".to_string()));
+                let args = (
+                    r.headers.len() as i32,
+                    r.body.len() as i32,
+                    r.trailers.len() as i32,
+                );
+                (r, status, Callback::Http(args))
+            }
+            Answer::Grpc(Ok(message)) => {
+                let len = message.len() as i32;
+                let r = CallResponse {
+                    body: message,
+                    ..CallResponse::default()
+                };
+                (r, None, Callback::GrpcReceive(len))
+            }
+            Answer::Grpc(Err(e)) => {
+                let code = e.code as i32;
+                let status = Some((e.code, e.message));
+                (CallResponse::default(), status, Callback::GrpcClose(code))
+            }
         };
-        let counts = (
-            response.headers.len() as i32,
-            response.body.len() as i32,
-            response.trailers.len() as i32,
-        );
         exchange.call_response = Some(response);
-        self.store.data_mut().exchange = Some(std::mem::take(exchange));
+        let host = self.store.data_mut();
+        host.exchange = Some(std::mem::take(exchange));
+        if let Some(s) = status {
+            host.call_status = s;
+        }
         self.arm();
-        let r = f.call(
-            &mut self.store,
-            (ROOT_CONTEXT, token as i32, counts.0, counts.1, counts.2),
-        );
-        *exchange = self.store.data_mut().exchange.take().unwrap_or_default();
+        let (root, token) = (ROOT_CONTEXT, token as i32);
+        let r = match callback {
+            Callback::Http((h, b, t)) => match self.exports.http_call_response.clone() {
+                Some(f) => f.call(&mut self.store, (root, token, h, b, t)),
+                None => Ok(()),
+            },
+            Callback::GrpcReceive(len) => match self.exports.grpc_receive.clone() {
+                Some(f) => f.call(&mut self.store, (root, token, len)),
+                None => Ok(()),
+            },
+            Callback::GrpcClose(code) => match self.exports.grpc_close.clone() {
+                Some(f) => f.call(&mut self.store, (root, token, code)),
+                None => Ok(()),
+            },
+        };
+        let host = self.store.data_mut();
+        host.call_status = (0, String::new());
+        *exchange = host.exchange.take().unwrap_or_default();
         exchange.call_response = None;
         r.map_err(|e| format!("{e:#}"))
+    }
+
+    /// Tells the root context that shared queue `id` has items (`proxy_on_queue_ready`).
+    pub fn queue_ready(&mut self, id: u32) -> Result<(), String> {
+        if let Some(f) = self.exports.queue_ready.clone() {
+            self.arm();
+            f.call(&mut self.store, (ROOT_CONTEXT, id as i32))
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        Ok(())
     }
 
     /// Delivers a tick to the root context.
@@ -563,12 +639,12 @@ mod tests {
     #[test]
     fn a_call_this_host_does_not_offer_is_logged_once_and_answers_a_status() {
         const CALLS_OUT: &str = r#"(module
-          (import "env" "proxy_get_status" (func $status (param i32 i32 i32) (result i32)))
+          (import "env" "proxy_grpc_send" (func $send (param i32 i32 i32 i32) (result i32)))
           (memory (export "memory") 1)
           (func (export "_initialize")
-            (if (i32.ne (call $status (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10))
+            (if (i32.ne (call $send (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10))
               (then unreachable))
-            (drop (call $status (i32.const 0) (i32.const 0) (i32.const 0))))
+            (drop (call $send (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))))
           (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
           (func (export "proxy_abi_version_0_2_1"))
           (func (export "proxy_on_context_create") (param i32 i32)))"#;
@@ -582,7 +658,7 @@ mod tests {
         });
         let lines: Vec<&str> = text
             .lines()
-            .filter(|l| l.contains("proxy_get_status"))
+            .filter(|l| l.contains("proxy_grpc_send"))
             .collect();
         assert_eq!(lines.len(), 1, "{text}");
         assert!(lines[0].contains("callout"), "{text}");

@@ -3,10 +3,12 @@
 //!
 //! - [`abi`]: the ABI's plain data (statuses, map encoding), free of wasmtime.
 //! - [`host`]: the host calls and one plugin VM.
-//! - [`callout`]: HTTP calls out (`proxy_http_call`).
+//! - [`callout`]: HTTP calls out (`proxy_http_call`); [`grpc`]: gRPC unary calls.
 //! - [`run`]: [`PluginRun`], a request's walk through the plugins' phases.
 //! - this module: the configured plugin set, one VM per plugin per worker thread (the edge's
 //!   workers do not steal work, so a request's context stays in its thread's VM).
+//! - [`background`]: each plugin's instance for ticks, queues and service plugins;
+//!   [`queues`]: shared queues.
 //!
 //! Modules are compiled once when the configuration loads (a module that does not compile,
 //! link, start or accept its configuration is refused then). Every call runs under an epoch
@@ -14,16 +16,19 @@
 //! back-off, and the request in flight follows the plugin's fail policy.
 
 pub mod abi;
+mod background;
 pub mod callout;
 mod calls;
+pub mod grpc;
 mod headers;
 pub mod host;
+pub mod queues;
 mod run;
 pub mod shared;
 mod wasi;
 
 pub use headers::{
-    apply_request_headers, apply_response_headers, request_headers, response_headers,
+    apply_request_headers, apply_response_headers, request_headers, response_headers, Rewrites,
 };
 pub use run::{PluginRun, Verdict};
 
@@ -35,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::Engine;
 
-use self::host::{Compiled, Exchange, Shared, Vm};
+use self::host::{Compiled, Shared, Vm};
 
 /// A plugin as the configuration declares it (validated).
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +75,9 @@ pub struct PluginConfig {
     pub upstreams: HashMap<String, url::Url>,
     /// The most of an answer (or of an HTTP call's answer) the plugin may hold back.
     pub buffer_bytes: usize,
+    /// A service plugin (Envoy's singleton): only its root context runs, on the plugin's
+    /// background instance (ticks, queues, calls out); no request goes through it.
+    pub service: bool,
 }
 
 /// The process's wasmtime engine: epoch interruption (ticked every millisecond by a thread of
@@ -170,7 +178,7 @@ impl Plugin {
             shared,
             failures: AtomicU64::new(0),
         });
-        start_ticks(&plugin);
+        background::start(&plugin);
         Ok(plugin)
     }
 
@@ -179,71 +187,17 @@ impl Plugin {
         &self.cfg.name
     }
 
+    /// Whether the plugin runs on a request to `route` of this agent (a service plugin runs on
+    /// none).
     fn applies(&self, route: &str, agent_id: &str, agent_name: &str) -> bool {
-        (self.cfg.routes.is_empty() || self.cfg.routes.iter().any(|r| r == route))
+        !self.cfg.service
+            && (self.cfg.routes.is_empty() || self.cfg.routes.iter().any(|r| r == route))
             && (self.cfg.agents.is_empty()
                 || self
                     .cfg
                     .agents
                     .iter()
                     .any(|a| a == agent_id || a == agent_name))
-    }
-}
-
-/// Ticks, for plugins whose root context asked for them: on a VM of their own, on a thread of
-/// their own, for as long as the plugin is loaded.
-fn start_ticks(plugin: &Arc<Plugin>) {
-    let weak = Arc::downgrade(plugin);
-    let _ = std::thread::Builder::new()
-        .name(format!("moltghost-wasm-tick-{}", plugin.cfg.name))
-        .spawn(move || {
-            let mut vm: Option<Vm> = None;
-            // Where the root context's HTTP calls are made: this thread waits for them (a
-            // tick comes late rather than overlapping its calls).
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            loop {
-                let Some(p) = weak.upgrade() else { return };
-                let period = p.shared.tick_ms.load(Relaxed);
-                if period == 0 {
-                    drop(p);
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
-                }
-                if vm.is_none() {
-                    vm = p
-                        .compiled
-                        .instantiate(engine(), p.shared.clone(), p.cfg.deadline)
-                        .ok();
-                }
-                if let Some(v) = vm.as_mut() {
-                    let limit = p.cfg.buffer_bytes;
-                    if let Err(e) = v.tick().and_then(|()| tick_calls(v, limit, &rt)) {
-                        tracing::warn!(plugin = %p.cfg.name, error = %e, "plugin tick failed: its VM is rebuilt");
-                        vm = None;
-                    }
-                }
-                drop(p);
-                std::thread::sleep(Duration::from_millis(u64::from(period.max(1))));
-            }
-        });
-}
-
-/// Makes the HTTP calls a root context asked for (from `on_tick`, or from the callbacks of
-/// earlier calls) and delivers their answers, until none is pending.
-fn tick_calls(vm: &mut Vm, limit: usize, rt: &tokio::runtime::Runtime) -> Result<(), String> {
-    loop {
-        let calls = vm.take_calls();
-        if calls.is_empty() {
-            return Ok(());
-        }
-        for (token, answer) in rt.block_on(callout::perform_all(calls, limit)) {
-            vm.call_response(token, answer, &mut Exchange::default())?;
-        }
     }
 }
 

@@ -82,6 +82,9 @@ pub struct PluginRun {
     authorization: Headers,
     /// A plugin paused the answer's headers: they wait for the body.
     pub holds_header: bool,
+    /// The answer keeps its `Content-Length` while plugins see its body: none may change its
+    /// length.
+    fixed_length: bool,
     /// `plugin:decision` for the access log.
     pub decisions: Vec<String>,
     /// Time spent in plugin calls.
@@ -113,15 +116,15 @@ impl PluginRun {
             thread: std::thread::current().id(),
             authorization: Vec::new(),
             holds_header: false,
+            fixed_length: false,
             decisions: Vec::new(),
             spent: Duration::ZERO,
             finished: false,
         }
     }
 
-    /// True when some active plugin handles response bodies (answers are then re-framed,
-    /// since their length may change).
-    pub fn sees_response_body(&self) -> bool {
+    /// True when some active plugin handles response bodies.
+    fn sees_response_body(&self) -> bool {
         self.parts
             .iter()
             .any(|p| self.set.plugins[p.plugin].compiled.sees_response_body)
@@ -312,6 +315,8 @@ impl PluginRun {
             }
         }
         *headers = std::mem::take(&mut self.exchange.response_headers);
+        self.fixed_length =
+            self.sees_response_body() && headers.iter().any(|(k, _)| k == "content-length");
         r
     }
 
@@ -334,9 +339,13 @@ impl PluginRun {
                 all.extend_from_slice(&data);
                 data = all.into();
             }
+            let given = data.len();
             self.exchange.response_body = data;
             let action = self.step(k, Phase::ResponseBody, end).await?;
             data = std::mem::take(&mut self.exchange.response_body);
+            if self.fixed_length && action == Action::Continue && data.len() != given {
+                return Err(self.length_changed(k));
+            }
             if action == Action::Pause {
                 if end {
                     self.stalled(k)?;
@@ -355,6 +364,15 @@ impl PluginRun {
             }
         }
         Ok(data)
+    }
+
+    /// Plugin `k` changed the length of an answer whose `Content-Length` went out: the client
+    /// could not tell where it ends, so the answer is cut (Envoy would send it misframed).
+    fn length_changed(&mut self, k: usize) -> Verdict {
+        let name = &self.set.plugins[self.parts[k].plugin].cfg.name;
+        tracing::warn!(plugin = %name, "plugin changed the length of an answer but left its content-length: the answer is cut (remove content-length in on_http_response_headers, as on Envoy)");
+        self.decisions.push(format!("{name}:length_changed"));
+        Verdict::Reset
     }
 
     /// Ends the request in every plugin (`proxy_on_log`, `_done`, `_delete`).

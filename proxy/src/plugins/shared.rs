@@ -42,6 +42,8 @@ pub struct Shared {
     metrics: Mutex<Vec<Metric>>,
     /// Tick period the root context asked for, in milliseconds (0: none).
     pub tick_ms: AtomicU32,
+    /// Where the plugin's background instance is woken for a shared queue it registered.
+    wake: Mutex<Option<super::queues::Wake>>,
     /// A limit was hit and said so in the log (once per plugin, not once per call).
     warned: AtomicBool,
     /// Calls the plugin made that this host does not offer, each logged once.
@@ -80,6 +82,7 @@ impl Shared {
             data: data_of(""),
             metrics: Mutex::new(Vec::new()),
             tick_ms: AtomicU32::new(0),
+            wake: Mutex::new(None),
             warned: AtomicBool::new(false),
             unsupported: Mutex::default(),
             log_window: Mutex::new((std::time::Instant::now(), 0, 0)),
@@ -99,6 +102,16 @@ impl Shared {
     pub fn with_upstreams(mut self, upstreams: HashMap<String, url::Url>) -> Self {
         self.upstreams = upstreams;
         self
+    }
+
+    /// Where a queue this plugin registers wakes it (its background instance), once that runs.
+    pub fn wake(&self) -> Option<super::queues::Wake> {
+        lock(&self.wake).clone()
+    }
+
+    /// Sets where queues this plugin registers wake it.
+    pub fn set_wake(&self, wake: super::queues::Wake) {
+        *lock(&self.wake) = Some(wake);
     }
 
     /// A shared value and its compare-and-swap token.

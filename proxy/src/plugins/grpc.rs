@@ -1,0 +1,315 @@
+//! gRPC unary calls out (`proxy_grpc_call`), as Envoy's wasm filter makes them: to an upstream
+//! the plugin's configuration names, `POST /<service>/<method>` over HTTP/2 (prior knowledge
+//! on `http://`, ALPN on `https://`), the plugin's initial metadata as headers and its message
+//! framed as gRPC frames it. Like HTTP calls, the host call only records the call; the answer is
+//! delivered after the phase returns, on the root context: the reply's message to
+//! `proxy_on_grpc_receive` (read as the gRPC receive buffer), or a failure to
+//! `proxy_on_grpc_close` with its gRPC status code (`proxy_get_status` gives the code and
+//! message in that callback). Streams (`proxy_grpc_stream`, `_send`) are not offered.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use wasmtime::{Caller, Linker};
+
+use super::abi::{self, Status};
+use super::callout::{self, CallRequest};
+use super::calls::read;
+use super::host::Host;
+
+/// gRPC's status codes the edge itself answers with.
+pub mod code {
+    /// The call was cancelled.
+    pub const CANCELLED: u32 = 1;
+    /// The reply could not be understood.
+    pub const UNKNOWN: u32 = 2;
+    /// The call ran past its timeout.
+    pub const DEADLINE_EXCEEDED: u32 = 4;
+    /// The reply was larger than the plugin may hold.
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    /// The reply was malformed.
+    pub const INTERNAL: u32 = 13;
+    /// The upstream could not be reached.
+    pub const UNAVAILABLE: u32 = 14;
+}
+
+/// A call's failure: its gRPC status code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcStatus {
+    /// The code (never 0).
+    pub code: u32,
+    /// The message (`grpc-message`, or the edge's reason).
+    pub message: String,
+}
+
+impl GrpcStatus {
+    fn new(code: u32, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Defines `proxy_grpc_call`, `proxy_grpc_cancel` and `proxy_grpc_close`.
+pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |mut c: Caller<'_, Host>,
+         up: i32,
+         up_len: i32,
+         svc: i32,
+         svc_len: i32,
+         method: i32,
+         method_len: i32,
+         md: i32,
+         md_len: i32,
+         msg: i32,
+         msg_len: i32,
+         timeout_ms: i32,
+         token_ptr: i32|
+         -> i32 {
+            let (Some(upstream), Some(service), Some(method), Some(metadata), Some(message)) = (
+                read(&mut c, up, up_len),
+                read(&mut c, svc, svc_len),
+                read(&mut c, method, method_len),
+                read(&mut c, md, md_len),
+                read(&mut c, msg, msg_len),
+            ) else {
+                return Status::InvalidMemoryAccess as i32;
+            };
+            let Some(metadata) = abi::decode_map(&metadata) else {
+                return Status::ParseFailure as i32;
+            };
+            // Envoy also takes a serialized GrpcService here; the edge names upstreams only.
+            let Some(base) = callout::upstream_url(c.data(), &upstream) else {
+                return Status::BadArgument as i32;
+            };
+            let Some(request) = request(&base, &service, &method, metadata, &message, timeout_ms)
+            else {
+                return Status::BadArgument as i32;
+            };
+            callout::record(&mut c, request, token_ptr)
+        },
+    )?;
+    // Envoy: cancelling or closing a unary call drops it; its callback never comes.
+    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
+        l.func_wrap("env", name, |mut c: Caller<'_, Host>, token: i32| -> i32 {
+            callout::cancel(c.data_mut(), token as u32) as i32
+        })?;
+    }
+    Ok(())
+}
+
+/// The HTTP/2 request a unary call is: `POST <base>/<service>/<method>`, `application/grpc`,
+/// the metadata as headers, the message in one gRPC frame. `None` for an unusable service or
+/// method name.
+fn request(
+    base: &url::Url,
+    service: &[u8],
+    method: &[u8],
+    metadata: abi::Headers,
+    message: &[u8],
+    timeout_ms: i32,
+) -> Option<CallRequest> {
+    let name = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|c| c.is_ascii_graphic() && c != b'/'))
+            .map(str::to_owned)
+    };
+    let url = base
+        .join(&format!("/{}/{}", name(service)?, name(method)?))
+        .ok()?;
+    let mut headers: abi::Headers = metadata
+        .into_iter()
+        .filter(|(k, v)| abi::valid_header_name(k) && abi::valid_header_value(v))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .filter(|(k, _)| !k.starts_with(':') && !matches!(k.as_str(), "content-type" | "te"))
+        .collect();
+    headers.push(("content-type".into(), b"application/grpc".to_vec()));
+    headers.push(("te".into(), b"trailers".to_vec()));
+    let timeout = callout::timeout(timeout_ms);
+    headers.push((
+        "grpc-timeout".into(),
+        format!("{}m", timeout.as_millis()).into_bytes(),
+    ));
+    Some(CallRequest {
+        token: 0,
+        url,
+        method: http::Method::POST,
+        headers,
+        body: frame(message).to_vec(),
+        timeout,
+        grpc: true,
+    })
+}
+
+/// `message` as one uncompressed gRPC frame: a zero flag, its length (4 bytes, big-endian),
+/// the bytes.
+pub fn frame(message: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(message.len() as u32);
+    out.put_slice(message);
+    out.freeze()
+}
+
+/// The one message of a unary reply's body. Compressed frames (the edge asks for none), a
+/// frame cut short, or bytes after it are errors.
+pub fn unframe(mut body: Bytes) -> Result<Bytes, GrpcStatus> {
+    if body.is_empty() {
+        return Ok(Bytes::new());
+    }
+    if body.len() < 5 {
+        return Err(GrpcStatus::new(code::INTERNAL, "a gRPC frame cut short"));
+    }
+    let compressed = body.get_u8();
+    let len = body.get_u32() as usize;
+    if compressed != 0 {
+        return Err(GrpcStatus::new(
+            code::INTERNAL,
+            "a compressed gRPC message (none was asked for)",
+        ));
+    }
+    if body.len() != len {
+        return Err(GrpcStatus::new(
+            code::INTERNAL,
+            "a gRPC reply is not exactly one message",
+        ));
+    }
+    Ok(body)
+}
+
+/// The reply's status from its trailers (or, for a trailers-only reply, its headers).
+fn status_of(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> Option<GrpcStatus> {
+    let pick = |name: &str| {
+        trailers
+            .and_then(|t| t.get(name))
+            .or_else(|| headers.get(name))
+            .and_then(|v| v.to_str().ok())
+    };
+    let code = pick("grpc-status")?.trim().parse::<u32>().ok()?;
+    let message = pick("grpc-message").unwrap_or("");
+    Some(GrpcStatus::new(code, percent_decode(message)))
+}
+
+/// `grpc-message` is percent-encoded (`%XX`; nothing else is special).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+thread_local! {
+    // HTTP/2 only: gRPC needs it, and `http://` upstreams speak it without an upgrade.
+    static CLIENT: reqwest::Client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP/2 client");
+}
+
+/// Makes the call: the reply's message, or why there is none.
+pub async fn perform(call: CallRequest, max_body: usize) -> Result<Bytes, GrpcStatus> {
+    use http_body_util::BodyExt;
+    let client = CLIENT.with(Clone::clone);
+    let mut builder = client
+        .request(call.method, call.url)
+        .timeout(call.timeout)
+        .body(call.body);
+    for (k, v) in &call.headers {
+        builder = builder.header(k.as_str(), v.as_slice());
+    }
+    let failed = |e: reqwest::Error| {
+        if e.is_timeout() {
+            GrpcStatus::new(code::DEADLINE_EXCEEDED, "the call ran past its timeout")
+        } else {
+            GrpcStatus::new(code::UNAVAILABLE, "the upstream could not be reached")
+        }
+    };
+    let resp = builder.send().await.map_err(failed)?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(GrpcStatus::new(
+            code::UNAVAILABLE,
+            format!("the upstream answered HTTP {}", resp.status().as_u16()),
+        ));
+    }
+    let resp: http::Response<reqwest::Body> = resp.into();
+    let (head, body) = resp.into_parts();
+    let body = http_body_util::Limited::new(body, max_body + 5)
+        .collect()
+        .await
+        .map_err(|e| match e.downcast::<reqwest::Error>() {
+            Ok(e) => failed(*e),
+            Err(_) => GrpcStatus::new(code::RESOURCE_EXHAUSTED, "the reply is too large"),
+        })?;
+    let trailers = body.trailers().cloned();
+    match status_of(&head.headers, trailers.as_ref()) {
+        Some(s) if s.code == 0 => unframe(body.to_bytes()),
+        Some(s) => Err(s),
+        None => Err(GrpcStatus::new(
+            code::UNKNOWN,
+            "a reply without grpc-status",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_framed_and_unframed() {
+        let framed = frame(b"hello");
+        assert_eq!(&framed[..], b"\0\0\0\0\x05hello");
+        assert_eq!(unframe(framed).unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(unframe(Bytes::new()).unwrap(), Bytes::new());
+        for bad in [
+            &b"\0\0\0"[..],
+            b"\0\0\0\0\x06hello",
+            b"\0\0\0\0\x04hello",
+            b"\x01\0\0\0\x05hello",
+        ] {
+            assert!(unframe(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_call_is_a_post_to_service_and_method() {
+        let base = url::Url::parse("http://127.0.0.1:9").unwrap();
+        let md = vec![("x-tenant".to_string(), b"a".to_vec())];
+        let r = request(&base, b"pkg.Auth", b"Check", md, b"m", 300).unwrap();
+        assert_eq!(r.url.as_str(), "http://127.0.0.1:9/pkg.Auth/Check");
+        assert!(r.grpc);
+        assert!(r.headers.contains(&("x-tenant".into(), b"a".to_vec())));
+        assert!(r
+            .headers
+            .contains(&("grpc-timeout".into(), b"300m".to_vec())));
+        for (svc, method) in [(&b""[..], &b"M"[..]), (b"a/b", b"M"), (b"S", b"")] {
+            assert!(request(&base, svc, method, Vec::new(), b"", 0).is_none());
+        }
+    }
+
+    #[test]
+    fn grpc_message_is_percent_decoded() {
+        assert_eq!(percent_decode("no%20such%20user"), "no such user");
+        assert_eq!(percent_decode("a+b%"), "a+b%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+}
