@@ -408,7 +408,7 @@ impl Connection {
             tls: self.tls,
         };
         let prepared = match p
-            .prepare(&mut down, ctx, &self.admission, Route::Ws, text, now)
+            .prepare(&mut down, ctx, &self.admission, Some(Route::Ws), text, now)
             .await?
         {
             Preparation::Forward(prepared) => *prepared,

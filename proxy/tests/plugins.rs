@@ -634,7 +634,7 @@ async fn plugins_see_websocket_messages_and_frames() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pseudo_header_edits_route_the_request_again_as_on_envoy() {
+async fn pseudo_header_edits_route_the_request_again_as_on_envoy_even_from_no_route() {
     let s = Stack::start(&plugin("rewrite", "rewrite", "")).await;
     let send = |path: &'static str, rewrites: &[(&'static str, &'static str)], body: Value| {
         let mut r = s.post_as("abc123", path, Some(&s.key)).json(&body);
@@ -705,6 +705,30 @@ async fn pseudo_header_edits_route_the_request_again_as_on_envoy() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["code"], code, "{rewrites:?}: {v}");
     }
+
+    // A path no route takes goes through the plugins too (after the key), as on Envoy where
+    // filters run before the router: rewritten onto a route, it is served; left alone, it
+    // gets its 404; without a valid key, 401 first.
+    let r = send(
+        "/v2/chat",
+        &[("x-rewrite-path", "/v1/chat/completions")],
+        hi(false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-mock-path"], "/v1/chat/completions");
+    let r = send("/v2/chat", &[], hi(false)).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    let r = s
+        .post_as("abc123", "/v2/chat", Some("molti_wrong"))
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

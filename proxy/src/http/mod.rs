@@ -30,13 +30,20 @@ pub async fn serve(
     }
     let now = Instant::now();
     let head = session.req_header();
-    let route = routing::route(&head.method, head.uri.path())?;
-    ctx.record.route = Some(route);
-    let admission = p.admit(head, route, ctx)?;
+    let route = match routing::route(&head.method, head.uri.path()) {
+        Ok(route) => Some(route),
+        // With plugins in force, a request no route takes still goes through them (once its
+        // key is checked), as on Envoy, where filters run before the router: one may rewrite
+        // it onto a route. Its 404 or 405 comes after them.
+        Err(_) if p.has_plugins() => None,
+        Err(miss) => return Err(miss),
+    };
+    ctx.record.route = route;
+    let admission = p.admit(head, route == Some(Route::Ws), ctx)?;
     p.rate(&admission, ctx)?;
     match route {
-        Route::Health => return health::serve(p, session, ctx, &admission.agent).await,
-        Route::Ws => {
+        Some(Route::Health) => return health::serve(p, session, ctx, &admission.agent).await,
+        Some(Route::Ws) => {
             lifecycle::gate(admission.agent.state)?;
             return crate::websocket::serve(p, session, ctx, admission).await;
         }

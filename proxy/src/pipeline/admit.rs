@@ -7,25 +7,26 @@ use pingora_http::RequestHeader;
 use super::{Pipeline, RequestCtx};
 use crate::error::EdgeError;
 use crate::policy::{self, Admission, RequestView};
-use crate::routing::Route;
 use crate::ws;
 
 impl Pipeline {
     /// The caller's key and the agent it reaches (see [`policy::admit`]); recorded in `ctx`.
+    /// `ws`: a WebSocket handshake, whose key may come as a subprotocol.
     pub fn admit(
         &self,
         head: &RequestHeader,
-        route: Route,
+        ws: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Admission, EdgeError> {
-        let offer = match route {
-            Route::Ws => ws::offer(
+        let offer = if ws {
+            ws::offer(
                 head.headers
                     .get_all("sec-websocket-protocol")
                     .iter()
                     .map(|v| v.as_bytes()),
-            ),
-            _ => ws::Offer::default(),
+            )
+        } else {
+            ws::Offer::default()
         };
         let host = head
             .headers

@@ -57,4 +57,9 @@ impl Pipeline {
     pub fn cfg(&self) -> arc_swap::Guard<Arc<Config>> {
         self.plane.cfg()
     }
+
+    /// Whether any policy plugin is loaded.
+    pub fn has_plugins(&self) -> bool {
+        !self.plane.plugins.load().plugins().is_empty()
+    }
 }

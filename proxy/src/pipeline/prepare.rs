@@ -69,13 +69,14 @@ pub enum Preparation {
 impl Pipeline {
     /// Request-side plugins, then translation (see the module's doc). A plugin's edit of
     /// `:method` or `:path` routes the request again; one of `:authority` is the `Host` the
-    /// runtime is sent.
+    /// runtime is sent. `route` is `None` for a request no route takes: after the plugins it
+    /// gets its 404 or 405, unless one of them rewrote it onto a route.
     pub async fn prepare(
         &self,
         down: &mut Downstream<'_>,
         ctx: &mut RequestCtx,
         admission: &Admission,
-        route: Route,
+        route: Option<Route>,
         mut body: Bytes,
         now: Instant,
     ) -> Result<Preparation, EdgeError> {
@@ -86,10 +87,10 @@ impl Pipeline {
             Ok(rewrites) => rewrites,
             Err(verdict) => return Ok(Preparation::Answered(verdict)),
         };
-        let route = if rewrites.rerouted && route != Route::Ws {
-            reroute(down, ctx)?
-        } else {
-            route
+        let route = match route {
+            Some(Route::Ws) => Route::Ws,
+            Some(route) if !rewrites.rerouted => route,
+            _ => reroute(down, ctx)?,
         };
         let query = down.head().uri.query().map(|q| format!("?{q}"));
         let mut prepared = self.translate(
@@ -113,7 +114,7 @@ impl Pipeline {
         down: &mut Downstream<'_>,
         ctx: &mut RequestCtx,
         admission: &Admission,
-        route: Route,
+        route: Option<Route>,
         body: &mut Bytes,
     ) -> Result<crate::plugins::Rewrites, Verdict> {
         let set = self.plane.plugins.load_full();
@@ -121,8 +122,10 @@ impl Pipeline {
             return Ok(Default::default());
         }
         let agent = &admission.agent;
-        let props = properties(down, ctx, admission, route, body.len());
-        let Some(mut run) = set.start(route.path(), &agent.endpoint_id, &agent.name, props) else {
+        // A request no route takes is known to plugins by its path.
+        let label = route.map_or_else(|| down.head().uri.path().to_owned(), |r| r.path().into());
+        let props = properties(down, ctx, admission, &label, body.len());
+        let Some(mut run) = set.start(&label, &agent.endpoint_id, &agent.name, props) else {
             return Ok(Default::default());
         };
         let scheme = if down.is_tls() { "https" } else { "http" };
@@ -130,7 +133,7 @@ impl Pipeline {
         let verdict = run.on_request(&mut headers, body).await;
         ctx.plugins = Some(run);
         verdict?;
-        if route == Route::Ws {
+        if route == Some(Route::Ws) {
             // A message's route is the WebSocket's: its head is not the plugins' to rewrite.
             headers.retain(|(k, _)| !k.starts_with(':'));
         }
@@ -256,8 +259,9 @@ impl Pipeline {
 }
 
 /// A request for `agent`'s runtime.
-/// The route a plugin's new `:method` and `:path` lead to. The edge's own answers (`/v1/health`)
-/// and the WebSocket are chosen before plugins run: a rewrite to them finds no route.
+/// The route a plugin's new `:method` and `:path` lead to (or, for a request no route took and
+/// no plugin rewrote, its 404 or 405). The edge's own answers (`/v1/health`) and the WebSocket
+/// are chosen before plugins run: a rewrite to them finds no route.
 fn reroute(down: &Downstream<'_>, ctx: &mut RequestCtx) -> Result<Route, EdgeError> {
     let head = down.head();
     let route = crate::routing::route(&head.method, head.uri.path())?;
@@ -302,7 +306,7 @@ fn properties(
     down: &Downstream<'_>,
     ctx: &RequestCtx,
     admission: &Admission,
-    route: Route,
+    route: &str,
     body_len: usize,
 ) -> HashMap<&'static str, Vec<u8>> {
     let head = down.head();
@@ -358,14 +362,14 @@ fn properties(
         // The agent is the edge's "cluster", and the route its route.
         ("cluster_name", bytes(&agent.endpoint_id)),
         ("xds.cluster_name", bytes(&agent.endpoint_id)),
-        ("route_name", bytes(route.path())),
-        ("xds.route_name", bytes(route.path())),
+        ("route_name", bytes(route)),
+        ("xds.route_name", bytes(route)),
         ("moltghost.account", bytes(&admission.account.id)),
         ("moltghost.key_id", bytes(&admission.key.id)),
         ("moltghost.agent", bytes(&agent.endpoint_id)),
         ("moltghost.agent_name", bytes(&agent.name)),
         ("moltghost.plan", bytes(&admission.account.plan.name)),
-        ("moltghost.route", bytes(route.path())),
+        ("moltghost.route", bytes(route)),
     ])
 }
 
