@@ -372,6 +372,8 @@ async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
         ("plugin_vm_id", ""),
         ("moltghost.agent", "abc123"),
         ("request.size", &hi(false).to_string().len().to_string()),
+        ("upstream.address", &s.runtime.to_string()),
+        ("upstream.port", &s.runtime.port().to_string()),
     ];
     for (name, want) in expect {
         assert_eq!(props.get(name).copied(), Some(want), "{name} in:\n{body}");

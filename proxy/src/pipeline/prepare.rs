@@ -334,7 +334,17 @@ fn properties(
         .sum::<usize>()
         + head.uri.to_string().len();
     let agent = &admission.agent;
+    // The agent's runtime as Envoy's `upstream.*`: the address the edge connects to, or, for a
+    // pod, its address inside the tunnel (the edge's own hop to the tunnel is a Unix socket).
+    let upstream = agent
+        .upstream
+        .peer()
+        .ok()
+        .and_then(|p| p._address.as_inet().copied())
+        .or_else(|| agent.upstream.authority().parse().ok());
     HashMap::from([
+        ("upstream.address", addr(upstream)),
+        ("upstream.port", port(upstream)),
         (
             "request.path",
             bytes(head.uri.path_and_query().map_or("/", |p| p.as_str())),
