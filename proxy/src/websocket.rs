@@ -85,7 +85,7 @@ pub async fn serve(
         head: session.req_header().clone(),
         addr: pipeline::client_addr(session),
         local: pipeline::server_addr(session),
-        tls: pipeline::is_tls(session),
+        tls: pipeline::tls_version(session),
         watch: AdmissionWatch::new(p.plane.registry.clone(), admission.clone()),
         admission,
         heard: Instant::now(),
@@ -200,7 +200,7 @@ struct Connection {
     head: RequestHeader,
     addr: Option<std::net::SocketAddr>,
     local: Option<std::net::SocketAddr>,
-    tls: bool,
+    tls: Option<&'static str>,
     admission: Admission,
     watch: AdmissionWatch,
     /// When the client last sent anything.

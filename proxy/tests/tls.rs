@@ -57,6 +57,11 @@ fn curl(args: &[&str]) -> (i32, String, String) {
 }
 
 async fn tls_stack(certs: &Path, plain_http: &str) -> (Stack, Ca, Ca) {
+    tls_stack_with(certs, plain_http, "").await
+}
+
+/// The same, with `more` appended to the edge's configuration.
+async fn tls_stack_with(certs: &Path, plain_http: &str, more: &str) -> (Stack, Ca, Ca) {
     let ca = Ca::new(certs, "ca-one");
     let other_ca = Ca::new(certs, "ca-two");
     let (a_crt, a_key) = ca.leaf(
@@ -73,7 +78,7 @@ async fn tls_stack(certs: &Path, plain_http: &str) -> (Stack, Ca, Ca) {
         a_key.display(),
         b_crt.display(),
         b_key.display()
-    );
+    ) + more;
     let s = Stack::start_with(Options {
         extra,
         https: true,
@@ -266,4 +271,44 @@ fn a_missing_certificate_is_refused_at_load_naming_the_key() {
         .arg("--check"));
     assert_eq!(code, 2);
     assert!(err.contains("tls.certificates[0].cert"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_the_tls_version_as_envoy_names_it() {
+    let certs = tempfile::tempdir().unwrap();
+    let plugin = format!(
+        "[[plugins]]\nname = \"go\"\npath = \"{}\"\n",
+        common::go_plugin_wasm("go_headers").display()
+    );
+    let (s, ca, _) = tls_stack_with(certs.path(), "redirect", &plugin).await;
+    let url = format!(
+        "https://abc123.agent.localhost:{}/v1/chat/completions",
+        s.https_port
+    );
+    for (version, want) in [("--tlsv1.3", "TLSv1.3"), ("--tls-max", "TLSv1.2")] {
+        let mut args = vec![
+            "--cacert",
+            ca.pem.to_str().unwrap(),
+            "-H",
+            "x-go-question: props",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        ];
+        let auth = format!("Authorization: Bearer {}", s.key);
+        args.extend(["-H", auth.as_str()]);
+        args.push(version);
+        if version == "--tls-max" {
+            args.push("1.2");
+        }
+        args.push(&url);
+        let (code, out, err) = curl(&args);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!("connection.tls_version={want}\n")),
+            "{version}: {out}"
+        );
+        assert!(out.contains("request.scheme=https\n"), "{out}");
+    }
 }

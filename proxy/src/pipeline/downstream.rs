@@ -20,8 +20,8 @@ pub enum Downstream<'a> {
         addr: Option<SocketAddr>,
         /// The edge's address the client connected to.
         local: Option<SocketAddr>,
-        /// Whether the socket came over TLS.
-        tls: bool,
+        /// The TLS version the socket came over (`None`: plain).
+        tls: Option<&'static str>,
     },
 }
 
@@ -60,8 +60,14 @@ impl Downstream<'_> {
 
     /// Whether the request came over TLS.
     pub fn is_tls(&self) -> bool {
+        self.tls_version().is_some()
+    }
+
+    /// The TLS version the request came over, by Envoy's names (`TLSv1.3`); `None` for plain
+    /// HTTP.
+    pub fn tls_version(&self) -> Option<&'static str> {
         match self {
-            Self::Http(s) => is_tls(s),
+            Self::Http(s) => tls_version(s),
             Self::WebSocket { tls, .. } => *tls,
         }
     }
@@ -78,6 +84,16 @@ impl Downstream<'_> {
 /// Whether `session` came over TLS.
 pub fn is_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The TLS version `session` came over, by Envoy's names (rustls says `TLSv1_3`).
+pub fn tls_version(session: &Session) -> Option<&'static str> {
+    let digest = session.digest()?.ssl_digest.as_ref()?;
+    Some(match digest.version.as_ref() {
+        "TLSv1_3" | "TLSv1.3" => "TLSv1.3",
+        "TLSv1_2" | "TLSv1.2" => "TLSv1.2",
+        _ => "unknown",
+    })
 }
 
 /// The client's address of `session`, when it is an IP socket.

@@ -342,7 +342,7 @@ fn properties(
         .ok()
         .and_then(|p| p._address.as_inet().copied())
         .or_else(|| agent.upstream.authority().parse().ok());
-    HashMap::from([
+    let mut props = HashMap::from([
         ("upstream.address", addr(upstream)),
         ("upstream.port", port(upstream)),
         (
@@ -380,7 +380,11 @@ fn properties(
         ("moltghost.agent_name", bytes(&agent.name)),
         ("moltghost.plan", bytes(&admission.account.plan.name)),
         ("moltghost.route", bytes(route)),
-    ])
+    ]);
+    if let Some(version) = down.tls_version() {
+        props.insert("connection.tls_version", bytes(version));
+    }
+    props
 }
 
 /// `request.protocol` as Envoy spells it.
