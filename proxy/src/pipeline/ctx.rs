@@ -28,8 +28,6 @@ pub struct RequestCtx {
     /// A plugin's own answer, decided in the response header phase: sent instead of the
     /// runtime's (whose header has not gone out).
     pub local_reply: Option<LocalResponse>,
-    /// A plugin paused the answer's header: it is not written before body bytes pass.
-    pub hold_header: bool,
     /// The answer's header, held back by a plugin until the first body bytes pass (an error
     /// before then is still answered whole, as JSON).
     pub held_header: Option<Box<ResponseHeader>>,
@@ -76,8 +74,12 @@ impl RequestCtx {
             return Err(verdict.into_error());
         }
         crate::plugins::apply_response_headers(h, &headers);
-        self.hold_header = run.holds_header;
         Ok(())
+    }
+
+    /// A plugin paused the answer's header: it is not written before body bytes pass.
+    pub fn holds_header(&self) -> bool {
+        self.plugins.as_ref().is_some_and(|run| run.holds_header)
     }
 
     /// A response body chunk through the plugins (`end` on the last).

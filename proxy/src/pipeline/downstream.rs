@@ -83,7 +83,7 @@ impl Downstream<'_> {
 
 /// Whether `session` came over TLS.
 pub fn is_tls(session: &Session) -> bool {
-    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+    tls_version(session).is_some()
 }
 
 /// The TLS version `session` came over, by Envoy's names (rustls says `TLSv1_3`).

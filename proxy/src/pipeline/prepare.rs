@@ -258,7 +258,6 @@ impl Pipeline {
     }
 }
 
-/// A request for `agent`'s runtime.
 /// The route a plugin's new `:method` and `:path` lead to (or, for a request no route took and
 /// no plugin rewrote, its 404 or 405). The edge's own answers (`/v1/health`) and the WebSocket
 /// are chosen before plugins run: a rewrite to them finds no route.
@@ -278,6 +277,7 @@ fn reroute(down: &Downstream<'_>, ctx: &mut RequestCtx) -> Result<Route, EdgeErr
     Ok(route)
 }
 
+/// A request for `agent`'s runtime.
 pub(crate) fn outbound(
     agent: &Agent,
     method: Method,

@@ -79,7 +79,7 @@ impl<'a> Responder<'a> {
                     .expect("static value");
             }
         }
-        if self.ctx.hold_header {
+        if self.ctx.holds_header() {
             // A plugin paused it: it goes out with the first body bytes that pass.
             self.ctx.held_header = Some(Box::new(h));
             return Ok(());
