@@ -11,13 +11,24 @@ use std::time::{Duration, Instant};
 
 use moltghost_loadtest::runtime::{self, RuntimeConfig, Stats};
 
-/// A free loopback port (bound, then released).
+/// A free loopback port (bound, then released), never one this process handed out before:
+/// the tests of one binary start edges in parallel, and a port released by one call could
+/// otherwise come back from the next, so that one stack would wait on, and talk to, another's
+/// listener.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until something listens on `port`.
