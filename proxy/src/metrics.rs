@@ -81,7 +81,7 @@ impl Metrics {
             open_connections: IntGauge::new("moltghost_connections_open", "Client connections open now").expect("valid gauge"),
             journal_writable: IntGauge::new("moltghost_journal_writable", "1 while the usage journal takes writes; 0: metered requests are refused").expect("valid gauge"),
             connections_ended: IntCounterVec::new(
-                Opts::new("moltghost_connections_closed_total", "Client connections the edge refused (reason=\"over_limit\") or closed (reason=\"header_timeout\")"),
+                Opts::new("moltghost_connections_closed_total", "Client connections the edge refused or closed: over_limit (503), header_timeout (408), malformed_head (400 for a head the HTTP parser refused), idle (nothing sent within header_timeout)"),
                 &["reason"],
             )
             .expect("valid counter"),

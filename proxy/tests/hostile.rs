@@ -21,8 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 enum Want {
     /// The edge's JSON error: this status and code, with an `x-request-id`.
     Error(u16, &'static str),
-    /// This status from Pingora's own parser: no JSON, the connection closed.
-    Parser(u16),
     /// Closed without an answer.
     Closed,
     /// Served: 200.
@@ -77,7 +75,6 @@ impl Answer {
                     && self.head.contains("content-type: application/json")
                     && json_code().as_deref() == Some(*code)
             }
-            Want::Parser(status) => self.status == Some(*status),
             Want::Closed => self.status.is_none() && self.head.is_empty(),
             Want::Served => self.status == Some(200),
             Want::ServedAlone => {
@@ -214,7 +211,7 @@ fn framing(auth: &str) -> Vec<Case> {
         case(
             "two-content-lengths",
             cl(&format!("{n}\r\nContent-Length: {}", n + 1)),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "two-equal-content-lengths",
@@ -224,18 +221,22 @@ fn framing(auth: &str) -> Vec<Case> {
         case(
             "content-length-list",
             cl(&format!("{n}, {n}")),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
-        case("content-length-negative", cl("-1"), Want::Parser(400)),
+        case(
+            "content-length-negative",
+            cl("-1"),
+            Want::Error(400, "invalid_request"),
+        ),
         case(
             "content-length-plus",
             cl(&format!("+{n}")),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "content-length-past-u64",
             cl("99999999999999999999999"),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case("te-chunked-uppercase", te("CHUNKED"), Want::Served),
         case(
@@ -243,15 +244,23 @@ fn framing(auth: &str) -> Vec<Case> {
             te("gzip, chunked"),
             Want::Error(400, "invalid_request"),
         ),
-        case("te-xchunked", te("xchunked"), Want::Parser(400)),
-        case("te-identity", te("identity"), Want::Parser(400)),
+        case(
+            "te-xchunked",
+            te("xchunked"),
+            Want::Error(400, "invalid_request"),
+        ),
+        case(
+            "te-identity",
+            te("identity"),
+            Want::Error(400, "invalid_request"),
+        ),
         case(
             "te-space-before-colon",
             format!(
                 "POST /v1/chat HTTP/1.1\r\nHost: {HOST}\r\n{auth}Transfer-Encoding : chunked\r\n\
                  Connection: close\r\n\r\n{n:x}\r\n{b}\r\n0\r\n\r\n"
             ),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "te-obs-fold",
@@ -259,12 +268,12 @@ fn framing(auth: &str) -> Vec<Case> {
                 "POST /v1/chat HTTP/1.1\r\nHost: {HOST}\r\n{auth}Transfer-Encoding:\r\n chunked\r\n\
                  Connection: close\r\n\r\n{n:x}\r\n{b}\r\n0\r\n\r\n"
             ),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "obs-fold-in-a-header",
             get("/v1/models", &format!("{auth}X-Folded: a\r\n b\r\n")),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "chunk-size-past-64-bits",
@@ -320,27 +329,27 @@ fn framing(auth: &str) -> Vec<Case> {
         case(
             "garbage-request-line",
             "GARBAGE\r\n\r\n".into(),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "http-0-9",
             "GET /v1/models\r\n\r\n".into(),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "unknown-http-version",
             format!("GET /v1/models HTTP/1.7\r\nHost: {HOST}\r\n{auth}Connection: close\r\n\r\n"),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "nul-in-a-header-value",
             get("/v1/models", &format!("{auth}X-Nul: a\0b\r\n")),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "space-in-a-header-name",
             get("/v1/models", &format!("{auth}X Bad: a\r\n")),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
     ]
 }
@@ -352,7 +361,7 @@ fn sizes(auth: &str) -> Vec<Case> {
         case(
             "300-headers",
             get("/v1/models", &format!("{auth}{}", many(300))),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "90-headers",
@@ -373,12 +382,12 @@ fn sizes(auth: &str) -> Vec<Case> {
                 "/v1/models",
                 &format!("{auth}X-Huge: {}\r\n", "a".repeat(1100 * 1024)),
             ),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "a-100-kib-path",
             get(&format!("/v1/{}", "a".repeat(100 * 1024)), auth),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "declared-body-over-the-limit",
@@ -417,7 +426,7 @@ fn slow(auth: &str) -> Vec<Case> {
             name: "header-one-line-every-half-second",
             parts: trickle,
             pause: Duration::from_millis(500),
-            want: Want::Closed,
+            want: Want::Error(408, "request_timeout"),
             reaches_runtime: false,
         },
         Case {
@@ -565,7 +574,7 @@ fn routing(auth: &str) -> Vec<Case> {
                 "GET http://nobody.agent.localhost/v1/models HTTP/1.1\r\nHost: {HOST}\r\n{auth}\
                  Connection: close\r\n\r\n"
             ),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
         case(
             "dot-segments",
@@ -714,7 +723,7 @@ fn upgrades(auth: &str) -> Vec<Case> {
         case(
             "h2-preface-on-the-plain-port",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into(),
-            Want::Parser(400),
+            Want::Error(400, "invalid_request"),
         ),
     ]
 }

@@ -85,9 +85,8 @@ async fn http_1_1_without_one_host_is_refused() {
         ),
     )
     .await;
-    // Pingora's own parser refuses this one before any hook runs: a 400 and a closed
-    // connection, but not the JSON body every other error has (README, "Errors").
-    assert!(two.starts_with("HTTP/1.1 400"), "{two}");
+    // Pingora's own parser refuses this one before any hook runs; the edge answers in its stead.
+    assert_invalid(&two);
     // One Host is served.
     let one = raw(
         s.port,
@@ -95,6 +94,74 @@ async fn http_1_1_without_one_host_is_refused() {
             "GET /v1/models HTTP/1.1\r\nHost: abc123.agent.localhost\r\nAuthorization: Bearer {key}\r\n\
              Connection: close\r\n\r\n"
         ),
+    )
+    .await;
+    assert!(one.starts_with("HTTP/1.1 200"), "{one}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_the_parser_refuses_get_the_edges_json_error() {
+    let s = Stack::start("").await;
+    let key = &s.key;
+    let host = "Host: abc123.agent.localhost\r\n";
+    let auth = format!("Authorization: Bearer {key}\r\n");
+    let many: String = (0..1000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let long_path = "a".repeat(100 * 1024);
+    let cases = [
+        format!("GET /v1/models HTTP/1.1\r\n{host}{auth}X-Folded: a\r\n b\r\n\r\n"),
+        format!("GET /v1/models HTTP/1.1\r\n{host}{auth}{many}\r\n"),
+        format!("GET /{long_path} HTTP/1.1\r\n{host}{auth}\r\n"),
+        format!("POST /v1/chat HTTP/1.1\r\n{host}{auth}Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+        format!("GET /v1/models HTTP/1.1\r\n{host}{auth}Bad Header: 1\r\n\r\n"),
+        "\u{1}\u{2}\u{3} nonsense\r\n\r\n".to_owned(),
+    ];
+    for request in &cases {
+        let answer = raw(s.port, request).await;
+        let message = assert_invalid(&answer);
+        assert!(message.contains("RFC 9112"), "{message}");
+        let (head, _) = split(&answer);
+        assert!(head.contains("connection: close"), "{answer}");
+    }
+    // To a HEAD request the refusal has its head only (RFC 9110 §9.3.2).
+    let answer = raw(
+        s.port,
+        &format!("HEAD /v1/models HTTP/1.1\r\n{host}X-Folded: a\r\n b\r\n\r\n"),
+    )
+    .await;
+    let (head, body) = split(&answer);
+    assert!(
+        head.starts_with("http/1.1 400") && head.contains("x-request-id:"),
+        "{answer}"
+    );
+    assert!(body.is_empty(), "{answer}");
+    // A refusal pipelined behind a served request on a kept-alive connection is answered too.
+    let answer = raw(
+        s.port,
+        &format!(
+            "{}GET /v1/models HTTP/1.1\r\n{host}{auth}X-Folded: a\r\n b\r\n\r\n",
+            models(key)
+        ),
+    )
+    .await;
+    let second = answer.find("HTTP/1.1 400").expect("the second is refused");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_invalid(&answer[second..]);
+    assert_eq!(
+        s.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "moltghost_connections_closed_total{{reason=\"malformed_head\"}} {}",
+            cases.len() + 2
+        )),
+        "{metrics}"
+    );
+    // The edge's own requests are untouched: a served one still answers 200.
+    let one = raw(
+        s.port,
+        &format!("GET /v1/models HTTP/1.1\r\n{host}{auth}Connection: close\r\n\r\n"),
     )
     .await;
     assert!(one.starts_with("HTTP/1.1 200"), "{one}");
@@ -200,38 +267,46 @@ async fn slow_clients_meet_total_deadlines() {
         "[limits]\nheader_timeout = \"2s\"\nbody_timeout = \"2s\"\nkeepalive_idle = \"1s\"\n",
     )
     .await;
-    // Slowloris: one header line a second, each well within any per-read timeout.
+    // Slowloris: one header line every half second, each well within any per-read timeout:
+    // 408 JSON at the header's total deadline, and the connection closes.
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
     let t0 = std::time::Instant::now();
     conn.write_all(b"GET /v1/models HTTP/1.1\r\nHost: abc123.agent.localhost\r\n")
         .await
         .unwrap();
-    let mut closed = false;
+    let mut answer = String::new();
     for i in 0..10 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if conn
-            .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
-            .await
-            .is_err()
-        {
-            closed = true;
+        let line = format!("X-Slow-{i}: 1\r\n");
+        if conn.write_all(line.as_bytes()).await.is_err() {
             break;
         }
-        let (_, gone) = read_for(&mut conn, Duration::from_millis(10)).await;
+        let (got, gone) = read_for(&mut conn, Duration::from_millis(10)).await;
+        answer.push_str(&got);
         if gone {
-            closed = true;
             break;
         }
     }
-    assert!(
-        closed,
-        "a header trickling in for 5 s outlived its 2 s deadline"
-    );
     let took = t0.elapsed();
+    let (more, _) = read_for(&mut conn, Duration::from_secs(1)).await;
+    answer.push_str(&more);
+    let (head, body) = split(&answer);
+    assert!(head.starts_with("http/1.1 408"), "{answer}");
+    assert!(
+        head.contains("x-request-id:") && head.contains("connection: close"),
+        "{answer}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "request_timeout");
     assert!(
         took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
         "{took:?}"
     );
+
+    // A connection that sends nothing is idle, not slow: closed without an answer.
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
+    let (nothing, closed) = read_for(&mut conn, Duration::from_secs(5)).await;
+    assert!(closed && nothing.is_empty(), "{nothing}");
 
     // A body that stalls: 408 JSON at its deadline, and the connection closes.
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
@@ -261,6 +336,10 @@ async fn slow_clients_meet_total_deadlines() {
     let metrics = s.metrics().await;
     assert!(
         metrics.contains("moltghost_connections_closed_total{reason=\"header_timeout\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("moltghost_connections_closed_total{reason=\"idle\"} 1"),
         "{metrics}"
     );
 }
