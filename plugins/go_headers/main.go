@@ -23,7 +23,7 @@ var (
 		"destination.address", "route_name", "cluster_name", "plugin_name", "plugin_root_id",
 		"plugin_vm_id", "moltghost.agent", "upstream.address", "connection.tls_version"}
 	intProps = []string{"request.size", "request.time", "source.port", "destination.port",
-		"upstream.port"}
+		"upstream.port", "connection.id"}
 )
 
 //go:wasmimport env proxy_log

@@ -34,7 +34,7 @@ use crate::pipeline::open::Opened;
 use crate::pipeline::prepare::Preparation;
 use crate::pipeline::relay::native::NativeRelay;
 use crate::pipeline::relay::{check_status, OpenGauge};
-use crate::pipeline::{self, Downstream, Pipeline, RequestCtx};
+use crate::pipeline::{self, ClientConnection, Downstream, Pipeline, RequestCtx};
 use crate::plugins::Verdict;
 use crate::policy::{self, Admission, AdmissionWatch};
 use crate::routing::Route;
@@ -83,9 +83,7 @@ pub async fn serve(
         socket: WebSocket::from_raw_socket(Wire::default(), Role::Server, Some(config)),
         queue: VecDeque::new(),
         head: session.req_header().clone(),
-        addr: pipeline::client_addr(session),
-        local: pipeline::server_addr(session),
-        tls: pipeline::tls_version(session),
+        client: ClientConnection::of(session),
         watch: AdmissionWatch::new(p.plane.registry.clone(), admission.clone()),
         admission,
         heard: Instant::now(),
@@ -198,9 +196,7 @@ struct Connection {
     queue: VecDeque<Bytes>,
     /// The upgrade request's head (what the plugins and the runtime see of each message).
     head: RequestHeader,
-    addr: Option<std::net::SocketAddr>,
-    local: Option<std::net::SocketAddr>,
-    tls: Option<&'static str>,
+    client: ClientConnection,
     admission: Admission,
     watch: AdmissionWatch,
     /// When the client last sent anything.
@@ -403,9 +399,7 @@ impl Connection {
         p.rate(&self.admission, ctx)?;
         let mut down = Downstream::WebSocket {
             head: Box::new(self.head.clone()),
-            addr: self.addr,
-            local: self.local,
-            tls: self.tls,
+            conn: self.client,
         };
         let prepared = match p
             .prepare(&mut down, ctx, &self.admission, Some(Route::Ws), text, now)

@@ -388,6 +388,24 @@ async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
         "request.time {time}, now {now}"
     );
     assert!(props["source.address"].starts_with("127.0.0.1:"), "{body}");
+    // connection.id: the same for requests on one kept-alive connection, another on a new one.
+    let body = hi(false).to_string();
+    let ask = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: abc123.agent.localhost\r\n\
+         Authorization: Bearer {}\r\nX-Go-Question: props\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        s.key,
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    let first = connection_id(&mut conn, &ask).await;
+    assert_eq!(connection_id(&mut conn, &ask).await, first);
+    let mut other = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    assert_ne!(connection_id(&mut other, &ask).await, first);
     let deadline = Instant::now() + Duration::from_secs(5);
     while s.log().matches("go plugin saw a request").count() < 2 {
         assert!(
@@ -396,6 +414,31 @@ async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
             s.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asks the Go plugin for its properties on `conn` (kept alive) and gives `connection.id`.
+async fn connection_id(conn: &mut tokio::net::TcpStream, ask: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(ask.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            });
+            if body.len() >= length.expect("a framed answer") {
+                let id = body.lines().find_map(|l| l.strip_prefix("connection.id="));
+                return id.expect("connection.id").parse().unwrap();
+            }
+        }
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {text}");
+        got.extend_from_slice(&buf[..n]);
     }
 }
 

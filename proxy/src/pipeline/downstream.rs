@@ -16,13 +16,34 @@ pub enum Downstream<'a> {
     WebSocket {
         /// The upgrade request's head, a fresh copy per message (plugins may change it).
         head: Box<RequestHeader>,
-        /// The client's address.
-        addr: Option<SocketAddr>,
-        /// The edge's address the client connected to.
-        local: Option<SocketAddr>,
-        /// The TLS version the socket came over (`None`: plain).
-        tls: Option<&'static str>,
+        /// The connection the WebSocket lives on.
+        conn: ClientConnection,
     },
+}
+
+/// What the edge knows of a client's connection, the same for every request on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientConnection {
+    /// The client's address (IP sockets).
+    pub client: Option<SocketAddr>,
+    /// The edge's address the client connected to.
+    pub local: Option<SocketAddr>,
+    /// The TLS version, by Envoy's names (`TLSv1.3`); `None`: plain.
+    pub tls: Option<&'static str>,
+    /// The connection's id (Envoy's `connection.id`).
+    pub id: Option<u64>,
+}
+
+impl ClientConnection {
+    /// The connection `session` came on.
+    pub fn of(session: &Session) -> Self {
+        Self {
+            client: client_addr(session),
+            local: server_addr(session),
+            tls: tls_version(session),
+            id: connection_id(session),
+        }
+    }
 }
 
 impl Downstream<'_> {
@@ -46,7 +67,7 @@ impl Downstream<'_> {
     pub fn client_addr(&self) -> Option<SocketAddr> {
         match self {
             Self::Http(s) => client_addr(s),
-            Self::WebSocket { addr, .. } => *addr,
+            Self::WebSocket { conn, .. } => conn.client,
         }
     }
 
@@ -54,7 +75,7 @@ impl Downstream<'_> {
     pub fn server_addr(&self) -> Option<SocketAddr> {
         match self {
             Self::Http(s) => server_addr(s),
-            Self::WebSocket { local, .. } => *local,
+            Self::WebSocket { conn, .. } => conn.local,
         }
     }
 
@@ -68,7 +89,15 @@ impl Downstream<'_> {
     pub fn tls_version(&self) -> Option<&'static str> {
         match self {
             Self::Http(s) => tls_version(s),
-            Self::WebSocket { tls, .. } => *tls,
+            Self::WebSocket { conn, .. } => conn.tls,
+        }
+    }
+
+    /// The connection's id (Envoy's `connection.id`).
+    pub fn connection_id(&self) -> Option<u64> {
+        match self {
+            Self::Http(s) => connection_id(s),
+            Self::WebSocket { conn, .. } => conn.id,
         }
     }
 
@@ -94,6 +123,14 @@ pub fn tls_version(session: &Session) -> Option<&'static str> {
         "TLSv1_2" | "TLSv1.2" => "TLSv1.2",
         _ => "unknown",
     })
+}
+
+/// The id of the connection `session` came on: the socket's cookie, a number the kernel gives no
+/// other socket until it reboots (unlike a file descriptor, never reused), so a plugin can tell
+/// requests on one connection from those on another, as with Envoy's connection id.
+pub fn connection_id(session: &Session) -> Option<u64> {
+    let socket = session.digest()?.socket_digest.as_ref()?;
+    socket.socket_cookie().ok()
 }
 
 /// The client's address of `session`, when it is an IP socket.

@@ -26,7 +26,7 @@ pub mod respond;
 use std::sync::Arc;
 
 pub use ctx::RequestCtx;
-pub use downstream::{client_addr, is_tls, server_addr, tls_version, Downstream};
+pub use downstream::{client_addr, is_tls, server_addr, tls_version, ClientConnection, Downstream};
 
 use crate::config::Config;
 use crate::forward::Forwarder;

@@ -384,6 +384,9 @@ fn properties(
     if let Some(version) = down.tls_version() {
         props.insert("connection.tls_version", bytes(version));
     }
+    if let Some(id) = down.connection_id() {
+        props.insert("connection.id", int(id));
+    }
     props
 }
 
