@@ -21,7 +21,8 @@ var (
 	stringProps = []string{"request.path", "request.url_path", "request.host", "request.scheme",
 		"request.method", "request.query", "request.useragent", "request.protocol", "source.address",
 		"destination.address", "route_name", "cluster_name", "plugin_name", "plugin_root_id",
-		"plugin_vm_id", "moltghost.agent", "upstream.address", "connection.tls_version"}
+		"plugin_vm_id", "moltghost.agent", "upstream.address", "connection.tls_version",
+		"connection.requested_server_name"}
 	intProps = []string{"request.size", "request.time", "source.port", "destination.port",
 		"upstream.port", "connection.id"}
 )

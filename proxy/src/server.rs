@@ -209,7 +209,8 @@ pub fn run(
     }
     if let (Some(certs), Some(tls)) = (&control.certs, &cfg.tls) {
         for addr in &cfg.fixed.listen.https {
-            let mut settings = pingora_core::listeners::tls::TlsSettings::intermediate("", "")
+            let keep_name = Box::new(crate::tls::KeepServerName);
+            let mut settings = pingora_core::listeners::tls::TlsSettings::with_callbacks(keep_name)
                 .map_err(|e| StartError(format!("TLS settings: {e}")))?;
             settings.set_cert_resolver(certs.clone());
             if tls.http2 {

@@ -6,7 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use std::any::Any;
+
 use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::listeners::TlsAccept;
+use pingora_core::protocols::tls::TlsRef;
 use pingora_rustls::sign::CertifiedKey;
 use pingora_rustls::{ClientHello, CryptoProvider, ResolvesServerCert};
 
@@ -158,5 +163,25 @@ mod tests {
         assert!(!matches("*.agent.example.com", "a.b.agent.example.com"));
         assert!(matches("agent.example.com", "agent.example.com"));
         assert!(!matches("agent.example.com", "x.agent.example.com"));
+    }
+}
+
+/// The server name a TLS client asked for (SNI), kept with its connection
+/// (`connection.requested_server_name` for plugins).
+#[derive(Debug)]
+pub struct RequestedServerName(pub Arc<str>);
+
+/// After each handshake, keeps the name the client asked for in the connection's TLS digest,
+/// where the request phases find it.
+pub struct KeepServerName;
+
+#[async_trait]
+impl TlsAccept for KeepServerName {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let name = tls.server_name()?;
+        Some(Arc::new(RequestedServerName(name.into())))
     }
 }

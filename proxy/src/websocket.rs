@@ -399,7 +399,7 @@ impl Connection {
         p.rate(&self.admission, ctx)?;
         let mut down = Downstream::WebSocket {
             head: Box::new(self.head.clone()),
-            conn: self.client,
+            conn: self.client.clone(),
         };
         let prepared = match p
             .prepare(&mut down, ctx, &self.admission, Some(Route::Ws), text, now)

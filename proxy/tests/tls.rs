@@ -274,7 +274,7 @@ fn a_missing_certificate_is_refused_at_load_naming_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugins_see_the_tls_version_as_envoy_names_it() {
+async fn plugins_see_the_tls_version_and_server_name_as_envoy_names_them() {
     let certs = tempfile::tempdir().unwrap();
     let plugin = format!(
         "[[plugins]]\nname = \"go\"\npath = \"{}\"\n",
@@ -310,5 +310,9 @@ async fn plugins_see_the_tls_version_as_envoy_names_it() {
             "{version}: {out}"
         );
         assert!(out.contains("request.scheme=https\n"), "{out}");
+        assert!(
+            out.contains("connection.requested_server_name=abc123.agent.localhost\n"),
+            "{out}"
+        );
     }
 }

@@ -2,11 +2,13 @@
 //! a WebSocket message (the upgrade's head; the bridge watches the socket itself).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 
 use crate::forward;
+use crate::tls::RequestedServerName;
 
 /// An HTTP request, or one message of a WebSocket.
 pub enum Downstream<'a> {
@@ -22,7 +24,7 @@ pub enum Downstream<'a> {
 }
 
 /// What the edge knows of a client's connection, the same for every request on it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientConnection {
     /// The client's address (IP sockets).
     pub client: Option<SocketAddr>,
@@ -32,6 +34,8 @@ pub struct ClientConnection {
     pub tls: Option<&'static str>,
     /// The connection's id (Envoy's `connection.id`).
     pub id: Option<u64>,
+    /// The server name the client asked for in its TLS handshake (SNI).
+    pub server_name: Option<Arc<str>>,
 }
 
 impl ClientConnection {
@@ -42,6 +46,7 @@ impl ClientConnection {
             local: server_addr(session),
             tls: tls_version(session),
             id: connection_id(session),
+            server_name: requested_server_name(session),
         }
     }
 }
@@ -101,6 +106,14 @@ impl Downstream<'_> {
         }
     }
 
+    /// The server name the client asked for in its TLS handshake (SNI).
+    pub fn requested_server_name(&self) -> Option<Arc<str>> {
+        match self {
+            Self::Http(s) => requested_server_name(s),
+            Self::WebSocket { conn, .. } => conn.server_name.clone(),
+        }
+    }
+
     /// Resolves when the client hangs up while the edge waits on the runtime.
     pub async fn hangup(&mut self) {
         match self {
@@ -131,6 +144,12 @@ pub fn tls_version(session: &Session) -> Option<&'static str> {
 pub fn connection_id(session: &Session) -> Option<u64> {
     let socket = session.digest()?.socket_digest.as_ref()?;
     socket.socket_cookie().ok()
+}
+
+/// The server name the client of `session` asked for in its TLS handshake (SNI).
+pub fn requested_server_name(session: &Session) -> Option<Arc<str>> {
+    let tls = session.digest()?.ssl_digest.as_ref()?;
+    Some(tls.extension.get::<RequestedServerName>()?.0.clone())
 }
 
 /// The client's address of `session`, when it is an IP socket.

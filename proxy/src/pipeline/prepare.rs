@@ -387,6 +387,9 @@ fn properties(
     if let Some(id) = down.connection_id() {
         props.insert("connection.id", int(id));
     }
+    if let Some(name) = down.requested_server_name() {
+        props.insert("connection.requested_server_name", bytes(&name));
+    }
     props
 }
 
