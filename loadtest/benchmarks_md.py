@@ -19,13 +19,15 @@ def target(run, name):
     return next((t for t in run["targets"] if t["name"] == name), None)
 
 
-docs = {n: load(n) for n in ["chat-serial.json", "chat-sweep.json", "sse.json", "churn.json", "held.json", "litellm-chat.json", "litellm-sse.json"]}
+docs = {n: load(n) for n in ["chat-serial.json", "chat-closed.json", "chat-sweep.json", "sse.json", "churn.json", "held.json", "litellm-chat.json", "litellm-sse.json"]}
 machine = next((d["machine"] for d in docs.values() if d), {})
 print("# Benchmarks\n")
 print("Regenerate everything on this page with one command: `loadtest/compare.sh` (about ten minutes;")
 print("`QUICK=1` for a smoke run). It builds in release mode, starts the reference runtime, the edge")
 print("with every policy it has switched on (API key, request rate, concurrent streams, token quota")
-print("reservation and settlement, usage journal; SQLite store), nginx and HAProxy from Debian")
+print("reservation and settlement, usage journal; SQLite store), the same edge with `limits.enabled =")
+print("false` (`edge-bare`: keys still checked), Pingora bare (`pingora`: a `ProxyHttp` that only")
+print("forwards, `proxy/examples/pingora_bare.rs`, same threads: the framework's floor), nginx and HAProxy from Debian")
 print("with streaming-safe configs (`loadtest/peers/`), LiteLLM's proxy from PyPI, and drives them")
 print("with `loadtest` in **interleaved same-run rounds**: each target takes turns at the same arrival")
 print("rate, so every figure below is compared with the direct-to-runtime baseline measured in the")
@@ -49,6 +51,25 @@ if serial:
     for t in run["targets"]:
         a = t.get("added") or {}
         print(f"| {t['name']} | {t['latency_us']['p50']} | {t['latency_us']['p99']} | {a.get('p50_us', 'baseline')} | {a.get('p99_us', 'baseline')} | {t.get('cpu_us_per_request') or '-'} |")
+    print()
+
+closed = docs["chat-closed.json"]
+if closed:
+    print("## Closed loop: one client, then sixteen\n")
+    print("Each client sends its next request as soon as its last is answered (what `wrk -c N` does);")
+    print("targets take turns of 1 s. At one client the latency is the whole story; at sixteen the")
+    print("machine saturates and req/s is the throughput. The ratio column divides each target's added")
+    print("latency (or its req/s) by Pingora bare's, the framework's own floor.\n")
+    print("| clients | target | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s | CPU µs/request | added p50 ÷ pingora | added p99 ÷ pingora | req/s ÷ pingora |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in closed["runs"]:
+        floor = target(run, "pingora") or {}
+        fa = floor.get("added") or {}
+        for t in run["targets"]:
+            a = t.get("added") or {}
+            def ratio(x, y):
+                return f"{x / y:.2f}" if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y > 0 else "-"
+            print(f"| {run['clients']} | {t['name']} | {t['latency_us']['p50']} | {t['latency_us']['p99']} | {a.get('p50_us', 'baseline')} | {a.get('p99_us', 'baseline')} | {t['achieved_rps']:,.0f} | {t.get('cpu_us_per_request') or '-'} | {ratio(a.get('p50_us'), fa.get('p50_us'))} | {ratio(a.get('p99_us'), fa.get('p99_us'))} | {ratio(t['achieved_rps'], floor.get('achieved_rps'))} |")
     print()
 
 held = docs["held.json"]

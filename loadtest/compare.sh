@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole comparison in one command: the reference runtime direct, the MoltGhost edge with
-# its full policy chain, nginx and HAProxy (Debian) and LiteLLM's proxy (PyPI), all fed the same
-# runtime on loopback, measured with `loadtest` in interleaved same-run rounds. Writes
-# loadtest/results/ (JSON, SVG, tables) and regenerates BENCHMARKS.md.
+# its full policy chain, Pingora bare (a minimal ProxyHttp, the framework's floor), nginx and
+# HAProxy (Debian) and LiteLLM's proxy (PyPI), all fed the same runtime on loopback, measured
+# with `loadtest` in interleaved same-run rounds, open loop (arrivals at a rate) and closed loop
+# (1 and 16 clients back to back, as wrk). Writes loadtest/results/ (JSON, SVG, tables) and
+# regenerates BENCHMARKS.md.
 #
 #   loadtest/compare.sh                 # everything (about 10 minutes)
 #   QUICK=1 loadtest/compare.sh         # short runs, a smoke check
@@ -16,7 +18,7 @@ DUR=${DURATION:-15s}
 SSE_DUR=${SSE_DURATION:-30s}
 [ "${QUICK:-0}" = 1 ] && DUR=3s && SSE_DUR=6s
 RT_PORT=19100 EDGE_PORT=18080 ADMIN_PORT=19901 NGINX_PORT=18081 HAPROXY_PORT=18082 LITELLM_PORT=18083
-BARE_PORT=18084 BARE_ADMIN_PORT=19904
+BARE_PORT=18084 BARE_ADMIN_PORT=19904 PINGORA_PORT=18085
 . loadtest/bench-lib.sh
 # nginx daemonizes: stop it by its pid file too.
 cleanup() {
@@ -28,6 +30,7 @@ cleanup() {
 echo "== building (release)"
 ./scripts/setup.sh
 cargo build --release --workspace --bins -q
+cargo build --release -p moltghost --example pingora_bare -q
 
 if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
   echo "== installing nginx and haproxy (Debian)"
@@ -49,13 +52,16 @@ sed -e "s#$EDGE_PORT#$BARE_PORT#" -e "s#$ADMIN_PORT#$BARE_ADMIN_PORT#" -e "s#$WO
     "$WORK/edge.toml" > "$WORK/bare.toml"
 printf '[limits]\nenabled = false\n' >> "$WORK/bare.toml"
 "$BIN/moltghost-proxy" --config "$WORK/bare.toml" > "$WORK/bare.log" 2>&1 & BARE_PID=$!; PIDS+=($BARE_PID)
+# Pingora itself: a ProxyHttp that only forwards, with the edge's thread count (2 by default).
+"$BIN/examples/pingora_bare" --listen 127.0.0.1:$PINGORA_PORT --upstream 127.0.0.1:$RT_PORT --threads 2 \
+  > "$WORK/pingora.log" 2>&1 & PINGORA_PID=$!; PIDS+=($PINGORA_PID)
 mkdir -p "$WORK/nginx-body" "$WORK/nginx-proxy"
 fill loadtest/peers/nginx.conf $NGINX_PORT > "$WORK/nginx.conf"
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 fill loadtest/peers/haproxy.cfg $HAPROXY_PORT > "$WORK/haproxy.cfg"
 haproxy -f "$WORK/haproxy.cfg" -db > "$WORK/haproxy.log" 2>&1 & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
 wait_port $RT_PORT; wait_port $EDGE_PORT; wait_port $ADMIN_PORT; wait_port $NGINX_PORT; wait_port $HAPROXY_PORT
-wait_port $BARE_PORT; wait_port $BARE_ADMIN_PORT
+wait_port $BARE_PORT; wait_port $BARE_ADMIN_PORT; wait_port $PINGORA_PORT
 NGINX_PID=$(cat "$WORK/nginx.pid")
 
 export MOLTGHOST_ADMIN_URL=http://127.0.0.1:$ADMIN_PORT
@@ -86,12 +92,15 @@ LT=("$BIN/loadtest" --quiet --svg-dir "$OUT/plots" --markdown "$OUT/tables.md")
 FAST=(--target direct=http://127.0.0.1:$RT_PORT
       --target edge=$EDGE_URL --key edge=$KEY --pid edge=$EDGE_PID
       --target edge-bare=$BARE_URL --key edge-bare=$BARE_KEY --pid edge-bare=$BARE_PID
+      --target pingora=http://127.0.0.1:$PINGORA_PORT --pid pingora=$PINGORA_PID
       --target nginx=http://127.0.0.1:$NGINX_PORT --pid nginx=$NGINX_PID
       --target haproxy=http://127.0.0.1:$HAPROXY_PORT --pid haproxy=$HAPROXY_PID
       --target direct2=http://127.0.0.1:$RT_PORT)
 
 echo "== chat, one request at a time (20 req/s: each finishes long before the next)"
 "${LT[@]}" "${FAST[@]}" --scenario chat --rate 20 --duration "$DUR" --round 1s --json "$OUT/chat-serial.json"
+echo "== chat, closed loop: 1 client (latency), 16 clients (saturation throughput)"
+"${LT[@]}" "${FAST[@]}" --scenario chat --clients 1,16 --duration "$DUR" --round 1s --json "$OUT/chat-closed.json"
 echo "== chat, fixed rates (sweep)"
 "${LT[@]}" "${FAST[@]}" --scenario chat --rates 500,1000,2000,3000 --duration "$DUR" --json "$OUT/chat-sweep.json"
 echo "== token streams: 64 tokens, 20 ms apart"

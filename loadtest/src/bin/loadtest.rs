@@ -30,6 +30,8 @@ use serde_json::{json, Value};
 ///   # token streams, a rate sweep, JSON and plots
 ///   loadtest ... --scenario sse --tokens 64 --interval-ms 20 --rates 50,100,200 \
 ///            --json out.json --svg-dir plots/
+///   # closed loop, as wrk does: latency at one client, throughput at 16
+///   loadtest --target direct=... --target edge=... --key edge=... --clients 1,16
 ///   # memory per open stream of the edge process
 ///   loadtest --target edge=... --key edge=... --pid edge=$(pgrep moltghost-proxy) \
 ///            --scenario idle --streams 1000,5000
@@ -71,6 +73,11 @@ struct Args {
     /// A rate sweep (comma-separated); overrides --rate.
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// Closed loop instead of arrivals at a rate: this many clients, each sending its next
+    /// request as soon as its last is answered, as `wrk -c N` does (comma-separated for several
+    /// runs, e.g. 1,16: latency at c=1, saturation throughput at c=16); overrides --rate.
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<usize>,
     /// Poisson arrivals instead of evenly spaced ones.
     #[arg(long)]
     poisson: bool,
@@ -305,15 +312,19 @@ async fn main_async(a: Args) -> Result<(), String> {
             },
             ScenarioArg::Idle => unreachable!("handled above"),
         };
-        let rates = if a.rates.is_empty() {
-            vec![a.rate]
+        // Each run is a rate (open loop) or a number of clients (closed loop).
+        let loads: Vec<(f64, Option<usize>)> = if !a.clients.is_empty() {
+            a.clients.iter().map(|&c| (0.0, Some(c.max(1)))).collect()
+        } else if !a.rates.is_empty() {
+            a.rates.iter().map(|&r| (r, None)).collect()
         } else {
-            a.rates.clone()
+            vec![(a.rate, None)]
         };
-        for rate in rates {
+        for (rate, clients) in loads {
             let plan = Plan {
                 scenario,
                 rate,
+                clients,
                 arrivals: if a.poisson {
                     Arrivals::Poisson { seed: a.seed }
                 } else {
@@ -327,9 +338,20 @@ async fn main_async(a: Args) -> Result<(), String> {
                 stall: a.stall,
             };
             let cancels_before = runtime_cancels(&a.runtime_stats).await;
-            let bar = progress(a.quiet, &format!("{} @ {rate}/s", scenario.name()));
-            let out = run::open_loop(&targets, &plan, &bar).await;
-            bar.finish_and_clear();
+            let out = match clients {
+                Some(c) => {
+                    let bar = progress(a.quiet, &format!("{} c={c}", scenario.name()));
+                    let out = run::closed_loop(&targets, &plan, &bar).await;
+                    bar.finish_and_clear();
+                    out
+                }
+                None => {
+                    let bar = progress(a.quiet, &format!("{} @ {rate}/s", scenario.name()));
+                    let out = run::open_loop(&targets, &plan, &bar).await;
+                    bar.finish_and_clear();
+                    out
+                }
+            };
             let rep = RunReport::new(&plan, &targets, &out);
             print!("{}", rep.summary());
             if let (Some(before), Scenario::Cancel { .. }) = (cancels_before, scenario) {
@@ -344,7 +366,7 @@ async fn main_async(a: Args) -> Result<(), String> {
             }
             if let Some(dir) = &a.svg_dir {
                 std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-                let stem = format!("{}-{}", rep.scenario, rep.target_rps);
+                let stem = rep.stem();
                 std::fs::write(
                     dir.join(format!("{stem}-spectrum.svg")),
                     plot::spectrum(&rep, &out.recorders),
@@ -360,7 +382,7 @@ async fn main_async(a: Args) -> Result<(), String> {
             markdown += "\n";
             runs.push(rep);
         }
-        if runs.len() > 1 {
+        if runs.len() > 1 && a.clients.is_empty() {
             let table = sweep_table(&runs);
             print!("{table}");
             markdown += &table;

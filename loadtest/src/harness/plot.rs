@@ -80,10 +80,7 @@ pub fn spectrum(run: &RunReport, recorders: &[super::measure::Recorder]) -> Stri
         .map(|(i, l)| (x_of(i as f64), format!("p{l}")))
         .collect();
     let mut s = frame(
-        &format!(
-            "latency by percentile: {} at {} req/s",
-            run.scenario, run.target_rps
-        ),
+        &format!("latency by percentile: {} at {}", run.scenario, run.load()),
         "percentile",
         "µs",
         ymax,
@@ -130,10 +127,7 @@ pub fn timeline(run: &RunReport) -> String {
         .map(|i| (x_of(i as f64), format!("{i}s")))
         .collect();
     let mut s = frame(
-        &format!(
-            "p99 latency over time: {} at {} req/s",
-            run.scenario, run.target_rps
-        ),
+        &format!("p99 latency over time: {} at {}", run.scenario, run.load()),
         "second of the run",
         "µs",
         ymax.max(1.0),

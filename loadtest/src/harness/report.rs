@@ -120,8 +120,10 @@ pub struct RunReport {
     pub scenario: String,
     /// Scenario parameters.
     pub scenario_detail: Value,
-    /// Target rate (all targets together).
+    /// Target rate (all targets together); 0 in a closed loop.
     pub target_rps: f64,
+    /// Closed loop: the number of clients (absent in an open loop).
+    pub clients: Option<usize>,
     /// Arrival process.
     pub arrivals: String,
     /// Measured seconds.
@@ -208,7 +210,12 @@ impl RunReport {
         Self {
             scenario: plan.scenario.name().into(),
             scenario_detail: serde_json::to_value(plan.scenario).unwrap_or(Value::Null),
-            target_rps: plan.rate,
+            target_rps: if plan.clients.is_some() {
+                0.0
+            } else {
+                plan.rate
+            },
+            clients: plan.clients,
             arrivals: format!("{:?}", plan.arrivals),
             duration_s: plan.duration.as_secs_f64(),
             round_s: plan.round.as_secs_f64(),
@@ -217,20 +224,36 @@ impl RunReport {
         }
     }
 
+    /// The load, as the summary and the tables name it: `20 req/s (Constant)`, or
+    /// `closed loop, 16 clients`.
+    pub fn load(&self) -> String {
+        match self.clients {
+            Some(c) => format!("closed loop, {c} client{}", if c == 1 { "" } else { "s" }),
+            None => format!("{} req/s ({})", self.target_rps, self.arrivals),
+        }
+    }
+
+    /// A short name for file names: `20` or `c16`.
+    pub fn stem(&self) -> String {
+        match self.clients {
+            Some(c) => format!("{}-c{c}", self.scenario),
+            None => format!("{}-{}", self.scenario, self.target_rps),
+        }
+    }
+
     /// The terminal summary.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "\n{} at {} req/s ({}), {}s measured, turns of {}s; scheduler lag p50 {}µs p99 {}µs\n",
+            "\n{} at {}, {}s measured, turns of {}s; scheduler lag p50 {}µs p99 {}µs\n",
             self.scenario,
-            self.target_rps,
-            self.arrivals,
+            self.load(),
             self.duration_s,
             self.round_s,
             self.scheduler_lag_us.p50,
             self.scheduler_lag_us.p99
         );
         s += &format!(
-            "{:<12} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
+            "{:<12} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}\n",
             "target",
             "ok",
             "err",
@@ -241,7 +264,8 @@ impl RunReport {
             "p99.9 µs",
             "+p50 µs",
             "+p99 µs",
-            "cpu µs/r"
+            "cpu µs/r",
+            "req/s"
         );
         for t in &self.targets {
             let l = &t.latency_us;
@@ -249,7 +273,7 @@ impl RunReport {
                 (a.p50_us.to_string(), a.p99_us.to_string())
             });
             s += &format!(
-                "{:<12} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
+                "{:<12} {:>7} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}\n",
                 t.name,
                 t.ok,
                 t.errors.values().sum::<u64>(),
@@ -260,7 +284,8 @@ impl RunReport {
                 l.p999,
                 a50,
                 a99,
-                t.cpu_us_per_request.map_or("-".into(), |c| format!("{c}"))
+                t.cpu_us_per_request.map_or("-".into(), |c| format!("{c}")),
+                t.achieved_rps
             );
         }
         if self.targets.iter().any(|t| t.ttft_us.count > 0) {
@@ -300,8 +325,10 @@ impl RunReport {
     /// A Markdown table of the run.
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "#### {} at {} req/s ({}s, {})\n\n| target | ok | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs (p10..p90) | added p99 µs | CPU µs/req |\n|---|---|---|---|---|---|---|---|---|\n",
-            self.scenario, self.target_rps, self.duration_s, self.arrivals
+            "#### {} at {} ({}s)\n\n| target | ok | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs (p10..p90) | added p99 µs | CPU µs/req | req/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            self.scenario,
+            self.load(),
+            self.duration_s
         );
         for t in &self.targets {
             let l = &t.latency_us;
@@ -315,7 +342,7 @@ impl RunReport {
                 )
             });
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 t.name,
                 t.ok,
                 t.errors.values().sum::<u64>() + t.dropped,
@@ -324,7 +351,8 @@ impl RunReport {
                 l.p999,
                 a50,
                 a99,
-                t.cpu_us_per_request.map_or("-".into(), |c| format!("{c}"))
+                t.cpu_us_per_request.map_or("-".into(), |c| format!("{c}")),
+                t.achieved_rps
             );
         }
         if self.targets.iter().any(|t| t.ttft_us.count > 0) {

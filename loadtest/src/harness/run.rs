@@ -1,5 +1,7 @@
 //! Running load: the open-loop engine (arrivals from the pacer, targets interleaved round by
-//! round), and the held-streams run that measures memory per open stream.
+//! round), the closed-loop engine (a fixed number of clients, each sending its next request when
+//! the last is answered, targets interleaved the same way), and the held-streams run that
+//! measures memory per open stream.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,13 +61,16 @@ impl Scenario {
     }
 }
 
-/// One open-loop run.
+/// One run.
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// What each request does.
     pub scenario: Scenario,
-    /// Requests per second (all targets together).
+    /// Open loop: requests per second (all targets together). Unused in a closed loop.
     pub rate: f64,
+    /// Closed loop: this many clients, each sending its next request as soon as its last is
+    /// answered (`None`: open loop at `rate`).
+    pub clients: Option<usize>,
     /// How they are spaced.
     pub arrivals: Arrivals,
     /// Measured time.
@@ -293,6 +298,77 @@ pub async fn open_loop(
         sent: sent.iter().map(|s| s.load(Ordering::Relaxed)).collect(),
         dropped,
         lag,
+        cpu_ns,
+        elapsed: plan.duration,
+    }
+}
+
+/// Runs `plan` closed-loop: `plan.clients` clients send to the target whose turn it is, each its
+/// next request as soon as the last is answered (what `wrk -c N` does). Latency counts from each
+/// request's send; there is no schedule to fall behind.
+pub async fn closed_loop(
+    targets: &[Arc<Target>],
+    plan: &Plan,
+    progress: &indicatif::ProgressBar,
+) -> Outcome {
+    let n = targets.len();
+    let recorders = Arc::new(Mutex::new(vec![Recorder::default(); n]));
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let rules = GapRules {
+        stall: plan.stall,
+        interval: plan.scenario.interval(),
+    };
+    let start = Instant::now() + Duration::from_millis(20);
+    let measured_from = start + plan.warmup;
+    let end = measured_from + plan.duration;
+    progress.set_length((plan.warmup + plan.duration).as_millis() as u64);
+    let clients: Vec<_> = (0..plan.clients.unwrap_or(1).max(1))
+        .map(|_| {
+            let (targets, recorders, sent) = (targets.to_vec(), recorders.clone(), sent.clone());
+            let (scenario, timeout, round_len) = (plan.scenario, plan.timeout, plan.round);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start.into()).await;
+                loop {
+                    let now = Instant::now();
+                    if now >= end {
+                        break;
+                    }
+                    let round = ((now - start).as_nanos() / round_len.as_nanos()) as u64;
+                    let t = (round % n as u64) as usize;
+                    let sample = one(&targets[t], scenario, now, timeout).await;
+                    if now >= measured_from {
+                        sent[t].fetch_add(1, Ordering::Relaxed);
+                        let second = (now - measured_from).as_secs() as usize;
+                        recorders.lock().expect("recorder lock")[t]
+                            .record(&sample, second, round, rules);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep_until(measured_from.into()).await;
+    let cpu_before: Vec<Option<u64>> = targets
+        .iter()
+        .map(|t| t.pid.and_then(procfs::cpu_ns))
+        .collect();
+    while Instant::now() < end {
+        progress.set_position(start.elapsed().as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cpu_ns = targets
+        .iter()
+        .zip(&cpu_before)
+        .map(|(t, before)| Some(t.pid.and_then(procfs::cpu_ns)? - (*before)?))
+        .collect();
+    for c in clients {
+        let _ = c.await;
+    }
+    let recorders = recorders.lock().expect("recorder lock").clone();
+    Outcome {
+        recorders,
+        sent: sent.iter().map(|s| s.load(Ordering::Relaxed)).collect(),
+        dropped: vec![0; n],
+        lag: histogram(),
         cpu_ns,
         elapsed: plan.duration,
     }
