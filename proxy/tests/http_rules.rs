@@ -134,7 +134,7 @@ async fn heads_the_parser_refuses_get_the_edges_json_error() {
         "{answer}"
     );
     assert!(body.is_empty(), "{answer}");
-    // A refusal pipelined behind a served request on a kept-alive connection is answered too.
+    // A refusal pipelined behind a served request on a kept-alive connection is answered too,
     let answer = raw(
         s.port,
         &format!(
@@ -145,7 +145,16 @@ async fn heads_the_parser_refuses_get_the_edges_json_error() {
     .await;
     let second = answer.find("HTTP/1.1 400").expect("the second is refused");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert_invalid(&answer[second..]);
+    // Bodiless: the edge cannot tell whether a head that followed another was a HEAD.
+    let (head, body) = split(&answer[second..]);
+    assert!(
+        head.contains("x-request-id:") && head.contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        head.contains("content-length: 0") && body.is_empty(),
+        "{answer}"
+    );
     assert_eq!(
         s.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
         1

@@ -63,13 +63,16 @@ impl HeaderClock {
     }
 
     /// Bytes arrived from the client; while a header is awaited, they are its beginning.
-    /// Whether they are the first of the awaited header.
-    pub(super) fn note_bytes(&self) -> bool {
-        if !self.running() {
-            return false;
+    pub(super) fn note_bytes(&self) {
+        if self.running() {
+            let wait = self.0.wait.load(Ordering::Acquire);
+            self.0.begun_in.store(wait, Ordering::Release);
         }
-        let wait = self.0.wait.load(Ordering::Acquire);
-        self.0.begun_in.swap(wait, Ordering::AcqRel) != wait
+    }
+
+    /// Which wait for a header this is (a new one after every header read and every answer).
+    pub(super) fn wait(&self) -> u64 {
+        self.0.wait.load(Ordering::Acquire)
     }
 
     /// Whether the awaited header has begun to arrive (a client that has sent nothing since its
@@ -131,11 +134,10 @@ mod tests {
     fn a_header_has_begun_only_with_bytes_in_this_wait() {
         let clock = HeaderClock::starting(Duration::from_secs(10));
         assert!(!clock.begun());
-        assert!(clock.note_bytes(), "the first bytes of the header");
-        assert!(!clock.note_bytes(), "more of the same header");
+        clock.note_bytes();
         assert!(clock.begun());
         clock.set(None); // being answered: a request body's bytes are not a header
-        assert!(!clock.note_bytes());
+        clock.note_bytes();
         assert!(!clock.begun());
         clock.set(Some(Duration::from_secs(10))); // the next wait starts idle
         assert!(!clock.begun());

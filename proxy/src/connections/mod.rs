@@ -33,7 +33,7 @@ use crate::error::EdgeError;
 use crate::ids::RequestIds;
 use crate::plane::DataPlane;
 use clock::HeaderClock;
-use stream::{ClientStream, Left};
+use stream::{Body, ClientStream, Left};
 
 /// How long a refused client gets to send its request's header, so that it reads the 503
 /// instead of a reset.
@@ -106,7 +106,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Connections<A> {
                 let err = EdgeError::RequestTimeout(
                     "the request's header took longer than limits.header_timeout".into(),
                 );
-                let answer = self.refusals.answer(&err, "header_timeout", left.head);
+                let answer = self.refusals.answer(&err, "header_timeout", left.body);
                 let sent = send(&mut left.stream, &answer, limits.send_timeout).await;
                 (left.stream, sent)
             }
@@ -199,9 +199,9 @@ impl Refusals {
         fields
     }
 
-    /// The whole answer `err`, as bytes on the wire (`reason` for the metric; `head`: to a
-    /// `HEAD` request, so without its body).
-    fn answer(&self, err: &EdgeError, reason: &str, head: bool) -> Vec<u8> {
+    /// The answer `err`, as bytes on the wire, with as much of its body as `body` allows
+    /// (`reason` for the metric).
+    fn answer(&self, err: &EdgeError, reason: &str, body: Body) -> Vec<u8> {
         let status =
             http::StatusCode::from_u16(err.status()).expect("the table's statuses are valid");
         let mut out = format!(
@@ -210,11 +210,15 @@ impl Refusals {
             status.canonical_reason().unwrap_or("")
         );
         for (name, value) in self.fields(err, reason, None) {
-            out.push_str(&format!("{name}: {value}\r\n"));
+            match (name, body) {
+                ("content-type", Body::Empty) => continue,
+                ("content-length", Body::Empty) => out.push_str("content-length: 0\r\n"),
+                _ => out.push_str(&format!("{name}: {value}\r\n")),
+            }
         }
         out.push_str("\r\n");
         let mut out = out.into_bytes();
-        if !head {
+        if body == Body::Whole {
             out.extend_from_slice(&err.body());
         }
         out

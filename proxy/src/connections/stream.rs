@@ -40,9 +40,56 @@ pub(super) struct Leftover {
     pub stream: Stream,
     /// Whether the edge answered on it in Pingora's stead (so that it closes gently).
     pub replaced: bool,
-    /// Whether the header last awaited began as a `HEAD` request's (an answer to it has no
-    /// body).
-    pub head: bool,
+    /// How the header last awaited began: whether an answer to it may have a body.
+    pub body: Body,
+}
+
+/// Whether an answer to the awaited request may carry a body, as far as the edge can tell
+/// without Pingora's parse. Only the connection's first request is sure to begin with the first
+/// bytes read: a later one may have come pipelined, its beginning read with the request before
+/// (and kept by Pingora), so its first bytes read say nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Body {
+    /// Not a `HEAD`: the JSON error goes whole.
+    Whole,
+    /// A `HEAD`: the head only, with the length the body would have (RFC 9110 §9.3.2).
+    HeadOnly,
+    /// Not known: `Content-Length: 0`, right for either.
+    Empty,
+}
+
+/// The first bytes of the connection's first request (leading empty lines skipped, as RFC 9112
+/// §2.2 lets a server do).
+#[derive(Default)]
+struct Opening {
+    bytes: [u8; 5],
+    len: usize,
+}
+
+impl Opening {
+    /// Notes `read`, bytes of the first request.
+    fn note(&mut self, read: &[u8]) {
+        let read = if self.len == 0 {
+            let start = read.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+            &read[start.unwrap_or(read.len())..]
+        } else {
+            read
+        };
+        let n = read.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&read[..n]);
+        self.len += n;
+    }
+
+    /// What an answer to the first request may carry.
+    fn body(&self) -> Body {
+        let seen = &self.bytes[..self.len];
+        match seen {
+            [] => Body::Empty,
+            [b'H', b'E', b'A', b'D', sep] if sep.is_ascii_whitespace() => Body::HeadOnly,
+            _ if b"HEAD".starts_with(seen) => Body::Empty,
+            _ => Body::Whole,
+        }
+    }
 }
 
 impl Left {
@@ -59,9 +106,10 @@ pub(super) struct ClientStream {
     clock: HeaderClock,
     refusals: Arc<Refusals>,
     answer: Answer,
-    /// Whether the header awaited began with `HEAD ` (seen in its first read; a head that came
-    /// pipelined behind another request's is not seen).
-    head: bool,
+    /// How the connection's first request began.
+    opening: Opening,
+    /// The clock's wait for that first request.
+    first_wait: u64,
     left: Arc<Left>,
 }
 
@@ -86,10 +134,11 @@ impl ClientStream {
     ) -> Self {
         Self {
             inner: Some(inner),
+            first_wait: clock.wait(),
             clock,
             refusals,
             answer: Answer::Through,
-            head: false,
+            opening: Opening::default(),
             left,
         }
     }
@@ -100,6 +149,15 @@ impl ClientStream {
 
     fn io_mut(&mut self) -> Pin<&mut Stream> {
         Pin::new(self.inner.as_mut().expect("present until dropped"))
+    }
+
+    /// What an answer to the awaited request may carry.
+    fn body(&self) -> Body {
+        if self.clock.wait() == self.first_wait {
+            self.opening.body()
+        } else {
+            Body::Empty
+        }
     }
 
     /// Writes what is left of the edge's replacement answer.
@@ -149,7 +207,7 @@ impl AsyncWrite for ClientStream {
             }
             let answer = this
                 .refusals
-                .answer(&malformed_head(), "malformed_head", this.head);
+                .answer(&malformed_head(), "malformed_head", this.body());
             this.answer = Answer::Replacing(answer, 0);
         }
         ready!(this.poll_replacement(cx))?;
@@ -176,8 +234,11 @@ impl AsyncRead for ClientStream {
         let before = buf.filled().len();
         ready!(self.io_mut().poll_read(cx, buf))?;
         let read = &buf.filled()[before..];
-        if !read.is_empty() && self.clock.note_bytes() {
-            self.head = read.starts_with(b"HEAD ");
+        if !read.is_empty() && self.clock.running() {
+            self.clock.note_bytes();
+            if self.clock.wait() == self.first_wait {
+                self.opening.note(read);
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -190,7 +251,7 @@ impl Drop for ClientStream {
             *left = Some(Leftover {
                 stream,
                 replaced,
-                head: self.head,
+                body: self.body(),
             });
         }
     }
@@ -274,6 +335,22 @@ impl fmt::Debug for ClientStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_opening_bytes_tell_a_head_request_across_reads() {
+        let body = |reads: &[&[u8]]| {
+            let mut o = Opening::default();
+            reads.iter().for_each(|r| o.note(r));
+            o.body()
+        };
+        assert_eq!(body(&[]), Body::Empty, "nothing seen");
+        assert_eq!(body(&[b"HE"]), Body::Empty, "could still be HEAD");
+        assert_eq!(body(&[b"HE", b"AD / HTTP/1.1"]), Body::HeadOnly);
+        assert_eq!(body(&[b"\r\nHEAD\t/ HTTP/1.1"]), Body::HeadOnly);
+        assert_eq!(body(&[b"GET / HTTP/1.1"]), Body::Whole);
+        assert_eq!(body(&[b"H", b"EX"]), Body::Whole);
+        assert_eq!(body(&[b"HEADER / HTTP/1.1"]), Body::Whole);
+    }
 
     #[test]
     fn a_status_line_is_recognised_only_at_the_start() {
