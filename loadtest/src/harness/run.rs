@@ -217,6 +217,24 @@ async fn exchange(target: &Target, scenario: Scenario, mut clock: TokenClock) ->
     clock.finish(None)
 }
 
+/// CPU nanoseconds each target's process has spent so far (where its pid is known).
+fn cpu_now(targets: &[Arc<Target>]) -> Vec<Option<u64>> {
+    targets
+        .iter()
+        .map(|t| t.pid.and_then(procfs::cpu_ns))
+        .collect()
+}
+
+/// CPU nanoseconds each target's process spent since `before` (none where it was not read).
+fn cpu_since(targets: &[Arc<Target>], before: &[Option<u64>]) -> Vec<Option<u64>> {
+    let before = before.iter().chain(std::iter::repeat(&None));
+    targets
+        .iter()
+        .zip(before)
+        .map(|(t, before)| Some(t.pid.and_then(procfs::cpu_ns)? - (*before)?))
+        .collect()
+}
+
 /// Runs `plan` against `targets`, interleaving them round by round.
 pub async fn open_loop(
     targets: &[Arc<Target>],
@@ -251,10 +269,7 @@ pub async fn open_loop(
         progress.set_position(since.as_millis() as u64);
         let measured = intended >= measured_from;
         if measured && cpu_before.is_empty() {
-            cpu_before = targets
-                .iter()
-                .map(|t| t.pid.and_then(procfs::cpu_ns))
-                .collect();
+            cpu_before = cpu_now(targets);
         }
         if in_flight.load(Ordering::Relaxed) >= plan.max_in_flight {
             if measured {
@@ -287,11 +302,7 @@ pub async fn open_loop(
     while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let cpu_ns = targets
-        .iter()
-        .zip(cpu_before.iter().chain(std::iter::repeat(&None)))
-        .map(|(t, before)| Some(t.pid.and_then(procfs::cpu_ns)? - (*before)?))
-        .collect();
+    let cpu_ns = cpu_since(targets, &cpu_before);
     let recorders = recorders.lock().expect("recorder lock").clone();
     Outcome {
         recorders,
@@ -347,19 +358,12 @@ pub async fn closed_loop(
         })
         .collect();
     tokio::time::sleep_until(measured_from.into()).await;
-    let cpu_before: Vec<Option<u64>> = targets
-        .iter()
-        .map(|t| t.pid.and_then(procfs::cpu_ns))
-        .collect();
+    let cpu_before = cpu_now(targets);
     while Instant::now() < end {
         progress.set_position(start.elapsed().as_millis() as u64);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let cpu_ns = targets
-        .iter()
-        .zip(&cpu_before)
-        .map(|(t, before)| Some(t.pid.and_then(procfs::cpu_ns)? - (*before)?))
-        .collect();
+    let cpu_ns = cpu_since(targets, &cpu_before);
     for c in clients {
         let _ = c.await;
     }

@@ -175,26 +175,29 @@ impl Refusals {
         ended.with_label_values(&[reason]).inc();
     }
 
-    /// Notes the refusal (`reason` for the metric) and gives its head's fields.
+    /// Notes the refusal (`reason` for the metric) and gives its head's fields, for a body of
+    /// `length` bytes (typed JSON unless empty).
     fn fields(
         &self,
         err: &EdgeError,
         reason: &str,
         client_id: Option<&[u8]>,
+        length: usize,
     ) -> Vec<(&'static str, String)> {
         let request_id = self.ids.for_request(client_id);
         let mut record = AccessRecord::new();
         record.request_id.clone_from(&request_id);
         record.status = err.status();
         record.error = Some(err.code());
-        record.log("-", err.body().len() as u64);
+        record.log("-", length as u64);
         self.count(reason);
-        let mut fields = vec![
-            ("content-type", "application/json".to_owned()),
-            ("content-length", err.body().len().to_string()),
-            ("x-request-id", request_id),
-            ("connection", "close".to_owned()),
-        ];
+        let mut fields = Vec::with_capacity(5);
+        if length > 0 {
+            fields.push(("content-type", "application/json".to_owned()));
+        }
+        fields.push(("content-length", length.to_string()));
+        fields.push(("x-request-id", request_id));
+        fields.push(("connection", "close".to_owned()));
         fields.extend(err.headers());
         fields
     }
@@ -204,22 +207,20 @@ impl Refusals {
     fn answer(&self, err: &EdgeError, reason: &str, body: Body) -> Vec<u8> {
         let status =
             http::StatusCode::from_u16(err.status()).expect("the table's statuses are valid");
+        let json = err.body();
+        let length = if body == Body::Empty { 0 } else { json.len() };
         let mut out = format!(
             "HTTP/1.1 {} {}\r\n",
             status.as_u16(),
             status.canonical_reason().unwrap_or("")
         );
-        for (name, value) in self.fields(err, reason, None) {
-            match (name, body) {
-                ("content-type", Body::Empty) => continue,
-                ("content-length", Body::Empty) => out.push_str("content-length: 0\r\n"),
-                _ => out.push_str(&format!("{name}: {value}\r\n")),
-            }
+        for (name, value) in self.fields(err, reason, None, length) {
+            out.push_str(&format!("{name}: {value}\r\n"));
         }
         out.push_str("\r\n");
         let mut out = out.into_bytes();
         if body == Body::Whole {
-            out.extend_from_slice(&err.body());
+            out.extend_from_slice(&json);
         }
         out
     }
@@ -237,15 +238,21 @@ async fn refuse(stream: Stream, refusals: &Refusals) {
         return refusals.count("over_limit");
     }
     let err = EdgeError::Overloaded;
+    let json = err.body();
     let client_id = session.req_header().headers.get("x-request-id");
-    let fields = refusals.fields(&err, "over_limit", client_id.map(|v| v.as_bytes()));
+    let fields = refusals.fields(
+        &err,
+        "over_limit",
+        client_id.map(|v| v.as_bytes()),
+        json.len(),
+    );
     let mut h = ResponseHeader::build(err.status(), Some(fields.len())).expect("a valid status");
     for (name, value) in fields {
         h.insert_header(name, value).expect("valid header values");
     }
     session.set_keepalive(None);
     if session.write_response_header(Box::new(h)).await.is_ok() {
-        let _ = session.write_response_body(err.body(), true).await;
+        let _ = session.write_response_body(json, true).await;
     }
 }
 
