@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use wasmtime::{
-    Engine, FuncType, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc, Val,
-    ValType,
+    Engine, FuncType, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc,
+    UpdateDeadline, Val, ValType,
 };
 
 use super::abi::{self, Headers, Status};
 use super::callout::{Answer, CallRequest, CallResponse};
+use super::deadline::{self, CallClock, Expiry};
 pub use super::shared::Shared;
 
 /// What a request exposes to plugins: headers, body, answer, and the properties.
@@ -83,6 +84,9 @@ pub struct Host {
     pub(super) call_status: (u32, String),
     /// Calls the plugin cancelled while they were in flight: their answers are dropped.
     pub(super) cancelled: Vec<u32>,
+    /// The current call's deadline (CPU time) and how far it has run past it.
+    deadline: Duration,
+    clock: CallClock,
 }
 
 /// Which callback a call's answer goes to, with its arguments after the context and token.
@@ -126,7 +130,16 @@ pub struct Vm {
     instance: wasmtime::Instance,
     exports: Exports,
     next_context: i32,
-    deadline_ticks: u64,
+    deadline: Duration,
+}
+
+/// The deadline of the calls that start a VM (`_initialize`, the root context, `proxy_on_vm_start`,
+/// `proxy_on_configure`): start-up work such as a Go runtime's is not a request's.
+const START_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Epoch ticks (one a millisecond) in `d`.
+fn ticks(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
 }
 
 /// A compiled plugin, ready to instantiate quickly.
@@ -253,12 +266,22 @@ impl Compiled {
             next_token: 0,
             call_status: (0, String::new()),
             cancelled: Vec::new(),
+            deadline: deadline.max(START_DEADLINE),
+            clock: CallClock::default(),
         };
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);
-        let deadline_ticks = deadline.as_millis().max(1) as u64;
-        store.set_epoch_deadline(deadline_ticks);
-        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks(START_DEADLINE.max(deadline)));
+        store.epoch_deadline_callback(|mut cx| {
+            let host = cx.data_mut();
+            let window = host.deadline;
+            match host.clock.expired(window, deadline::thread_cpu_time()) {
+                Expiry::Extend => Ok(UpdateDeadline::Continue(ticks(window))),
+                Expiry::Stop => Err(wasmtime::Error::msg(format!(
+                    "the call ran past its deadline ({window:?} of CPU time)"
+                ))),
+            }
+        });
         let instance = self
             .pre
             .instantiate(&mut store)
@@ -308,7 +331,7 @@ impl Compiled {
             instance,
             exports,
             next_context: ROOT_CONTEXT + 1,
-            deadline_ticks,
+            deadline: deadline.max(START_DEADLINE),
         };
         vm.arm();
         vm.exports
@@ -345,6 +368,7 @@ impl Compiled {
                 );
             }
         }
+        vm.deadline = deadline;
         Ok(vm)
     }
 }
@@ -352,7 +376,10 @@ impl Compiled {
 impl Vm {
     /// Gives the next call its full deadline.
     fn arm(&mut self) {
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        let host = self.store.data_mut();
+        host.deadline = self.deadline;
+        host.clock.reset();
+        self.store.set_epoch_deadline(ticks(self.deadline));
     }
 
     /// Creates a request (HTTP) context under the root context.

@@ -11,14 +11,16 @@
 //!   [`queues`]: shared queues.
 //!
 //! Modules are compiled once when the configuration loads (a module that does not compile,
-//! link, start or accept its configuration is refused then). Every call runs under an epoch
-//! deadline and a memory limit; a VM that traps or overruns is dropped and rebuilt with
-//! back-off, and the request in flight follows the plugin's fail policy.
+//! link, start or accept its configuration is refused then). Every call runs under a deadline
+//! of CPU time ([`deadline`]: a busy machine does not fail plugins) and a memory limit; a VM
+//! that traps or overruns is dropped and rebuilt with back-off, and the request in flight
+//! follows the plugin's fail policy.
 
 pub mod abi;
 mod background;
 pub mod callout;
 mod calls;
+mod deadline;
 pub mod grpc;
 mod headers;
 pub mod host;
@@ -165,11 +167,7 @@ impl Plugin {
         );
         // Started and configured once now, so that a bad plugin fails the load, not a request.
         compiled
-            .instantiate(
-                engine(),
-                shared.clone(),
-                cfg.deadline.max(Duration::from_secs(1)),
-            )
+            .instantiate(engine(), shared.clone(), cfg.deadline)
             .map_err(|e| format!("plugin `{}`: {e}", cfg.name))?;
         let plugin = Arc::new(Self {
             uid: NEXT_UID.fetch_add(1, Relaxed),
