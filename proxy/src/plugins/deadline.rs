@@ -98,7 +98,7 @@ mod tests {
     #[test]
     fn reset_starts_the_next_call_afresh() {
         let mut c = CallClock::default();
-        c.expired(10 * MS, 0 * MS);
+        c.expired(10 * MS, Duration::ZERO);
         c.reset();
         assert_eq!(c.expired(10 * MS, 50 * MS), Expiry::Extend);
     }

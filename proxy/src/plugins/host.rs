@@ -217,6 +217,8 @@ fn dummy_host() -> Host {
         next_token: 0,
         call_status: (0, String::new()),
         cancelled: Vec::new(),
+        deadline: Duration::ZERO,
+        clock: CallClock::default(),
     }
 }
 
