@@ -660,3 +660,43 @@ async fn a_fleet_holds_its_limits_under_skewed_load() {
         "quota left unused: {delivered}"
     );
 }
+
+/// Ledger rows of one edge and account, `ids` numbering them.
+fn rows(ids: std::ops::Range<u32>, tokens: u64) -> Vec<moltghost::store::UsageRow> {
+    ids.map(|i| moltghost::store::UsageRow {
+        request_id: format!("e1-{i}"),
+        edge_id: "e1".into(),
+        account_id: "acct".into(),
+        key_id: "k1".into(),
+        agent_id: "abc123".into(),
+        month: "2026-12".into(),
+        prompt_tokens: 1,
+        completion_tokens: tokens - 1,
+        total_tokens: tokens,
+        estimated: false,
+        outcome: "completed".into(),
+        created_at: 1_790_000_000,
+    })
+    .collect()
+}
+
+/// The shipper writes rows in multi-row statements: thousands at once (more than one
+/// statement's worth) are all written, and a replayed journal counts none twice, on SQLite and
+/// on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_rows_are_written_in_batches_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgDb::create().await;
+    let mut urls = vec![format!("sqlite://{}", dir.path().join("s.db").display())];
+    urls.extend(pg.as_ref().map(|p| p.url.clone()));
+    for url in urls {
+        let store = moltghost::store::Store::open(&url, dir.path())
+            .await
+            .unwrap();
+        store.insert_usage(&rows(0..2_500, 3)).await.unwrap();
+        // A replay of the last 1,000 with 500 new ones after them.
+        store.insert_usage(&rows(1_500..3_000, 3)).await.unwrap();
+        let totals = store.month_totals("2026-12", "e1").await.unwrap();
+        assert_eq!(totals, vec![("acct".to_string(), 9_000, 0)], "{url}");
+    }
+}
