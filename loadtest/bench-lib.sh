@@ -6,7 +6,7 @@
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
 ulimit -n 20000
 
 # Waits up to 30 s for 127.0.0.1:PORT to accept connections.

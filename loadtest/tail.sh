@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Where the full edge's tail comes from (issue 17, item 3): the same release binary with every
+# policy on, with every policy on but the ledger shipped and the fleet synced only once an hour
+# (so its background work never runs during the rounds), with limits off, and Pingora bare, all
+# fed one runtime and measured closed loop (1 and 16 clients back to back, interleaved rounds).
+#
+#   loadtest/tail.sh                 # 4 rounds of 1 s per target and client count, 20 s each
+#   DURATION=40s loadtest/tail.sh    # longer
+#   BIN=/some/release loadtest/tail.sh   # the binaries in BIN (another build to compare)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+WORK=$(mktemp -d /tmp/moltghost-tail.XXXX)
+DUR=${DURATION:-20s}
+RT_PORT=19200 PINGORA_PORT=18285
+. loadtest/bench-lib.sh
+
+if [ "$BIN" = "${CARGO_TARGET_DIR:-$ROOT/target}/release" ]; then
+  echo "== building (release)"
+  cargo build --release --workspace --bins -q
+  cargo build --release -p moltghost --example pingora_bare -q
+fi
+
+"$BIN/agent-runtime" --listen 127.0.0.1:$RT_PORT > "$WORK/runtime.log" 2>&1 & PIDS+=($!)
+"$BIN/examples/pingora_bare" --listen 127.0.0.1:$PINGORA_PORT --upstream 127.0.0.1:$RT_PORT --threads 2 \
+  > "$WORK/pingora.log" 2>&1 & PINGORA_PID=$!; PIDS+=($PINGORA_PID)
+wait_port $RT_PORT; wait_port $PINGORA_PORT
+TARGETS=(--target direct=http://127.0.0.1:$RT_PORT
+         --target pingora=http://127.0.0.1:$PINGORA_PORT --pid pingora=$PINGORA_PID)
+# name port admin-port extra-config
+edge() {
+  bench_edge_conf "$2" "$3" "$1" bench "http://127.0.0.1:$RT_PORT" > "$WORK/$1.toml"
+  printf '%b' "$4" >> "$WORK/$1.toml"
+  "$BIN/moltghost-proxy" --config "$WORK/$1.toml" > "$WORK/$1.log" 2>&1 & local pid=$!; PIDS+=($pid)
+  wait_port "$2"; wait_port "$3"
+  TARGETS+=(--target "$1=http://bench.agent.localhost:$2" --key "$1=$(bench_key "$3" "$1" bench)" --pid "$1=$pid")
+}
+edge edge 18280 19280 ''
+edge edge-noship 18281 19281 '[limits]\nfleet_sync = "1h"\n'
+edge edge-bare 18282 19282 '[limits]\nenabled = false\n'
+
+"$BIN/loadtest" --quiet "${TARGETS[@]}" --scenario chat --clients 1,16 --duration "$DUR" --round 1s \
+  --json "$WORK/tail.json" --markdown "$WORK/tail.md"
+cat "$WORK/tail.md"
