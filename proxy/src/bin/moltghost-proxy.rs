@@ -6,6 +6,26 @@ use std::process::ExitCode;
 use clap::Parser;
 use moltghost::config::Config;
 
+/// jemalloc, whose unused pages a background thread gives back to the system a few seconds
+/// after a burst: with glibc's allocator, the memory of thousands of closed streams stayed
+/// resident for good (issue 17; `loadtest/memory.sh` measures both).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it starts (`MALLOC_CONF`-style; the `_RJEM_MALLOC_CONF`
+/// environment variable still overrides them): purge unused pages on a background thread,
+/// dirty ones after 5 s, and return them to the kernel at once (no lazy `MADV_FREE` pages that
+/// would still count as resident).
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: ConfString =
+    ConfString(c"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string jemalloc reads once at start.
+#[repr(transparent)]
+struct ConfString(*const std::ffi::c_char);
+// SAFETY: it points to a static, immutable C string literal.
+unsafe impl Sync for ConfString {}
+
 /// The MoltGhost edge: authenticates, limits and forwards requests to AI agents.
 ///
 /// Serves every agent at http://<endpoint-id>.<agents_domain>:<port>/v1/... (OpenAI-compatible
