@@ -4,8 +4,9 @@
 //! the store's `usage_ledger` in batches; rows are keyed by the edge's own request id, so a
 //! journal replayed after a crash never counts twice.
 //!
-//! Each process writes its own journal (`usage.<pid>.journal`), so that during an upgrade the
-//! old and the new process never share one. Journals of processes that are gone (a crash, the
+//! Each process writes its own journal (`usage.<pid>.journal`, then further segments
+//! `usage.<pid>-<n>.journal` once one is large), so that during an upgrade the old and the new
+//! process never share one. Journals of processes that are gone (a crash, the
 //! process an upgrade replaced) are shipped by the next one and then removed.
 //!
 //! A journal that cannot be written (a full disk) loses nothing: the row is kept in memory,
@@ -168,34 +169,126 @@ impl Ledger {
     }
 }
 
-/// Journals larger than this are emptied once everything in them is shipped.
-const COMPACT_BYTES: u64 = 4 * 1024 * 1024;
+/// A journal segment this large is retired once shipped: appends move to a new segment and the
+/// old one is removed after its last rows are shipped.
+const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 
-/// The append-only journal of finished requests.
+/// The append-only journal of finished requests, in segments: `usage.<pid>.journal`, then
+/// `usage.<pid>-1.journal`, `usage.<pid>-2.journal`, … Each has its shipped offset beside it
+/// (`<segment>.shipped`).
+///
+/// The append lock is held for one `write` or for swapping in a new segment, never for file
+/// system work: truncating a shipped 4 MiB journal under it, as this did before, held every
+/// finishing request for about a millisecond (issue 17).
 pub struct Journal {
-    file: Mutex<File>,
+    dir: PathBuf,
+    /// The segment appends go to.
+    current: Mutex<Segment>,
+    /// Segments retired whose last rows are not shipped yet (a store error in between).
+    retired: Mutex<Vec<SegmentPath>>,
+    /// The last segment number used.
+    segments: AtomicU64,
+}
+
+/// One journal file, open for appends.
+struct Segment {
+    file: File,
+    at: SegmentPath,
+}
+
+impl Segment {
+    fn open(dir: &Path, name: &str) -> std::io::Result<Self> {
+        let at = SegmentPath {
+            path: dir.join(name),
+            offset_path: dir.join(format!("{name}.shipped")),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&at.path)?;
+        Ok(Self { file, at })
+    }
+}
+
+/// Where a segment and its shipped offset are.
+#[derive(Clone)]
+struct SegmentPath {
     path: PathBuf,
     offset_path: PathBuf,
+}
+
+impl SegmentPath {
+    fn shipped(&self) -> u64 {
+        std::fs::read_to_string(&self.offset_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn set_shipped(&self, offset: u64) -> std::io::Result<()> {
+        let tmp = self.offset_path.with_extension("tmp");
+        std::fs::write(&tmp, offset.to_string())?;
+        std::fs::rename(&tmp, &self.offset_path)
+    }
+
+    /// Ships what is new since the last call into the store; returns the rows shipped and the
+    /// segment's shipped length. A torn last line (a crash in mid-write) is left for the next
+    /// call, or skipped once followed by more lines.
+    async fn ship(&self, store: &Store) -> Result<(usize, u64), StoreError> {
+        let io = |e: std::io::Error| StoreError::Db(sqlx::Error::Io(e));
+        let start = self.shipped();
+        let bytes = {
+            let mut f = File::open(&self.path).map_err(io)?;
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < start {
+                // Emptied behind our back (a journal of an earlier version), start over.
+                self.set_shipped(0).map_err(io)?;
+                return Ok((0, 0));
+            }
+            f.seek(SeekFrom::Start(start)).map_err(io)?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf).map_err(io)?;
+            buf
+        };
+        let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if complete == 0 {
+            return Ok((0, start));
+        }
+        let rows: Vec<UsageRow> = bytes[..complete]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| match serde_json::from_slice(l) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping a torn usage journal line");
+                    None
+                }
+            })
+            .collect();
+        store.insert_usage(&rows).await?;
+        let end = start + complete as u64;
+        self.set_shipped(end).map_err(io)?;
+        Ok((rows.len(), end))
+    }
+
+    /// Removes the segment's files (everything in it is shipped).
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.offset_path);
+    }
 }
 
 impl Journal {
     /// Opens (or creates) this process's journal in `data_dir`.
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
-        Self::open_file(data_dir, &format!("usage.{}.journal", std::process::id()))
-    }
-
-    fn open_file(data_dir: &Path, name: &str) -> std::io::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join(name);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&path)?;
+        let first = format!("usage.{}.journal", std::process::id());
         Ok(Self {
-            file: Mutex::new(file),
-            offset_path: data_dir.join(format!("{name}.shipped")),
-            path,
+            dir: data_dir.to_owned(),
+            current: Mutex::new(Segment::open(data_dir, &first)?),
+            retired: Mutex::new(Vec::new()),
+            segments: AtomicU64::new(0),
         })
     }
 
@@ -213,16 +306,20 @@ impl Journal {
             let pid = name
                 .trim_start_matches("usage.")
                 .trim_end_matches(".journal");
+            // A segment after the first: `<pid>-<n>`.
+            let pid = pid.split_once('-').map_or(pid, |(pid, _)| pid);
             let alive = pid.parse::<u32>().is_ok_and(|p| {
                 p == std::process::id() || Path::new(&format!("/proc/{p}")).exists()
             });
             if alive {
                 continue;
             }
-            let orphan = Self::open_file(data_dir, &name).map_err(io)?;
-            shipped += orphan.ship(store).await?;
-            let _ = std::fs::remove_file(&orphan.path);
-            let _ = std::fs::remove_file(&orphan.offset_path);
+            let orphan = SegmentPath {
+                path: data_dir.join(&name),
+                offset_path: data_dir.join(format!("{name}.shipped")),
+            };
+            shipped += orphan.ship(store).await?.0;
+            orphan.remove();
         }
         Ok(shipped)
     }
@@ -235,76 +332,121 @@ impl Journal {
     }
 
     fn append_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
-        self.file
+        self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .file
             .write_all(bytes)
     }
 
-    fn shipped(&self) -> u64 {
-        std::fs::read_to_string(&self.offset_path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn set_shipped(&self, offset: u64) -> std::io::Result<()> {
-        let tmp = self.offset_path.with_extension("tmp");
-        std::fs::write(&tmp, offset.to_string())?;
-        std::fs::rename(&tmp, &self.offset_path)
-    }
-
-    /// Ships what is new since the last call into the store; returns the rows shipped. A torn
-    /// last line (a crash in mid-write) is left for the next call, or skipped once followed by
-    /// more lines.
+    /// Ships what is new since the last call into the store; returns the rows shipped. Once the
+    /// current segment is large, appends move to a new one, and the old one is removed after
+    /// its last rows are shipped.
     pub async fn ship(&self, store: &Store) -> Result<usize, StoreError> {
-        let start = self.shipped();
-        let bytes = {
-            let mut f = File::open(&self.path).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < start {
-                // Compacted behind our back (cannot happen in one process), start over.
-                self.set_shipped(0)
-                    .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
-                return Ok(0);
-            }
-            f.seek(SeekFrom::Start(start))
+        let mut shipped = self.ship_retired(store).await?;
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .at
+            .clone();
+        let (rows, end) = current.ship(store).await?;
+        shipped += rows;
+        if end >= SEGMENT_BYTES {
+            self.rotate()
                 .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)
-                .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
-            buf
-        };
-        let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        if complete == 0 {
-            return Ok(0);
+            shipped += self.ship_retired(store).await?;
         }
-        let rows: Vec<UsageRow> = bytes[..complete]
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| match serde_json::from_slice(l) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::error!(error = %e, "skipping a torn usage journal line");
-                    None
-                }
-            })
-            .collect();
-        store.insert_usage(&rows).await?;
-        let end = start + complete as u64;
-        self.set_shipped(end)
-            .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
-        if end >= COMPACT_BYTES {
-            self.compact(end);
-        }
-        Ok(rows.len())
+        Ok(shipped)
     }
 
-    /// Empties the journal if nothing was appended after `shipped`.
-    fn compact(&self, shipped: u64) {
-        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if file.metadata().map(|m| m.len()).unwrap_or(0) == shipped && file.set_len(0).is_ok() {
-            let _ = self.set_shipped(0);
+    /// Opens the next segment (outside the append lock) and swaps it in (under it).
+    fn rotate(&self) -> std::io::Result<()> {
+        let n = self.segments.fetch_add(1, Ordering::Relaxed) + 1;
+        let next = Segment::open(
+            &self.dir,
+            &format!("usage.{}-{n}.journal", std::process::id()),
+        )?;
+        let old = std::mem::replace(
+            &mut *self.current.lock().unwrap_or_else(|e| e.into_inner()),
+            next,
+        );
+        // Closed here, outside the lock; its last rows are shipped next.
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(old.at);
+        Ok(())
+    }
+
+    /// Ships the rest of each retired segment, then removes it.
+    async fn ship_retired(&self, store: &Store) -> Result<usize, StoreError> {
+        let mut shipped = 0;
+        loop {
+            let Some(seg) = self.retired.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
+                return Ok(shipped);
+            };
+            match seg.ship(store).await {
+                Ok((rows, _)) => {
+                    shipped += rows;
+                    seg.remove();
+                }
+                Err(e) => {
+                    self.retired
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(seg);
+                    return Err(e);
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The journal's current segment passes [`SEGMENT_BYTES`]: shipping moves appends to a new
+    /// segment and removes the old one once shipped, and every row reaches the store once.
+    #[tokio::test]
+    async fn a_large_journal_moves_to_a_new_segment_and_loses_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("sqlite://s.db", dir.path()).await.unwrap();
+        let ledger = Ledger::new(Journal::open(dir.path()).unwrap(), "e1".into());
+        let payer = Payer {
+            account_id: "acct".into(),
+            key_id: "k1".into(),
+            agent_id: "abc123".into(),
+        };
+        let usage = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            total_tokens: 3,
+        };
+        let first = dir
+            .path()
+            .join(format!("usage.{}.journal", std::process::id()));
+        let mut rows = 0;
+        while std::fs::metadata(&first).unwrap().len() < SEGMENT_BYTES {
+            ledger.record(&payer, usage, false, "completed");
+            rows += 1;
+        }
+        assert_eq!(ledger.journal.ship(&store).await.unwrap(), rows);
+        assert!(!first.exists(), "the shipped segment is removed");
+        for _ in 0..10 {
+            ledger.record(&payer, usage, false, "completed");
+        }
+        let second = dir
+            .path()
+            .join(format!("usage.{}-1.journal", std::process::id()));
+        assert!(second.exists());
+        assert_eq!(ledger.journal.ship(&store).await.unwrap(), 10);
+        let month = month_of(now());
+        let totals = store.month_totals(&month, "e1").await.unwrap();
+        assert_eq!(
+            totals,
+            vec![("acct".to_string(), 3 * (rows as u64 + 10), 0)]
+        );
     }
 }
