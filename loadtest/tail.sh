@@ -39,6 +39,23 @@ edge edge 18280 19280 ''
 edge edge-noship 18281 19281 '[limits]\nfleet_sync = "1h"\n'
 edge edge-bare 18282 19282 '[limits]\nenabled = false\n'
 
+# CPU time (ms) by thread name of each edge, summed over its threads: which threads pay.
+EDGES=(); for i in "${!TARGETS[@]}"; do [[ ${TARGETS[$i]} == --pid ]] && EDGES+=("${TARGETS[$((i+1))]}"); done
+threads_cpu() {
+  for spec in "${EDGES[@]}"; do
+    for t in /proc/${spec#*=}/task/*; do
+      # comm may hold spaces: the fields after it start at the last ')'.
+      stat=$(cat "$t/stat" 2>/dev/null) || continue
+      set -- ${stat##*) }
+      echo "${spec%%=*} $(tr ' ' '_' < "$t/comm") $(( (${12} + ${13}) * 1000 / $(getconf CLK_TCK) ))"
+    done
+  done
+}
+threads_cpu > "$WORK/cpu.before"
 "$BIN/loadtest" --quiet "${TARGETS[@]}" --scenario chat --clients 1,16 --duration "$DUR" --round 1s \
   --json "$WORK/tail.json" --markdown "$WORK/tail.md"
+threads_cpu > "$WORK/cpu.after"
 cat "$WORK/tail.md"
+echo "CPU ms by thread over the run (target, thread name, ms):"
+awk 'NR==FNR { b[$1" "$2] += $3; next } { a[$1" "$2] += $3 } END { for (k in a) printf "  %s %d\n", k, a[k] - b[k] }' \
+  "$WORK/cpu.before" "$WORK/cpu.after" | sort
