@@ -42,10 +42,15 @@ pub async fn serve(
     let admission = p.admit(head, route == Some(Route::Ws), ctx)?;
     p.rate(&admission, ctx)?;
     match route {
-        Some(Route::Health) => return health::serve(p, session, ctx, &admission.agent).await,
+        // Boxed for the same reason as the WebSocket: its upstream probe is a large future.
+        Some(Route::Health) => {
+            return Box::pin(health::serve(p, session, ctx, &admission.agent)).await
+        }
         Some(Route::Ws) => {
             lifecycle::gate(admission.agent.state)?;
-            return crate::websocket::serve(p, session, ctx, admission).await;
+            // Boxed: a WebSocket's future (a whole pipeline per message) would otherwise be
+            // part of every HTTP request's, and so of every held stream's memory.
+            return Box::pin(crate::websocket::serve(p, session, ctx, admission)).await;
         }
         _ => lifecycle::gate(admission.agent.state)?,
     }

@@ -22,9 +22,13 @@ impl Pipeline {
             ..
         } = opened;
         if let Ok(peer) = agent.upstream.peer() {
-            self.forwarder
-                .close(inbound, peer, self.cfg().limits.upstream_keepalive)
-                .await;
+            // Boxed: kept inline, its size would be reserved by every request's future for the
+            // request's whole life, a held stream's included.
+            Box::pin(
+                self.forwarder
+                    .close(inbound, peer, self.cfg().limits.upstream_keepalive),
+            )
+            .await;
         }
         if let Some(mut accounting) = accounting {
             ctx.record.tokens = Some(accounting.settle(outcome).usage.total());

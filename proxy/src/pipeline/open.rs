@@ -114,16 +114,17 @@ impl Pipeline {
             )),
         };
         ctx.record.upstream_sent = Some(StdInstant::now());
-        let mut inbound = self
-            .forwarder
-            .open(
-                down.hangup(),
-                peer,
-                &header,
-                &prepared.outbound.body,
-                &mut guard,
-            )
-            .await?;
+        // Boxed, and freed once the answer's head is in: the connect-and-send future is most of
+        // a request future's size (~19 KB), which a held stream would otherwise keep for its
+        // whole life.
+        let mut inbound = Box::pin(self.forwarder.open(
+            down.hangup(),
+            peer,
+            &header,
+            &prepared.outbound.body,
+            &mut guard,
+        ))
+        .await?;
         ctx.record.first_byte = Some(StdInstant::now());
         inbound.set_idle_timeout(cfg.limits.stream_idle_timeout);
         Ok(Opened {
