@@ -37,6 +37,6 @@ for t in 10 30 60; do
 done
 if [ -n "${HEAPTRACK:-}" ]; then
   kill -INT "$EDGE_PID"; sleep 3
-  heaptrack_print -f "$WORK"/heaptrack*.zst --print-peaks 1 --peak-limit 25 --print-allocators 0 --print-temporary 0 --print-leaks 0 --print-histogram 0 --print-flamegraph 0 > "$WORK/heap.txt" 2>/dev/null || true
+  heaptrack_print -f "$WORK"/heaptrack*.zst --print-peaks 1 --peak-limit 25 --print-allocators 0 --print-temporary 0 --print-leaks 0 > "$WORK/heap.txt" 2>/dev/null || true
   echo "== heap profile: $WORK/heap.txt"
 fi
