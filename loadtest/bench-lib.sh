@@ -38,3 +38,14 @@ bench_key() {
   MOLTGHOST_ADMIN_URL=http://127.0.0.1:$1 MOLTGHOST_ADMIN_TOKEN=$("$BIN/moltghost" --data-dir "$WORK/$2" token --ttl 2h) \
     "$BIN/moltghost" auth create-key --agent "$3" --name bench
 }
+
+# bench_edge NAME PORT ADMIN_PORT EXTRA_CONFIG: starts an edge (data in $WORK/NAME) forwarding to
+# the runtime on $RT_PORT, with EXTRA_CONFIG (printf %b escapes) appended to its config, and adds
+# it to TARGETS as a loadtest target with its key and pid.
+bench_edge() {
+  bench_edge_conf "$2" "$3" "$1" bench "http://127.0.0.1:$RT_PORT" > "$WORK/$1.toml"
+  printf '%b' "$4" >> "$WORK/$1.toml"
+  "$BIN/moltghost-proxy" --config "$WORK/$1.toml" > "$WORK/$1.log" 2>&1 & local pid=$!; PIDS+=($pid)
+  wait_port "$2"; wait_port "$3"
+  TARGETS+=(--target "$1=http://bench.agent.localhost:$2" --key "$1=$(bench_key "$3" "$1" bench)" --pid "$1=$pid")
+}

@@ -27,17 +27,9 @@ fi
 wait_port $RT_PORT; wait_port $PINGORA_PORT
 TARGETS=(--target direct=http://127.0.0.1:$RT_PORT
          --target pingora=http://127.0.0.1:$PINGORA_PORT --pid pingora=$PINGORA_PID)
-# name port admin-port extra-config
-edge() {
-  bench_edge_conf "$2" "$3" "$1" bench "http://127.0.0.1:$RT_PORT" > "$WORK/$1.toml"
-  printf '%b' "$4" >> "$WORK/$1.toml"
-  "$BIN/moltghost-proxy" --config "$WORK/$1.toml" > "$WORK/$1.log" 2>&1 & local pid=$!; PIDS+=($pid)
-  wait_port "$2"; wait_port "$3"
-  TARGETS+=(--target "$1=http://bench.agent.localhost:$2" --key "$1=$(bench_key "$3" "$1" bench)" --pid "$1=$pid")
-}
-edge edge 18280 19280 ''
-edge edge-noship 18281 19281 '[limits]\nfleet_sync = "1h"\n'
-edge edge-bare 18282 19282 '[limits]\nenabled = false\n'
+bench_edge edge 18280 19280 ''
+bench_edge edge-noship 18281 19281 '[limits]\nfleet_sync = "1h"\n'
+bench_edge edge-bare 18282 19282 '[limits]\nenabled = false\n'
 
 # CPU time (ms) by thread name of each edge, summed over its threads: which threads pay.
 EDGES=(); for i in "${!TARGETS[@]}"; do [[ ${TARGETS[$i]} == --pid ]] && EDGES+=("${TARGETS[$((i+1))]}"); done

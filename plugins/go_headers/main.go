@@ -22,7 +22,7 @@ var (
 		"request.method", "request.query", "request.useragent", "request.protocol", "source.address",
 		"destination.address", "route_name", "cluster_name", "plugin_name", "plugin_root_id",
 		"plugin_vm_id", "moltghost.agent", "upstream.address", "connection.tls_version",
-		"connection.requested_server_name"}
+		"connection.requested_server_name", "node.id", "metadata.filter_metadata.moltghost.agent"}
 	intProps = []string{"request.size", "request.time", "source.port", "destination.port",
 		"upstream.port", "connection.id"}
 )

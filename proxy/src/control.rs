@@ -197,10 +197,13 @@ impl Control {
             None
         } else {
             let configs = next.plugins.clone();
+            let node = Arc::new(next.node(&self.plane.ledger.edge_id));
             Some(
-                tokio::task::spawn_blocking(move || crate::plugins::PluginSet::load(&configs))
-                    .await
-                    .map_err(|e| e.to_string())??,
+                tokio::task::spawn_blocking(move || {
+                    crate::plugins::PluginSet::load(&configs, &node)
+                })
+                .await
+                .map_err(|e| e.to_string())??,
             )
         };
         if let (Some(certs), Some(tls)) = (&self.certs, &next.tls) {

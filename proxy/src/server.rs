@@ -132,7 +132,8 @@ fn prepare(
                 cfg.fixed.store.url
             ))
         })?;
-    let plugins = crate::plugins::PluginSet::load(&cfg.plugins).map_err(StartError)?;
+    let plugins = crate::plugins::PluginSet::load(&cfg.plugins, &Arc::new(cfg.node(&edge_id)))
+        .map_err(StartError)?;
     let certs = match &cfg.tls {
         Some(t) => Some(Arc::new(
             crate::tls::CertResolver::new(t.certificates.clone())

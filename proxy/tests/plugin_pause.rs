@@ -351,60 +351,74 @@ async fn an_answer_keeps_its_length_unless_a_plugin_drops_it() {
 /// replies `granted to <x-key-id>` when the message is `ok`, fails with status 7 (permission
 /// denied, in a trailers-only reply) when it is `deny`, and never answers in time when `slow`.
 async fn grpc_service() -> SocketAddr {
+    h2_service(|req, mut respond| async move {
+        let (head, mut body) = req.into_parts();
+        let mut framed = Vec::new();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            framed.extend_from_slice(&chunk);
+        }
+        let message = framed.get(5..).unwrap_or_default().to_vec();
+        let key = head.headers.get("x-key-id").cloned();
+        let response = |status: &str| {
+            http::Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .header("x-grpc-path", head.uri.path())
+                .header("grpc-status", status)
+                .header("grpc-message", "not%20you")
+                .body(())
+                .unwrap()
+        };
+        match &message[..] {
+            b"deny" => {
+                let _ = respond.send_response(response("7"), true);
+            }
+            b"slow" => tokio::time::sleep(Duration::from_secs(5)).await,
+            _ => {
+                let ok = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap();
+                let Ok(mut send) = respond.send_response(ok, false) else {
+                    return;
+                };
+                let key = key.as_ref().and_then(|k| k.to_str().ok()).unwrap_or("");
+                let reply = format!("granted to {key}");
+                let mut frame = vec![0];
+                frame.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+                frame.extend_from_slice(reply.as_bytes());
+                let _ = send.send_data(frame.into(), false);
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                let _ = send.send_trailers(trailers);
+            }
+        }
+    })
+    .await
+}
+
+/// An HTTP/2 (h2c) server on a free port: each request stream to `reply`.
+async fn h2_service<F, Fut>(reply: F) -> SocketAddr
+where
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let reply = reply.clone();
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(tcp).await else {
                     return;
                 };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        let (head, mut body) = req.into_parts();
-                        let mut framed = Vec::new();
-                        while let Some(Ok(chunk)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(chunk.len());
-                            framed.extend_from_slice(&chunk);
-                        }
-                        let message = framed.get(5..).unwrap_or_default().to_vec();
-                        let key = head.headers.get("x-key-id").cloned();
-                        let response = |status: &str| {
-                            http::Response::builder()
-                                .status(200)
-                                .header("content-type", "application/grpc")
-                                .header("x-grpc-path", head.uri.path())
-                                .header("grpc-status", status)
-                                .header("grpc-message", "not%20you")
-                                .body(())
-                                .unwrap()
-                        };
-                        match &message[..] {
-                            b"deny" => {
-                                let _ = respond.send_response(response("7"), true);
-                            }
-                            b"slow" => tokio::time::sleep(Duration::from_secs(5)).await,
-                            _ => {
-                                let ok = http::Response::builder()
-                                    .status(200)
-                                    .header("content-type", "application/grpc")
-                                    .body(())
-                                    .unwrap();
-                                let Ok(mut send) = respond.send_response(ok, false) else {
-                                    return;
-                                };
-                                let key = key.as_ref().and_then(|k| k.to_str().ok()).unwrap_or("");
-                                let reply = format!("granted to {key}");
-                                let mut frame = vec![0];
-                                frame.extend_from_slice(&(reply.len() as u32).to_be_bytes());
-                                frame.extend_from_slice(reply.as_bytes());
-                                let _ = send.send_data(frame.into(), false);
-                                let mut trailers = http::HeaderMap::new();
-                                trailers.insert("grpc-status", "0".parse().unwrap());
-                                let _ = send.send_trailers(trailers);
-                            }
-                        }
-                    });
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    tokio::spawn(reply(req, respond));
                 }
             });
         }
@@ -448,4 +462,162 @@ async fn a_plugin_asks_by_grpc_and_resumes_or_denies() {
     assert_eq!(r.status(), 403);
     let status = r.headers()["x-callout-status"].to_str().unwrap().to_owned();
     assert!(status.starts_with("grpc 4 "), "{status}");
+}
+
+/// A streaming gRPC service over HTTP/2 (h2c) for the streamer plugin. `echo.Echo/Talk` answers
+/// its headers at once (`x-echo: ready <x-who>`), replies `echo:<m>` to each message as it
+/// comes, and when the client half-closes ends with status OK and `x-said: <count>` in its
+/// trailers; a message `fail` ends it at once with status 9 ("failed here").
+/// `echo.Echo/Feed` sends `feed-<n>` every 50 ms until the client goes.
+async fn stream_service() -> SocketAddr {
+    h2_service(stream_reply).await
+}
+
+async fn stream_reply(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+) {
+    let frame = |m: &str| {
+        let mut f = vec![0];
+        f.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        f.extend_from_slice(m.as_bytes());
+        bytes::Bytes::from(f)
+    };
+    let trailers = |pairs: &[(&'static str, &str)]| {
+        let mut t = http::HeaderMap::new();
+        for (k, v) in pairs {
+            t.insert(*k, v.parse().unwrap());
+        }
+        t
+    };
+    let (head, mut body) = req.into_parts();
+    let who = head
+        .headers
+        .get("x-who")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let ok = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .header("x-echo", format!("ready {who}"))
+        .body(())
+        .unwrap();
+    let Ok(mut send) = respond.send_response(ok, false) else {
+        return;
+    };
+    if head.uri.path() == "/echo.Echo/Feed" {
+        for n in 0.. {
+            if send.send_data(frame(&format!("feed-{n}")), false).is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut pending = Vec::new();
+    let mut count = 0;
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        pending.extend_from_slice(&chunk);
+        while pending.len() >= 5 {
+            let len = u32::from_be_bytes(pending[1..5].try_into().unwrap()) as usize;
+            if pending.len() < 5 + len {
+                break;
+            }
+            let message = String::from_utf8_lossy(&pending[5..5 + len]).into_owned();
+            pending.drain(..5 + len);
+            if message == "fail" {
+                let t = trailers(&[("grpc-status", "9"), ("grpc-message", "failed%20here")]);
+                let _ = send.send_trailers(t);
+                return;
+            }
+            count += 1;
+            let _ = send.send_data(frame(&format!("echo:{message}")), false);
+        }
+    }
+    let _ = send.send_trailers(trailers(&[
+        ("grpc-status", "0"),
+        ("x-said", &count.to_string()),
+    ]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_talks_over_a_grpc_stream_and_keeps_one_open_in_the_background() {
+    let echo = stream_service().await;
+    let s = Stack::start(&format!(
+        "{}{}",
+        plugin(
+            "talker",
+            "streamer",
+            &format!(
+                "agents = [\"talks\"]\nconfig = {{ upstream = \"echo\" }}\n\
+                 upstreams = {{ echo = \"http://{echo}\" }}"
+            ),
+        ),
+        plugin(
+            "astray",
+            "streamer",
+            "agents = [\"astray\"]\nconfig = { upstream = \"nowhere\" }",
+        ),
+    ))
+    .await;
+    add_agents(&s, &["talks", "astray"]).await;
+    let say = |agent: &'static str, words: &'static str, mode: &'static str| {
+        s.post_as(agent, "/v1/chat/completions", Some(&s.key))
+            .header("x-say", words)
+            .header("x-stream-mode", mode)
+            .json(&hi(false))
+            .send()
+    };
+
+    // Two messages out, the replies, the initial and trailing metadata back, then the request
+    // resumes (and its answer says what the plugin heard).
+    let r = say("talks", "a,b", "").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = |r: &reqwest::Response, k: &str| r.headers()[k].to_str().unwrap().to_owned();
+    assert_eq!(h(&r, "x-stream-said"), "echo:a,echo:b");
+    assert_eq!(h(&r, "x-stream-ready"), "ready streamer");
+    assert_eq!(h(&r, "x-stream-count"), "2");
+
+    // The service ends the stream with an error: its code and message reach the plugin.
+    let r = say("talks", "a,fail", "").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-stream-status"], "grpc 9 failed here");
+
+    // Cancelled after the first reply: the request goes on at once (the stream is still open
+    // on the service's side when the plugin resets it).
+    let r = say("talks", "x", "cancel").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h(&r, "x-stream-said"), "echo:x");
+
+    // An upstream the configuration does not name: ParseFailure, as the SDK expects.
+    let r = say("astray", "a", "").await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-stream-status"], "ParseFailure");
+
+    // The root context's stream, opened from a tick on the background instance, delivers its
+    // messages as they come: answers carry a feed that moves on.
+    let feed = || async {
+        let r = say("talks", "a", "").await.unwrap();
+        r.headers()
+            .get("x-feed")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        if let Some(f) = feed().await {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no feed:\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(first.starts_with("feed-"), "{first}");
+    loop {
+        let now = feed().await.unwrap();
+        if now != first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the feed stopped at {first}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -371,6 +371,7 @@ async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
         ("plugin_root_id", ""),
         ("plugin_vm_id", ""),
         ("moltghost.agent", "abc123"),
+        ("metadata.filter_metadata.moltghost.agent", "abc123"),
         ("request.size", &hi(false).to_string().len().to_string()),
         ("upstream.address", &s.runtime.to_string()),
         ("upstream.port", &s.runtime.port().to_string()),
@@ -388,6 +389,8 @@ async fn a_go_plugin_built_by_the_go_toolchain_starts_logs_edits_and_answers() {
         "request.time {time}, now {now}"
     );
     assert!(props["source.address"].starts_with("127.0.0.1:"), "{body}");
+    // The edge's id in the fleet (Envoy's node).
+    assert_eq!(props["node.id"].len(), 12, "{body}");
     // connection.id: the same for requests on one kept-alive connection, another on a new one.
     let body = hi(false).to_string();
     let ask = format!(

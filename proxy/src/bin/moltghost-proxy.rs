@@ -65,7 +65,8 @@ fn main() -> ExitCode {
     };
     if args.check {
         // Plugins are compiled, started and configured, as the edge would at start.
-        if let Err(e) = moltghost::plugins::PluginSet::load(&cfg.plugins) {
+        let node = std::sync::Arc::new(cfg.node(""));
+        if let Err(e) = moltghost::plugins::PluginSet::load(&cfg.plugins, &node) {
             eprintln!("moltghost-proxy: invalid configuration: {e}");
             return ExitCode::from(2);
         }

@@ -91,6 +91,7 @@ pub struct FileEdge {
     pub threads: Option<usize>,
     pub grace_period: Option<String>,
     pub shutdown_timeout: Option<String>,
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[limits]`.

@@ -98,6 +98,8 @@ pub struct Process {
     pub grace_period: Duration,
     /// How long a graceful stop waits for in-flight requests.
     pub shutdown_timeout: Duration,
+    /// The operator's metadata about this edge, shown to plugins as `node.metadata.<key>`.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// The store and how the edge follows it.
@@ -334,6 +336,14 @@ impl Config {
         Some(first_difference(&cur, &next, "", 2).unwrap_or_else(|| "a restart-only key".into()))
     }
 
+    /// The edge as plugins see it (Envoy's `node`): `edge_id` and the configured metadata.
+    pub fn node(&self, edge_id: &str) -> crate::plugins::Node {
+        crate::plugins::Node {
+            id: edge_id.to_owned(),
+            metadata: self.fixed.edge.metadata.clone(),
+        }
+    }
+
     /// Connection settings for upstream peers.
     pub fn peer_settings(&self) -> crate::upstream::PeerSettings {
         crate::upstream::PeerSettings {
@@ -411,6 +421,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("agents[0].state"), "{e}");
+    }
+
+    #[test]
+    fn the_edges_metadata_is_its_node_for_plugins() {
+        let c = Config::from_toml("[edge]\nmetadata = { region = \"eu-west\", \"a.b\" = \"c\" }")
+            .unwrap();
+        let node = c.node("e1");
+        assert_eq!(node.id, "e1");
+        assert_eq!(node.metadata["region"], "eu-west");
+        assert_eq!(node.metadata["a.b"], "c");
+        let next = Config::from_toml("[edge]\nmetadata = { region = \"us\" }").unwrap();
+        assert_eq!(
+            c.restart_only_change(&next).as_deref(),
+            Some("edge.metadata")
+        );
     }
 
     #[test]

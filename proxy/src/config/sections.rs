@@ -69,6 +69,7 @@ fn process(f: FileEdge) -> Result<Process, ConfigError> {
         threads,
         grace_period: duration("edge.grace_period", &f.grace_period, secs(1))?,
         shutdown_timeout: duration("edge.shutdown_timeout", &f.shutdown_timeout, secs(10))?,
+        metadata: f.metadata.unwrap_or_default(),
     })
 }
 

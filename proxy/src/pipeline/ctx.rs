@@ -66,14 +66,19 @@ impl RequestCtx {
         let Some(run) = self.plugins.as_mut() else {
             return Ok(());
         };
-        let mut headers = crate::plugins::response_headers(h);
-        if let Err(verdict) = run.on_response_headers(&mut headers).await {
-            if let Verdict::Respond(local) = &verdict {
-                self.local_reply = Some(local.clone());
+        match run
+            .on_response_headers(crate::plugins::response_headers(h))
+            .await
+        {
+            Ok(Some(edited)) => crate::plugins::apply_response_headers(h, edited),
+            Ok(None) => {}
+            Err(verdict) => {
+                if let Verdict::Respond(local) = &verdict {
+                    self.local_reply = Some(local.clone());
+                }
+                return Err(verdict.into_error());
             }
-            return Err(verdict.into_error());
         }
-        crate::plugins::apply_response_headers(h, &headers);
         Ok(())
     }
 

@@ -3,7 +3,6 @@
 //! instead); then the route's translation gives the runtime request, its deadline, whether it
 //! streams, and what it may cost (for the quota reservation).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -124,15 +123,17 @@ impl Pipeline {
         let agent = &admission.agent;
         // A request no route takes is known to plugins by its path.
         let label = route.map_or_else(|| down.head().uri.path().to_owned(), |r| r.path().into());
-        let props = properties(down, ctx, admission, &label, body.len());
-        let Some(mut run) = set.start(&label, &agent.endpoint_id, &agent.name, props) else {
+        let facts = || facts(down, ctx, admission, label.clone(), body.len());
+        let Some(mut run) = set.start(&label, &agent.endpoint_id, &agent.name, facts) else {
             return Ok(Default::default());
         };
         let scheme = if down.is_tls() { "https" } else { "http" };
-        let mut headers = crate::plugins::request_headers(down.head(), scheme);
-        let verdict = run.on_request(&mut headers, body).await;
+        let headers = crate::plugins::request_headers(down.head(), scheme);
+        let verdict = run.on_request(headers, body).await;
         ctx.plugins = Some(run);
-        verdict?;
+        let Some(mut headers) = verdict? else {
+            return Ok(Default::default());
+        };
         if route == Some(Route::Ws) {
             // A message's route is the WebSocket's: its head is not the plugins' to rewrite.
             headers.retain(|(k, _)| !k.starts_with(':'));
@@ -299,106 +300,36 @@ fn invalid(msg: String) -> EdgeError {
     EdgeError::InvalidRequest(msg.into())
 }
 
-/// The request's properties for plugins, by Envoy's attribute names where Envoy has one (with
-/// its encodings: strings as bytes, integers as 8-byte little-endian, times as nanoseconds since
-/// the epoch, booleans as one byte), then the edge's own under `moltghost.`.
-fn properties(
+/// What plugins may ask of the request beyond its headers (see [`crate::plugins::properties`]):
+/// a few numbers and shared handles, nothing encoded yet.
+fn facts(
     down: &Downstream<'_>,
     ctx: &RequestCtx,
     admission: &Admission,
-    route: &str,
+    route: String,
     body_len: usize,
-) -> HashMap<&'static str, Vec<u8>> {
+) -> crate::plugins::RequestFacts {
     let head = down.head();
-    let client = down.client_addr();
-    let local = down.server_addr();
-    let bytes = |s: &str| s.as_bytes().to_vec();
-    let int = |n: u64| n.to_le_bytes().to_vec();
-    let header = |name: &str| {
-        head.headers
-            .get(name)
-            .map_or_else(Vec::new, |v| v.as_bytes().to_vec())
-    };
-    let addr =
-        |a: Option<std::net::SocketAddr>| bytes(&a.map(|a| a.to_string()).unwrap_or_default());
-    let port = |a: Option<std::net::SocketAddr>| int(u64::from(a.map_or(0, |a| a.port())));
-    let arrived = std::time::SystemTime::now() - ctx.record.started.elapsed();
-    let arrived = arrived
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
-    let head_size: usize = head
-        .headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + head.uri.to_string().len();
-    let agent = &admission.agent;
-    // The agent's runtime as Envoy's `upstream.*`: the address the edge connects to, or, for a
-    // pod, its address inside the tunnel (the edge's own hop to the tunnel is a Unix socket).
-    let upstream = agent
-        .upstream
-        .peer()
-        .ok()
-        .and_then(|p| p._address.as_inet().copied())
-        .or_else(|| agent.upstream.authority().parse().ok());
-    let mut props = HashMap::from([
-        ("upstream.address", addr(upstream)),
-        ("upstream.port", port(upstream)),
-        (
-            "request.path",
-            bytes(head.uri.path_and_query().map_or("/", |p| p.as_str())),
-        ),
-        ("request.url_path", bytes(head.uri.path())),
-        ("request.host", header("host")),
-        (
-            "request.scheme",
-            bytes(if down.is_tls() { "https" } else { "http" }),
-        ),
-        ("request.method", bytes(head.method.as_str())),
-        ("request.query", bytes(head.uri.query().unwrap_or(""))),
-        ("request.referer", header("referer")),
-        ("request.useragent", header("user-agent")),
-        ("request.time", int(arrived)),
-        ("request.id", bytes(&ctx.record.request_id)),
-        ("request.protocol", bytes(protocol(head.version))),
-        ("request.size", int(body_len as u64)),
-        ("request.total_size", int((head_size + body_len) as u64)),
-        ("source.address", addr(client)),
-        ("source.port", port(client)),
-        ("destination.address", addr(local)),
-        ("destination.port", port(local)),
-        ("connection.mtls", vec![0]),
-        // The agent is the edge's "cluster", and the route its route.
-        ("cluster_name", bytes(&agent.endpoint_id)),
-        ("xds.cluster_name", bytes(&agent.endpoint_id)),
-        ("route_name", bytes(route)),
-        ("xds.route_name", bytes(route)),
-        ("moltghost.account", bytes(&admission.account.id)),
-        ("moltghost.key_id", bytes(&admission.key.id)),
-        ("moltghost.agent", bytes(&agent.endpoint_id)),
-        ("moltghost.agent_name", bytes(&agent.name)),
-        ("moltghost.plan", bytes(&admission.account.plan.name)),
-        ("moltghost.route", bytes(route)),
-    ]);
-    if let Some(version) = down.tls_version() {
-        props.insert("connection.tls_version", bytes(version));
-    }
-    if let Some(id) = down.connection_id() {
-        props.insert("connection.id", int(id));
-    }
-    if let Some(name) = down.requested_server_name() {
-        props.insert("connection.requested_server_name", bytes(&name));
-    }
-    props
-}
-
-/// `request.protocol` as Envoy spells it.
-fn protocol(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_10 => "HTTP/1.0",
-        http::Version::HTTP_2 => "HTTP/2",
-        http::Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/1.1",
+    // As it arrived: the request line's target and each header line (`name: value\r\n`).
+    let head_size = head.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + head
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    crate::plugins::RequestFacts {
+        id: ctx.record.request_id.clone(),
+        arrived: std::time::SystemTime::now() - ctx.record.started.elapsed(),
+        version: head.version,
+        tls: down.is_tls(),
+        body_size: body_len as u64,
+        head_size: head_size as u64,
+        client: down.client_addr(),
+        local: down.server_addr(),
+        tls_version: down.tls_version(),
+        connection_id: down.connection_id(),
+        server_name: down.requested_server_name(),
+        route,
+        admission: admission.clone(),
     }
 }

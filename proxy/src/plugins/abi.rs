@@ -59,22 +59,25 @@ pub enum MapType {
     ResponseHeaders,
     /// The response's trailers (empty unless a plugin adds some).
     ResponseTrailers,
-    /// An HTTP call's answer's headers (`:status` first), in its callback.
+    /// An HTTP call's answer's headers (`:status` first), in its callback; a gRPC stream's
+    /// initial metadata, in its callback.
     CallResponseHeaders,
-    /// An HTTP call's answer's trailers, in its callback.
+    /// An HTTP call's answer's trailers, in its callback; a gRPC stream's trailing metadata,
+    /// in its callback.
     CallResponseTrailers,
 }
 
 impl MapType {
-    /// From the ABI's number; `None` for maps this host has no use for (gRPC metadata).
+    /// From the ABI's number; `None` past the last map the ABI defines.
     pub fn from_raw(v: i32) -> Option<Self> {
         Some(match v {
             0 => Self::RequestHeaders,
             1 => Self::RequestTrailers,
             2 => Self::ResponseHeaders,
             3 => Self::ResponseTrailers,
-            6 => Self::CallResponseHeaders,
-            7 => Self::CallResponseTrailers,
+            // The gRPC receive maps are the callback's answer, like an HTTP call's.
+            4 | 6 => Self::CallResponseHeaders,
+            5 | 7 => Self::CallResponseTrailers,
             _ => return None,
         })
     }

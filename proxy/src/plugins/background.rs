@@ -1,17 +1,21 @@
 //! A plugin's background instance: one VM on a thread of its own, for what belongs to no
 //! request: ticks (`proxy_on_tick`), the shared queues it registered (`proxy_on_queue_ready`),
 //! the calls out its root context makes from those (this thread waits for them: a tick comes
-//! late rather than overlapping its calls), and the whole life of a service plugin. The
+//! late rather than overlapping its calls), the gRPC streams it opens (what they bring is
+//! delivered as it comes, between ticks), and the whole life of a service plugin. The
 //! instance is made when first needed (at once for a service plugin, whose root context then
-//! registers its queues) and rebuilt after a failure; the thread ends when the plugin is
-//! unloaded.
+//! registers its queues) and rebuilt after a failure (its streams end with it); the thread
+//! ends when the plugin is unloaded.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::callout;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::time::Instant;
+
+use super::callout::{self, Answer};
+use super::grpc_stream::{StreamEvent, Streams};
 use super::host::{Exchange, Vm};
 use super::{engine, Plugin};
 
@@ -20,7 +24,7 @@ const IDLE: Duration = Duration::from_millis(200);
 
 /// Starts `plugin`'s background thread.
 pub(super) fn start(plugin: &Arc<Plugin>) {
-    let (wake, woken) = mpsc::channel();
+    let (wake, woken) = mpsc::unbounded_channel();
     plugin.shared.set_wake(wake);
     let weak = Arc::downgrade(plugin);
     let _ = std::thread::Builder::new()
@@ -28,81 +32,130 @@ pub(super) fn start(plugin: &Arc<Plugin>) {
         .spawn(move || run(weak, woken));
 }
 
-fn run(weak: Weak<Plugin>, woken: Receiver<u32>) {
+/// What woke the background loop.
+enum Event {
+    Queue(u32),
+    Stream(u32, StreamEvent),
+    Timeout,
+}
+
+fn run(weak: Weak<Plugin>, mut woken: UnboundedReceiver<u32>) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
         return;
     };
-    let mut vm: Option<Vm> = None;
-    let mut next_tick = Instant::now();
-    loop {
-        let Some(p) = weak.upgrade() else { return };
-        if p.cfg.service && vm.is_none() {
-            deliver(&mut vm, &p, &rt, |_| Ok(()));
-        }
-        let period = Duration::from_millis(u64::from(p.shared.tick_ms.load(Relaxed)));
-        let wait = if period.is_zero() {
-            IDLE
-        } else {
-            next_tick
-                .saturating_duration_since(Instant::now())
-                .min(IDLE)
+    rt.block_on(async move {
+        let mut bg = Background {
+            vm: None,
+            streams: None,
         };
-        drop(p);
-        let event = woken.recv_timeout(wait);
-        let Some(p) = weak.upgrade() else { return };
-        match event {
-            Ok(queue) => deliver(&mut vm, &p, &rt, |v| v.queue_ready(queue)),
-            Err(RecvTimeoutError::Timeout) if !period.is_zero() && Instant::now() >= next_tick => {
-                next_tick = Instant::now() + period;
-                deliver(&mut vm, &p, &rt, Vm::tick);
+        let mut next_tick = Instant::now();
+        loop {
+            let Some(p) = weak.upgrade() else { return };
+            if p.cfg.service && bg.vm.is_none() {
+                bg.deliver(&p, |_| Ok(())).await;
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            let period = Duration::from_millis(u64::from(p.shared.tick_ms.load(Relaxed)));
+            let wait = if period.is_zero() {
+                IDLE
+            } else {
+                next_tick
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE)
+            };
+            drop(p);
+            let event = tokio::select! {
+                queue = woken.recv() => match queue {
+                    Some(queue) => Event::Queue(queue),
+                    None => return,
+                },
+                (token, e) = next_event(&mut bg.streams) => Event::Stream(token, e),
+                () = tokio::time::sleep(wait) => Event::Timeout,
+            };
+            let Some(p) = weak.upgrade() else { return };
+            match event {
+                Event::Queue(queue) => bg.deliver(&p, |v| v.queue_ready(queue)).await,
+                Event::Stream(token, e) => {
+                    let answer = Answer::Stream(e);
+                    bg.deliver(&p, |v| {
+                        v.call_response(token, answer, &mut Exchange::default())
+                    })
+                    .await;
+                }
+                Event::Timeout if !period.is_zero() && Instant::now() >= next_tick => {
+                    next_tick = Instant::now() + period;
+                    bg.deliver(&p, Vm::tick).await;
+                }
+                Event::Timeout => {}
+            }
         }
+    });
+}
+
+/// The next event of the open streams; pending while there are none.
+async fn next_event(streams: &mut Option<Streams>) -> (u32, StreamEvent) {
+    match streams {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 
-/// Runs `f` on the background instance (made if there is none), then the calls it asked for;
-/// a failure drops the instance, to be rebuilt when next needed.
-fn deliver(
-    vm: &mut Option<Vm>,
-    p: &Plugin,
-    rt: &tokio::runtime::Runtime,
-    f: impl FnOnce(&mut Vm) -> Result<(), String>,
-) {
-    if vm.is_none() {
-        match p
-            .compiled
-            .instantiate(engine(), p.shared.clone(), p.cfg.deadline)
-        {
-            Ok(v) => *vm = Some(v),
-            Err(e) => {
-                tracing::warn!(plugin = %p.cfg.name, error = %e, "plugin's background instance failed to start");
-                return;
-            }
-        }
-    }
-    let Some(v) = vm.as_mut() else { return };
-    if let Err(e) = f(v).and_then(|()| calls(v, p.cfg.buffer_bytes, rt)) {
-        p.failures.fetch_add(1, Relaxed);
-        tracing::warn!(plugin = %p.cfg.name, error = %e, "plugin's background call failed: its instance is rebuilt");
-        *vm = None;
-    }
+/// The background instance and the streams its root context opened.
+struct Background {
+    vm: Option<Vm>,
+    streams: Option<Streams>,
 }
 
-/// Makes the calls the root context asked for (and those its callbacks ask for) and delivers
-/// their answers, until none is pending.
-fn calls(vm: &mut Vm, limit: usize, rt: &tokio::runtime::Runtime) -> Result<(), String> {
-    loop {
-        let calls = vm.take_calls();
-        if calls.is_empty() {
-            return Ok(());
+impl Background {
+    /// Runs `f` on the background instance (made if there is none), then what it asked for; a
+    /// failure drops the instance (and its streams), to be rebuilt when next needed.
+    async fn deliver(&mut self, p: &Plugin, f: impl FnOnce(&mut Vm) -> Result<(), String>) {
+        if self.vm.is_none() {
+            match p
+                .compiled
+                .instantiate(engine(), p.shared.clone(), p.cfg.deadline)
+            {
+                Ok(v) => self.vm = Some(v),
+                Err(e) => {
+                    tracing::warn!(plugin = %p.cfg.name, error = %e, "plugin's background instance failed to start");
+                    return;
+                }
+            }
         }
-        for (token, answer) in rt.block_on(callout::perform_all(calls, limit)) {
-            vm.call_response(token, answer, &mut Exchange::default())?;
+        let Some(v) = self.vm.as_mut() else { return };
+        let r = match f(v) {
+            Ok(()) => self.settle(p.cfg.buffer_bytes).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            p.failures.fetch_add(1, Relaxed);
+            tracing::warn!(plugin = %p.cfg.name, error = %e, "plugin's background call failed: its instance is rebuilt");
+            self.vm = None;
+            self.streams = None;
+        }
+    }
+
+    /// Carries out what the root context asked of its streams, and makes the calls it asked
+    /// for (and those its callbacks ask for), delivering their answers, until none is pending.
+    async fn settle(&mut self, limit: usize) -> Result<(), String> {
+        loop {
+            let Some(vm) = self.vm.as_mut() else {
+                return Ok(());
+            };
+            let outbox = vm.take_outbox();
+            if !outbox.streams.is_empty() {
+                self.streams
+                    .get_or_insert_with(|| Streams::new(limit))
+                    .apply(outbox.streams);
+            }
+            if outbox.calls.is_empty() {
+                return Ok(());
+            }
+            for (token, answer) in callout::perform_all(outbox.calls, limit).await {
+                vm.call_response(token, answer, &mut Exchange::default())?;
+            }
         }
     }
 }

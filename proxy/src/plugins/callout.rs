@@ -49,6 +49,8 @@ pub enum Answer {
     Http(CallResponse),
     /// A gRPC call's reply message, or its failure.
     Grpc(Result<Bytes, super::grpc::GrpcStatus>),
+    /// What a gRPC stream brought.
+    Stream(super::grpc_stream::StreamEvent),
 }
 
 /// An answer, as the callback sees it (all empty when the call failed).

@@ -80,6 +80,16 @@ fn exchange<'a>(caller: &'a mut Caller<'_, Host>) -> Option<&'a mut Exchange> {
     caller.data_mut().exchange.as_mut()
 }
 
+/// A map a plugin changes: the request's or the answer's headers are then marked edited.
+fn edit(ex: &mut Exchange, t: MapType) -> Option<&mut Headers> {
+    match t {
+        MapType::RequestHeaders => ex.request_headers_edited = true,
+        MapType::ResponseHeaders => ex.response_headers_edited = true,
+        _ => {}
+    }
+    map(ex, t)
+}
+
 fn map(ex: &mut Exchange, t: MapType) -> Option<&mut Headers> {
     Some(match t {
         MapType::RequestHeaders => &mut ex.request_headers,
@@ -284,7 +294,7 @@ fn header_maps(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 return Ok(Status::BadArgument as i32);
             }
             let ex = try_status!(exchange(&mut c), Status::NotFound);
-            let m = try_status!(map(ex, t), Status::BadArgument);
+            let m = try_status!(edit(ex, t), Status::BadArgument);
             *m = pairs;
             Ok(Status::Ok as i32)
         },
@@ -336,7 +346,7 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                     return Status::BadArgument as i32;
                 }
                 let ex = try_raw!(exchange(&mut c), Status::NotFound);
-                let m = try_raw!(map(ex, t), Status::BadArgument);
+                let m = try_raw!(edit(ex, t), Status::BadArgument);
                 if mode == 1 {
                     m.retain(|(k, _)| *k != key);
                 }
@@ -353,7 +363,7 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let key = try_raw!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
             let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
             let ex = try_raw!(exchange(&mut c), Status::NotFound);
-            let m = try_raw!(map(ex, t), Status::BadArgument);
+            let m = try_raw!(edit(ex, t), Status::BadArgument);
             m.retain(|(k, _)| *k != key);
             Status::Ok as i32
         },
@@ -514,18 +524,16 @@ fn properties(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          -> wasmtime::Result<i32> {
             let path = try_status!(read(&mut c, pp, pl), Status::InvalidMemoryAccess);
             let name = try_status!(abi::property_name(&path), Status::BadArgument);
+            let host = c.data();
             let value = match name.as_str() {
-                "plugin_name" => Some(c.data().shared.name.as_bytes().to_vec()),
-                "plugin_root_id" | "root_id" => Some(c.data().shared.root_id.as_bytes().to_vec()),
-                "plugin_vm_id" | "vm_id" => Some(c.data().shared.vm_id.as_bytes().to_vec()),
-                _ => c.data().exchange.as_ref().and_then(|ex| {
-                    ex.set_properties
-                        .get(&name)
-                        .cloned()
-                        .or_else(|| ex.properties.get(name.as_str()).cloned())
-                        .or_else(|| live_property(ex, &name))
-                        .or_else(|| request_header_property(ex, &name))
-                }),
+                "plugin_name" => Some(host.shared.name.as_bytes().to_vec()),
+                "plugin_root_id" | "root_id" => Some(host.shared.root_id.as_bytes().to_vec()),
+                "plugin_vm_id" | "vm_id" => Some(host.shared.vm_id.as_bytes().to_vec()),
+                _ => host
+                    .exchange
+                    .as_ref()
+                    .and_then(|ex| ex.set_properties.get(&name).cloned())
+                    .or_else(|| property(&path, &name, host)),
             };
             let value = try_status!(value, Status::NotFound);
             Ok(give(&mut c, &value, ret_ptr, ret_size)? as i32)
@@ -651,52 +659,17 @@ fn metric(host: &Host, id: i32) -> Option<(i32, Arc<AtomicI64>)> {
     host.shared.metric(id as u32)
 }
 
-/// The properties that change as the request goes: the answer's status and size, and the
-/// request's duration so far (Envoy's encodings: integers as 8-byte little-endian).
-fn live_property(ex: &Exchange, name: &str) -> Option<Vec<u8>> {
-    let int = |n: u64| Some(n.to_le_bytes().to_vec());
-    match name {
-        "response.code" => int(u64::from(ex.response_code?)),
-        "response.code_details" => ex.response_code.map(|_| b"via_upstream".to_vec()),
-        "response.size" | "response.total_size" => {
-            ex.response_code?;
-            int(ex.response_size)
-        }
-        "request.duration" => {
-            let t = ex.properties.get("request.time")?;
-            let started = u64::from_le_bytes(t.as_slice().try_into().ok()?);
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos() as u64;
-            int(now.saturating_sub(started))
-        }
-        _ => None,
-    }
-}
-
-/// `request.headers.<name>`-style lookups that Envoy offers as attributes.
-fn request_header_property(ex: &Exchange, name: &str) -> Option<Vec<u8>> {
-    let (map, key) = if let Some(k) = name.strip_prefix("request.headers.") {
-        (&ex.request_headers, k)
-    } else if let Some(k) = name.strip_prefix("response.headers.") {
-        (&ex.response_headers, k)
-    } else if name == "request.headers" {
-        return Some(abi::encode_map(
-            ex.request_headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice())),
-        ));
-    } else if name == "response.headers" {
-        return Some(abi::encode_map(
-            ex.response_headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice())),
-        ));
-    } else {
-        return None;
-    };
-    map.iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(key))
-        .map(|(_, v)| v.clone())
+/// A property by its path's segments (as the SDKs send them, NUL-separated), or by its dotted
+/// name split at the dots (for a plugin that asks for `request.path` as one segment).
+fn property(path: &[u8], dotted: &str, host: &Host) -> Option<Vec<u8>> {
+    let ex = host.exchange.as_ref();
+    let node = &host.shared.node;
+    let raw = std::str::from_utf8(path).ok()?;
+    let segments: Vec<&str> = raw.split('\0').collect();
+    super::properties::lookup(&segments, ex, node).or_else(|| {
+        let parts: Vec<&str> = dotted.split('.').collect();
+        (parts.len() != segments.len())
+            .then(|| super::properties::lookup(&parts, ex, node))
+            .flatten()
+    })
 }

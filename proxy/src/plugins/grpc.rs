@@ -5,7 +5,12 @@
 //! delivered after the phase returns, on the root context: the reply's message to
 //! `proxy_on_grpc_receive` (read as the gRPC receive buffer), or a failure to
 //! `proxy_on_grpc_close` with its gRPC status code (`proxy_get_status` gives the code and
-//! message in that callback). Streams (`proxy_grpc_stream`, `_send`) are not offered.
+//! message in that callback). Streams are [`super::grpc_stream`]'s; their host calls are here.
+//!
+//! Statuses as the SDKs expect them: an upstream the configuration does not name is
+//! `ParseFailure` (Envoy: the argument is neither a serialized `GrpcService` nor a cluster), a
+//! service or method name that cannot be sent is `InternalFailure` (Envoy: the call could not
+//! start). The Rust SDK traps on any other status from these calls.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use wasmtime::{Caller, Linker};
@@ -49,7 +54,8 @@ impl GrpcStatus {
     }
 }
 
-/// Defines `proxy_grpc_call`, `proxy_grpc_cancel` and `proxy_grpc_close`.
+/// Defines `proxy_grpc_call`, `proxy_grpc_stream`, `proxy_grpc_send`, `proxy_grpc_cancel` and
+/// `proxy_grpc_close`.
 pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
@@ -68,49 +74,115 @@ pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
          timeout_ms: i32,
          token_ptr: i32|
          -> i32 {
-            let (Some(upstream), Some(service), Some(method), Some(metadata), Some(message)) = (
-                read(&mut c, up, up_len),
-                read(&mut c, svc, svc_len),
-                read(&mut c, method, method_len),
-                read(&mut c, md, md_len),
-                read(&mut c, msg, msg_len),
-            ) else {
+            let args = [up, up_len, svc, svc_len, method, method_len, md, md_len];
+            let (url, headers) = match resolve(&mut c, args) {
+                Ok(target) => target,
+                Err(status) => return status as i32,
+            };
+            let Some(message) = read(&mut c, msg, msg_len) else {
                 return Status::InvalidMemoryAccess as i32;
             };
-            let Some(metadata) = abi::decode_map(&metadata) else {
-                return Status::ParseFailure as i32;
-            };
-            // Envoy also takes a serialized GrpcService here; the edge names upstreams only.
-            let Some(base) = callout::upstream_url(c.data(), &upstream) else {
-                return Status::BadArgument as i32;
-            };
-            let Some(request) = request(&base, &service, &method, metadata, &message, timeout_ms)
-            else {
-                return Status::BadArgument as i32;
-            };
-            callout::record(&mut c, request, token_ptr)
+            callout::record(&mut c, unary(url, headers, &message, timeout_ms), token_ptr)
         },
     )?;
-    // Envoy: cancelling or closing a unary call drops it; its callback never comes.
-    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
-        l.func_wrap("env", name, |mut c: Caller<'_, Host>, token: i32| -> i32 {
-            callout::cancel(c.data_mut(), token as u32) as i32
-        })?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |mut c: Caller<'_, Host>,
+         up: i32,
+         up_len: i32,
+         svc: i32,
+         svc_len: i32,
+         method: i32,
+         method_len: i32,
+         md: i32,
+         md_len: i32,
+         token_ptr: i32|
+         -> i32 {
+            let args = [up, up_len, svc, svc_len, method, method_len, md, md_len];
+            match resolve(&mut c, args) {
+                Ok((url, headers)) => streams::open(&mut c, url, headers, token_ptr),
+                Err(status) => status as i32,
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |mut c: Caller<'_, Host>, token: i32, ptr: i32, len: i32, end: i32| -> i32 {
+            let Some(message) = read(&mut c, ptr, len) else {
+                return Status::InvalidMemoryAccess as i32;
+            };
+            streams::send(c.data_mut(), token as u32, &message, end != 0) as i32
+        },
+    )?;
+    // Envoy: cancelling or closing a unary call drops it (its callback never comes); a stream
+    // is reset by cancel and half-closed by close.
+    type OnStream = fn(&mut Host, u32) -> Option<Status>;
+    for (name, on_stream) in [
+        ("proxy_grpc_cancel", streams::cancel as OnStream),
+        ("proxy_grpc_close", streams::close),
+    ] {
+        l.func_wrap(
+            "env",
+            name,
+            move |mut c: Caller<'_, Host>, token: i32| -> i32 {
+                let host = c.data_mut();
+                on_stream(host, token as u32).unwrap_or_else(|| callout::cancel(host, token as u32))
+                    as i32
+            },
+        )?;
     }
     Ok(())
 }
 
-/// The HTTP/2 request a unary call is: `POST <base>/<service>/<method>`, `application/grpc`,
-/// the metadata as headers, the message in one gRPC frame. `None` for an unusable service or
-/// method name.
-fn request(
+/// Where a call or stream the guest describes (upstream, service, method and metadata, as
+/// pointer and length pairs) goes, and its headers. The statuses the SDKs expect: an upstream
+/// the configuration does not name is `ParseFailure` (Envoy also takes a serialized
+/// `GrpcService` there), a name that cannot be sent `InternalFailure`.
+fn resolve(c: &mut Caller<'_, Host>, args: [i32; 8]) -> Result<(url::Url, abi::Headers), Status> {
+    let [up, up_len, svc, svc_len, method, method_len, md, md_len] = args;
+    let (Some(upstream), Some(service), Some(method), Some(metadata)) = (
+        read(c, up, up_len),
+        read(c, svc, svc_len),
+        read(c, method, method_len),
+        read(c, md, md_len),
+    ) else {
+        return Err(Status::InvalidMemoryAccess);
+    };
+    let metadata = abi::decode_map(&metadata).ok_or(Status::ParseFailure)?;
+    let base = callout::upstream_url(c.data(), &upstream).ok_or(Status::ParseFailure)?;
+    target(&base, &service, &method, metadata).ok_or(Status::InternalFailure)
+}
+
+/// The HTTP/2 request a unary call to `url` is: `POST`, its headers and `grpc-timeout`, the
+/// message in one gRPC frame.
+fn unary(url: url::Url, mut headers: abi::Headers, message: &[u8], timeout_ms: i32) -> CallRequest {
+    let timeout = callout::timeout(timeout_ms);
+    headers.push((
+        "grpc-timeout".into(),
+        format!("{}m", timeout.as_millis()).into_bytes(),
+    ));
+    CallRequest {
+        token: 0,
+        url,
+        method: http::Method::POST,
+        headers,
+        body: frame(message).to_vec(),
+        timeout,
+        grpc: true,
+    }
+}
+
+/// Where a call or stream goes (`<base>/<service>/<method>`) and its headers: the metadata
+/// that may be sent as headers, then `content-type` and `te`. `None` for an unusable service
+/// or method name.
+fn target(
     base: &url::Url,
     service: &[u8],
     method: &[u8],
     metadata: abi::Headers,
-    message: &[u8],
-    timeout_ms: i32,
-) -> Option<CallRequest> {
+) -> Option<(url::Url, abi::Headers)> {
     let name = |b: &[u8]| {
         std::str::from_utf8(b)
             .ok()
@@ -128,20 +200,7 @@ fn request(
         .collect();
     headers.push(("content-type".into(), b"application/grpc".to_vec()));
     headers.push(("te".into(), b"trailers".to_vec()));
-    let timeout = callout::timeout(timeout_ms);
-    headers.push((
-        "grpc-timeout".into(),
-        format!("{}m", timeout.as_millis()).into_bytes(),
-    ));
-    Some(CallRequest {
-        token: 0,
-        url,
-        method: http::Method::POST,
-        headers,
-        body: frame(message).to_vec(),
-        timeout,
-        grpc: true,
-    })
+    Some((url, headers))
 }
 
 /// `message` as one uncompressed gRPC frame: a zero flag, its length (4 bytes, big-endian),
@@ -181,7 +240,10 @@ pub fn unframe(mut body: Bytes) -> Result<Bytes, GrpcStatus> {
 }
 
 /// The reply's status from its trailers (or, for a trailers-only reply, its headers).
-fn status_of(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> Option<GrpcStatus> {
+pub(super) fn status_of(
+    headers: &http::HeaderMap,
+    trailers: Option<&http::HeaderMap>,
+) -> Option<GrpcStatus> {
     let pick = |name: &str| {
         trailers
             .and_then(|t| t.get(name))
@@ -225,10 +287,15 @@ thread_local! {
         .expect("an HTTP/2 client");
 }
 
+/// This thread's HTTP/2 client (its connections live on this thread's runtime).
+pub(super) fn client() -> reqwest::Client {
+    CLIENT.with(Clone::clone)
+}
+
 /// Makes the call: the reply's message, or why there is none.
 pub async fn perform(call: CallRequest, max_body: usize) -> Result<Bytes, GrpcStatus> {
     use http_body_util::BodyExt;
-    let client = CLIENT.with(Clone::clone);
+    let client = client();
     let mut builder = client
         .request(call.method, call.url)
         .timeout(call.timeout)
@@ -270,6 +337,120 @@ pub async fn perform(call: CallRequest, max_body: usize) -> Result<Bytes, GrpcSt
     }
 }
 
+/// The host's side of a plugin's streams: which tokens name one, and what the plugin asked of
+/// them (carried out by the owner of its contexts once the callback returns).
+mod streams {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::sync::Arc;
+
+    use wasmtime::Caller;
+
+    use super::super::abi::{self, Status};
+    use super::super::calls::write_u32;
+    use super::super::grpc_stream::{StreamOp, StreamRequest, MAX_QUEUED_BYTES, MAX_STREAMS};
+    use super::super::host::{Host, StreamState};
+    use super::{code, frame};
+
+    /// `proxy_grpc_stream`: a token for a stream to open once the callback returns.
+    pub(in super::super) fn open(
+        c: &mut Caller<'_, Host>,
+        url: url::Url,
+        headers: abi::Headers,
+        token_ptr: i32,
+    ) -> i32 {
+        let host = c.data_mut();
+        if host.streams.len() >= MAX_STREAMS {
+            host.shared.unsupported(
+                "proxy_grpc_stream (over 16 open)",
+                Status::InternalFailure as i32,
+            );
+            return Status::InternalFailure as i32;
+        }
+        host.next_token = host.next_token.wrapping_add(1).max(1);
+        let token = host.next_token;
+        let queued = Arc::new(AtomicUsize::new(0));
+        host.streams.insert(
+            token,
+            StreamState {
+                queued: queued.clone(),
+                ..StreamState::default()
+            },
+        );
+        host.stream_ops.push(StreamOp::Open(StreamRequest {
+            token,
+            url,
+            headers,
+            queued,
+        }));
+        if write_u32(c, token_ptr, token).is_none() {
+            let host = c.data_mut();
+            host.streams.remove(&token);
+            host.stream_ops.pop();
+            return Status::InvalidMemoryAccess as i32;
+        }
+        Status::Ok as i32
+    }
+
+    /// `proxy_grpc_send`. A stream whose plugin has sent 16 MiB more than the upstream took
+    /// is reset (`RESOURCE_EXHAUSTED` to its close callback): the SDKs expect a send to succeed.
+    pub(in super::super) fn send(host: &mut Host, token: u32, message: &[u8], end: bool) -> Status {
+        let Some(s) = host.streams.get_mut(&token) else {
+            // Envoy: a unary call's token is a bad argument, any other is not found.
+            return if token != 0 && token <= host.next_token {
+                Status::BadArgument
+            } else {
+                Status::NotFound
+            };
+        };
+        if s.local_closed || s.remote_closed {
+            return Status::Ok;
+        }
+        let framed = frame(message);
+        if s.queued.load(Relaxed) + framed.len() > MAX_QUEUED_BYTES {
+            s.local_closed = true;
+            host.shared.unsupported(
+                "proxy_grpc_send (over 16 MiB waiting: the stream is reset)",
+                Status::Ok as i32,
+            );
+            host.stream_ops.push(StreamOp::Fail(
+                token,
+                code::RESOURCE_EXHAUSTED,
+                "the plugin sent more than the upstream took".into(),
+            ));
+            return Status::Ok;
+        }
+        s.queued.fetch_add(framed.len(), Relaxed);
+        s.local_closed = end;
+        host.stream_ops.push(StreamOp::Send {
+            token,
+            frame: framed,
+            end,
+        });
+        Status::Ok
+    }
+
+    /// `proxy_grpc_close` on a stream: half-closed (forgotten once its close has come too).
+    /// `None` when `token` names no stream.
+    pub(in super::super) fn close(host: &mut Host, token: u32) -> Option<Status> {
+        let s = host.streams.get_mut(&token)?;
+        if s.remote_closed {
+            host.streams.remove(&token);
+        } else {
+            s.local_closed = true;
+            host.stream_ops.push(StreamOp::Close(token));
+        }
+        Some(Status::Ok)
+    }
+
+    /// `proxy_grpc_cancel` on a stream: reset, and no callback after. `None` when `token`
+    /// names no stream.
+    pub(in super::super) fn cancel(host: &mut Host, token: u32) -> Option<Status> {
+        host.streams.remove(&token)?;
+        host.stream_ops.push(StreamOp::Cancel(token));
+        Some(Status::Ok)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,7 +475,8 @@ mod tests {
     fn a_call_is_a_post_to_service_and_method() {
         let base = url::Url::parse("http://127.0.0.1:9").unwrap();
         let md = vec![("x-tenant".to_string(), b"a".to_vec())];
-        let r = request(&base, b"pkg.Auth", b"Check", md, b"m", 300).unwrap();
+        let (url, headers) = target(&base, b"pkg.Auth", b"Check", md).unwrap();
+        let r = unary(url, headers, b"m", 300);
         assert_eq!(r.url.as_str(), "http://127.0.0.1:9/pkg.Auth/Check");
         assert!(r.grpc);
         assert!(r.headers.contains(&("x-tenant".into(), b"a".to_vec())));
@@ -302,7 +484,7 @@ mod tests {
             .headers
             .contains(&("grpc-timeout".into(), b"300m".to_vec())));
         for (svc, method) in [(&b""[..], &b"M"[..]), (b"a/b", b"M"), (b"S", b"")] {
-            assert!(request(&base, svc, method, Vec::new(), b"", 0).is_none());
+            assert!(target(&base, svc, method, Vec::new()).is_none());
         }
     }
 

@@ -1,8 +1,8 @@
 //! The Proxy-Wasm host on wasmtime: one plugin VM (compile, link, instantiate, run a phase).
 //! The host calls it links are defined in [`super::calls`] (the ABI's `env` imports, in groups)
-//! and [`super::wasi`]; whatever else a module imports (HTTP and gRPC calls, foreign functions,
-//! queues across VMs) answers `InternalFailure` or `NotFound` (`ENOSYS` for WASI), statuses the
-//! SDKs handle, never a failure to load.
+//! and [`super::wasi`]; whatever else a module imports (foreign functions, calls of other ABI
+//! versions) answers `InternalFailure` (`ENOSYS` for WASI), a status the SDKs handle, never a
+//! failure to load.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use wasmtime::{
 use super::abi::{self, Headers, Status};
 use super::callout::{Answer, CallRequest, CallResponse};
 use super::deadline::{self, CallClock, Expiry};
+use super::grpc_stream::{StreamEvent, StreamOp};
 pub use super::shared::Shared;
 
 /// What a request exposes to plugins: headers, body, answer, and the properties.
@@ -36,8 +37,12 @@ pub struct Exchange {
     pub request_trailers: Headers,
     /// Trailers plugins added to the response: as for the request's.
     pub response_trailers: Headers,
-    /// Properties by name (`request.path`, `moltghost.account`, ...).
-    pub properties: Arc<HashMap<&'static str, Vec<u8>>>,
+    /// What the edge knows of the request, for properties.
+    pub facts: Option<Arc<super::properties::RequestFacts>>,
+    /// A plugin edited the request's headers (they must be put back into the request).
+    pub request_headers_edited: bool,
+    /// A plugin edited the answer's headers.
+    pub response_headers_edited: bool,
     /// Properties a plugin set.
     pub set_properties: HashMap<String, Vec<u8>>,
     /// A local response a plugin asked for.
@@ -84,9 +89,40 @@ pub struct Host {
     pub(super) call_status: (u32, String),
     /// Calls the plugin cancelled while they were in flight: their answers are dropped.
     pub(super) cancelled: Vec<u32>,
+    /// What the plugin asked of its gRPC streams since this was last taken.
+    pub(super) stream_ops: Vec<StreamOp>,
+    /// The gRPC streams the plugin has, by token.
+    pub(super) streams: HashMap<u32, StreamState>,
     /// The current call's deadline (CPU time) and how far it has run past it.
     deadline: Duration,
     clock: CallClock,
+}
+
+/// One gRPC stream as the host knows it.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    /// Bytes sent and not yet taken by the connection.
+    pub queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// The plugin half-closed it (or the edge reset it).
+    pub local_closed: bool,
+    /// Its close was delivered.
+    pub remote_closed: bool,
+}
+
+/// What a plugin asked for during a callback, for the owner of its contexts to carry out.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// HTTP and gRPC unary calls to make.
+    pub calls: Vec<CallRequest>,
+    /// What to do with its gRPC streams.
+    pub streams: Vec<StreamOp>,
+}
+
+impl Outbox {
+    /// Nothing asked.
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty() && self.streams.is_empty()
+    }
 }
 
 /// Which callback a call's answer goes to, with its arguments after the context and token.
@@ -97,7 +133,15 @@ enum Callback {
     GrpcReceive(i32),
     /// `proxy_on_grpc_close`: the gRPC status code.
     GrpcClose(i32),
+    /// `proxy_on_grpc_receive_initial_metadata`: the number of headers.
+    GrpcInitialMetadata(i32),
+    /// `proxy_on_grpc_receive_trailing_metadata`: the number of trailers.
+    GrpcTrailingMetadata(i32),
 }
+
+/// What a callback for a call or stream is given: the answer it may read, the status
+/// `proxy_get_status` then gives, and which callback it is.
+type Delivery = (CallResponse, Option<(u32, String)>, Callback);
 
 /// `proxy_on_http_call_response(root, token, headers, body size, trailers)`.
 type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
@@ -118,6 +162,8 @@ struct Exports {
     http_call_response: Option<CallResponseFn>,
     grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
     grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    grpc_initial_metadata: Option<TypedFunc<(i32, i32, i32), ()>>,
+    grpc_trailing_metadata: Option<TypedFunc<(i32, i32, i32), ()>>,
     queue_ready: Option<TypedFunc<(i32, i32), ()>>,
 }
 
@@ -161,6 +207,13 @@ pub enum Phase {
     ResponseHeaders,
     /// `proxy_on_response_body`.
     ResponseBody,
+}
+
+impl Phase {
+    /// A headers phase: pausing it waits for a resume (a paused body is buffered instead).
+    pub fn is_headers(self) -> bool {
+        matches!(self, Self::RequestHeaders | Self::ResponseHeaders)
+    }
 }
 
 /// Compiles `wasm` and links every import it declares.
@@ -207,19 +260,31 @@ pub fn link(engine: &Engine, module: Module, memory_limit: usize) -> Result<Comp
     })
 }
 
-fn dummy_host() -> Host {
-    Host {
-        limits: StoreLimits::default(),
-        shared: Arc::new(Shared::new("", Vec::new())),
-        exchange: None,
-        stdio: Default::default(),
-        calls_out: Vec::new(),
-        next_token: 0,
-        call_status: (0, String::new()),
-        cancelled: Vec::new(),
-        deadline: Duration::ZERO,
-        clock: CallClock::default(),
+impl Host {
+    fn new(limits: StoreLimits, shared: Arc<Shared>, deadline: Duration) -> Self {
+        Self {
+            limits,
+            shared,
+            exchange: None,
+            stdio: Default::default(),
+            calls_out: Vec::new(),
+            next_token: 0,
+            call_status: (0, String::new()),
+            cancelled: Vec::new(),
+            stream_ops: Vec::new(),
+            streams: HashMap::new(),
+            deadline,
+            clock: CallClock::default(),
+        }
     }
+}
+
+fn dummy_host() -> Host {
+    Host::new(
+        StoreLimits::default(),
+        Arc::new(Shared::new("", Vec::new())),
+        Duration::ZERO,
+    )
 }
 
 fn define_unsupported(
@@ -256,24 +321,16 @@ impl Compiled {
         shared: Arc<Shared>,
         deadline: Duration,
     ) -> Result<Vm, String> {
-        let host = Host {
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.memory_limit)
-                .instances(1)
-                .build(),
-            shared: shared.clone(),
-            exchange: None,
-            stdio: Default::default(),
-            calls_out: Vec::new(),
-            next_token: 0,
-            call_status: (0, String::new()),
-            cancelled: Vec::new(),
-            deadline: deadline.max(START_DEADLINE),
-            clock: CallClock::default(),
-        };
+        // Start-up calls get at least START_DEADLINE; requests get `deadline` afterwards.
+        let start_deadline = deadline.max(START_DEADLINE);
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.memory_limit)
+            .instances(1)
+            .build();
+        let host = Host::new(limits, shared.clone(), start_deadline);
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);
-        store.set_epoch_deadline(ticks(START_DEADLINE.max(deadline)));
+        store.set_epoch_deadline(ticks(start_deadline));
         store.epoch_deadline_callback(|mut cx| {
             let host = cx.data_mut();
             let window = host.deadline;
@@ -326,6 +383,8 @@ impl Compiled {
             http_call_response: typed!("proxy_on_http_call_response"),
             grpc_receive: typed!("proxy_on_grpc_receive"),
             grpc_close: typed!("proxy_on_grpc_close"),
+            grpc_initial_metadata: typed!("proxy_on_grpc_receive_initial_metadata"),
+            grpc_trailing_metadata: typed!("proxy_on_grpc_receive_trailing_metadata"),
             queue_ready: typed!("proxy_on_queue_ready"),
         };
         let mut vm = Vm {
@@ -333,7 +392,7 @@ impl Compiled {
             instance,
             exports,
             next_context: ROOT_CONTEXT + 1,
-            deadline: deadline.max(START_DEADLINE),
+            deadline: start_deadline,
         };
         vm.arm();
         vm.exports
@@ -468,9 +527,14 @@ impl Vm {
         result
     }
 
-    /// The HTTP calls the plugin asked for since this was last asked.
-    pub fn take_calls(&mut self) -> Vec<CallRequest> {
-        std::mem::take(&mut self.store.data_mut().calls_out)
+    /// The calls the plugin asked for, and what it asked of its streams, since this was last
+    /// asked.
+    pub fn take_outbox(&mut self) -> Outbox {
+        let host = self.store.data_mut();
+        Outbox {
+            calls: std::mem::take(&mut host.calls_out),
+            streams: std::mem::take(&mut host.stream_ops),
+        }
     }
 
     /// Delivers the answer to call `token` on the root context, as Envoy does (the SDKs find
@@ -514,6 +578,10 @@ impl Vm {
                 let status = Some((e.code, e.message));
                 (CallResponse::default(), status, Callback::GrpcClose(code))
             }
+            Answer::Stream(event) => match self.stream_event(token, event) {
+                Some(delivery) => delivery,
+                None => return Ok(()),
+            },
         };
         exchange.call_response = Some(response);
         let host = self.store.data_mut();
@@ -536,12 +604,65 @@ impl Vm {
                 Some(f) => f.call(&mut self.store, (root, token, code)),
                 None => Ok(()),
             },
+            Callback::GrpcInitialMetadata(n) => match self.exports.grpc_initial_metadata.clone() {
+                Some(f) => f.call(&mut self.store, (root, token, n)),
+                None => Ok(()),
+            },
+            Callback::GrpcTrailingMetadata(n) => {
+                match self.exports.grpc_trailing_metadata.clone() {
+                    Some(f) => f.call(&mut self.store, (root, token, n)),
+                    None => Ok(()),
+                }
+            }
         };
         let host = self.store.data_mut();
         host.call_status = (0, String::new());
         *exchange = host.exchange.take().unwrap_or_default();
         exchange.call_response = None;
         r.map_err(|e| format!("{e:#}"))
+    }
+
+    /// What a stream's event gives its callback (the metadata as the gRPC metadata maps, a
+    /// message as the gRPC receive buffer), or `None` for a stream the plugin cancelled. A
+    /// close marks the stream closed, and forgets it if the plugin had closed its side too.
+    fn stream_event(&mut self, token: u32, event: StreamEvent) -> Option<Delivery> {
+        let streams = &mut self.store.data_mut().streams;
+        let state = streams.get_mut(&token)?;
+        let n = |h: &Headers| h.len() as i32;
+        Some(match event {
+            StreamEvent::InitialMetadata(headers) => {
+                let callback = Callback::GrpcInitialMetadata(n(&headers));
+                let r = CallResponse {
+                    headers,
+                    ..CallResponse::default()
+                };
+                (r, None, callback)
+            }
+            StreamEvent::Message(body) => {
+                let callback = Callback::GrpcReceive(body.len() as i32);
+                let r = CallResponse {
+                    body,
+                    ..CallResponse::default()
+                };
+                (r, None, callback)
+            }
+            StreamEvent::TrailingMetadata(trailers) => {
+                let callback = Callback::GrpcTrailingMetadata(n(&trailers));
+                let r = CallResponse {
+                    trailers,
+                    ..CallResponse::default()
+                };
+                (r, None, callback)
+            }
+            StreamEvent::Close(code, message) => {
+                state.remote_closed = true;
+                if state.local_closed {
+                    streams.remove(&token);
+                }
+                let callback = Callback::GrpcClose(code as i32);
+                (CallResponse::default(), Some((code, message)), callback)
+            }
+        })
     }
 
     /// Tells the root context that shared queue `id` has items (`proxy_on_queue_ready`).
@@ -668,12 +789,12 @@ mod tests {
     #[test]
     fn a_call_this_host_does_not_offer_is_logged_once_and_answers_a_status() {
         const CALLS_OUT: &str = r#"(module
-          (import "env" "proxy_grpc_send" (func $send (param i32 i32 i32 i32) (result i32)))
+          (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
           (memory (export "memory") 1)
           (func (export "_initialize")
-            (if (i32.ne (call $send (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10))
+            (if (i32.ne (call $ff (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10))
               (then unreachable))
-            (drop (call $send (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))))
+            (drop (call $ff (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))))
           (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
           (func (export "proxy_abi_version_0_2_1"))
           (func (export "proxy_on_context_create") (param i32 i32)))"#;
@@ -687,7 +808,7 @@ mod tests {
         });
         let lines: Vec<&str> = text
             .lines()
-            .filter(|l| l.contains("proxy_grpc_send"))
+            .filter(|l| l.contains("proxy_call_foreign_function"))
             .collect();
         assert_eq!(lines.len(), 1, "{text}");
         assert!(lines[0].contains("callout"), "{text}");

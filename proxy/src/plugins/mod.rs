@@ -22,8 +22,10 @@ pub mod callout;
 mod calls;
 mod deadline;
 pub mod grpc;
+pub mod grpc_stream;
 mod headers;
 pub mod host;
+pub mod properties;
 pub mod queues;
 mod run;
 pub mod shared;
@@ -32,6 +34,7 @@ mod wasi;
 pub use headers::{
     apply_request_headers, apply_response_headers, request_headers, response_headers, Rewrites,
 };
+pub use properties::{Node, RequestFacts};
 pub use run::{PluginRun, Verdict};
 
 use std::cell::RefCell;
@@ -153,7 +156,7 @@ pub struct Plugin {
 
 impl Plugin {
     /// Compiles and test-starts the plugin: an error here refuses the configuration.
-    pub fn load(cfg: PluginConfig) -> Result<Arc<Self>, String> {
+    pub fn load(cfg: PluginConfig, node: Arc<Node>) -> Result<Arc<Self>, String> {
         let wasm = std::fs::read(&cfg.path)
             .map_err(|e| format!("plugin `{}`: {}: {e}", cfg.name, cfg.path.display()))?;
         let module =
@@ -163,7 +166,8 @@ impl Plugin {
         let shared = Arc::new(
             Shared::new(&cfg.name, cfg.config.clone().into_bytes())
                 .with_vm(&cfg.root_id, &cfg.vm_id, cfg.vm_config.clone().into_bytes())
-                .with_upstreams(cfg.upstreams.clone()),
+                .with_upstreams(cfg.upstreams.clone())
+                .with_node(node),
         );
         // Started and configured once now, so that a bad plugin fails the load, not a request.
         compiled
@@ -206,12 +210,11 @@ pub struct PluginSet {
 }
 
 impl PluginSet {
-    /// Loads every plugin; the first that fails refuses the whole set.
-    pub fn load(configs: &[PluginConfig]) -> Result<Self, String> {
+    /// Loads every plugin, on edge `node`; the first that fails refuses the whole set.
+    pub fn load(configs: &[PluginConfig], node: &Arc<Node>) -> Result<Self, String> {
         let plugins = configs
             .iter()
-            .cloned()
-            .map(Plugin::load)
+            .map(|c| Plugin::load(c.clone(), node.clone()))
             .collect::<Result<_, _>>()?;
         Ok(Self { plugins })
     }
@@ -227,7 +230,7 @@ impl PluginSet {
         route: &str,
         agent_id: &str,
         agent_name: &str,
-        properties: HashMap<&'static str, Vec<u8>>,
+        facts: impl FnOnce() -> RequestFacts,
     ) -> Option<PluginRun> {
         let active: Vec<usize> = (0..self.plugins.len())
             .filter(|&i| self.plugins[i].applies(route, agent_id, agent_name))
@@ -235,7 +238,7 @@ impl PluginSet {
         if active.is_empty() {
             return None;
         }
-        Some(PluginRun::new(self.clone(), active, properties))
+        Some(PluginRun::new(self.clone(), active, facts()))
     }
 }
 

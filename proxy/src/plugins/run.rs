@@ -1,16 +1,16 @@
 //! A request's walk through the plugins that apply to it: [`PluginRun`], phase by phase in
 //! Envoy's order, with pause, buffering and HTTP callouts, and the [`Verdict`] that ends it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::abi::{Action, Headers};
-use super::callout::{self, CallRequest};
-use super::host::{Exchange, LocalResponse, Phase, Vm};
-use super::{with_vm, PluginSet};
+use super::callout::{self, Answer};
+use super::grpc_stream::Streams;
+use super::host::{Exchange, LocalResponse, Outbox, Phase, Vm};
+use super::{with_vm, PluginSet, RequestFacts};
 
 /// How a request's run through the plugins ended a phase.
 #[derive(Debug)]
@@ -61,6 +61,8 @@ struct Part {
     context: Option<(i32, u64)>,
     /// The answer it held back (paused) so far, to be handed to it whole with what follows.
     held: Vec<u8>,
+    /// The gRPC streams its contexts opened (they end with the request).
+    streams: Option<Streams>,
 }
 
 /// One request's walk through the plugins: contexts in this thread's VMs, the exchange they
@@ -93,12 +95,9 @@ pub struct PluginRun {
 }
 
 impl PluginRun {
-    /// A run through the plugins of `set` at `active` (indices), with `properties`.
-    pub(super) fn new(
-        set: Arc<PluginSet>,
-        active: Vec<usize>,
-        properties: HashMap<&'static str, Vec<u8>>,
-    ) -> Self {
+    /// A run through the plugins of `set` at `active` (indices), for the request `facts`
+    /// describe.
+    pub(super) fn new(set: Arc<PluginSet>, active: Vec<usize>, facts: RequestFacts) -> Self {
         Self {
             set,
             parts: active
@@ -107,10 +106,11 @@ impl PluginRun {
                     plugin,
                     context: None,
                     held: Vec::new(),
+                    streams: None,
                 })
                 .collect(),
             exchange: Exchange {
-                properties: Arc::new(properties),
+                facts: Some(Arc::new(facts)),
                 ..Exchange::default()
             },
             thread: std::thread::current().id(),
@@ -131,13 +131,14 @@ impl PluginRun {
     }
 
     /// Runs `f` on plugin `k`'s context in this thread's VM (created on first use), with the
-    /// exchange visible; afterwards, the HTTP calls it asked for. A reset or a local answer
-    /// ends the walk (`Err`); a failure follows the plugin's fail policy (`Ok(None)`: skipped).
+    /// exchange visible; afterwards, what it asked for (calls, streams). A reset or a local
+    /// answer ends the walk (`Err`); a failure follows the plugin's fail policy (`Ok(None)`:
+    /// skipped).
     fn call<T>(
         &mut self,
         k: usize,
         f: impl FnOnce(&mut Vm, i32, &mut Exchange) -> Result<T, String>,
-    ) -> Result<Option<(T, Vec<CallRequest>)>, Verdict> {
+    ) -> Result<Option<(T, Outbox)>, Verdict> {
         if std::thread::current().id() != self.thread {
             // The request moved threads (it should not): its contexts are elsewhere.
             return Ok(None);
@@ -164,8 +165,8 @@ impl PluginRun {
                 }
             };
             let r = f(vm, id, exchange);
-            let calls = vm.take_calls();
-            r.map(|v| (v, calls))
+            let outbox = vm.take_outbox();
+            r.map(|v| (v, outbox))
         });
         if shown {
             exchange
@@ -197,6 +198,7 @@ impl PluginRun {
         let plugin = &self.set.plugins[self.parts[k].plugin];
         let name = &plugin.cfg.name;
         self.parts[k].context = None;
+        self.parts[k].streams = None;
         if plugin.cfg.fail_open {
             self.decisions.push(format!("{name}:skipped"));
             tracing::debug!(plugin = %name, error = %reason, "plugin skipped (fail open)");
@@ -207,30 +209,107 @@ impl PluginRun {
         }
     }
 
-    /// Runs `phase` on plugin `k`, then makes the HTTP calls it asked for and delivers their
-    /// answers, until none is pending. The plugin's action: `Continue` when it went on or
-    /// resumed from a callback.
+    /// Runs `phase` on plugin `k` (after what its gRPC streams brought since its last step),
+    /// then makes the calls it asked for and delivers their answers, until none is pending;
+    /// while it waits to be resumed (a paused header, or the end of a body), what its streams
+    /// bring is delivered as it comes (a minute of silence ends the wait). The plugin's
+    /// action: `Continue` when it went on or resumed from a callback.
     async fn step(&mut self, k: usize, phase: Phase, end: bool) -> Result<Action, Verdict> {
-        let Some((mut action, mut calls)) =
-            self.call(k, |vm, id, ex| vm.phase(phase, id, ex, end))?
+        if !self.deliver_ready(k).await? {
+            return Ok(Action::Continue);
+        }
+        let Some((mut action, outbox)) = self.call(k, |vm, id, ex| vm.phase(phase, id, ex, end))?
         else {
             return Ok(Action::Continue);
         };
         self.exchange.continued = false;
-        while !calls.is_empty() {
-            let limit = self.set.plugins[self.parts[k].plugin].cfg.buffer_bytes;
-            let answers = callout::perform_all(std::mem::take(&mut calls), limit).await;
-            for (token, answer) in answers {
-                match self.call(k, |vm, _, ex| vm.call_response(token, answer, ex))? {
-                    Some(((), more)) => calls.extend(more),
-                    None => return Ok(Action::Continue),
-                }
+        let mut calls = self.open_streams(k, outbox);
+        loop {
+            if !self.settle(k, std::mem::take(&mut calls)).await? {
+                return Ok(Action::Continue);
             }
             if std::mem::take(&mut self.exchange.continued) {
                 action = Action::Continue;
             }
+            // A body paused before its end is buffered, not waiting to be resumed.
+            let waits = action == Action::Pause && (end || phase.is_headers());
+            let streams = self.parts[k].streams.as_mut().filter(|s| s.any_open());
+            let Some(streams) = streams.filter(|_| waits) else {
+                return Ok(action);
+            };
+            // A stream silent this long while the request waits on it cannot be relied on to
+            // resume it: the plugin stalled (its fail policy decides).
+            let Ok((token, event)) =
+                tokio::time::timeout(callout::MAX_TIMEOUT, streams.next()).await
+            else {
+                return Ok(action);
+            };
+            match self.deliver(k, token, Answer::Stream(event))? {
+                Some(more) => calls = more,
+                None => return Ok(Action::Continue),
+            }
         }
-        Ok(action)
+    }
+
+    /// Makes `calls` and delivers their answers to plugin `k` (and those of the calls its
+    /// callbacks ask for), until none is pending. `false` when the plugin failed open.
+    async fn settle(
+        &mut self,
+        k: usize,
+        mut calls: Vec<callout::CallRequest>,
+    ) -> Result<bool, Verdict> {
+        while !calls.is_empty() {
+            let limit = self.set.plugins[self.parts[k].plugin].cfg.buffer_bytes;
+            for (token, answer) in callout::perform_all(std::mem::take(&mut calls), limit).await {
+                match self.deliver(k, token, answer)? {
+                    Some(more) => calls.extend(more),
+                    None => return Ok(false),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Delivers `answer` to call or stream `token` of plugin `k`: the calls it asks for in
+    /// turn (its stream requests carried out), or `None` when the plugin failed open.
+    fn deliver(
+        &mut self,
+        k: usize,
+        token: u32,
+        answer: Answer,
+    ) -> Result<Option<Vec<callout::CallRequest>>, Verdict> {
+        match self.call(k, |vm, _, ex| vm.call_response(token, answer, ex))? {
+            Some(((), outbox)) => Ok(Some(self.open_streams(k, outbox))),
+            None => Ok(None),
+        }
+    }
+
+    /// Delivers what plugin `k`'s streams brought while the request went on, and makes the
+    /// calls those callbacks ask for (a resume counts for nothing: the walk is already past
+    /// that point). `false` when the plugin failed open.
+    async fn deliver_ready(&mut self, k: usize) -> Result<bool, Verdict> {
+        while let Some((token, event)) = self.parts[k].streams.as_mut().and_then(Streams::ready) {
+            let Some(calls) = self.deliver(k, token, Answer::Stream(event))? else {
+                return Ok(false);
+            };
+            if !self.settle(k, calls).await? {
+                return Ok(false);
+            }
+        }
+        self.exchange.continued = false;
+        Ok(true)
+    }
+
+    /// Carries out what plugin `k` asked of its streams; gives back the calls it asked for.
+    fn open_streams(&mut self, k: usize, outbox: Outbox) -> Vec<callout::CallRequest> {
+        if !outbox.streams.is_empty() {
+            let limit = self.set.plugins[self.parts[k].plugin].cfg.buffer_bytes;
+            self.parts[k]
+                .streams
+                .get_or_insert_with(|| Streams::new(limit))
+                .apply(outbox.streams);
+        }
+        outbox.calls
     }
 
     /// Plugin `k` paused at the end of a stream with nothing pending that could resume it.
@@ -242,26 +321,30 @@ impl PluginRun {
     }
 
     /// The request: headers (names lowercase) and the whole body, before any upstream
-    /// connection. Plugins may change both, or answer instead.
+    /// connection. Plugins may change both, or answer instead. `Ok(Some)`: the headers as
+    /// plugins left them, when one edited them (unedited headers need not be put back);
+    /// later phases still read them (`request.*` properties, the request's header map).
     pub async fn on_request(
         &mut self,
-        headers: &mut Headers,
+        headers: Headers,
         body: &mut Bytes,
-    ) -> Result<(), Verdict> {
-        let (authorization, rest) = std::mem::take(headers)
-            .into_iter()
-            .partition(|(k, _)| k == "authorization");
+    ) -> Result<Option<Headers>, Verdict> {
+        let (authorization, rest) = headers.into_iter().partition(|(k, _)| k == "authorization");
         self.authorization = authorization;
         self.exchange.request_headers = rest;
         self.exchange.request_body = body.clone();
         let r = self.request_phases(!body.is_empty()).await;
-        *headers = std::mem::take(&mut self.exchange.request_headers);
-        headers.extend(self.authorization.iter().cloned());
         *body = std::mem::take(&mut self.exchange.request_body);
-        if r.is_ok() && self.decisions.is_empty() {
+        r?;
+        if self.decisions.is_empty() {
             self.decisions.push("allow".into());
         }
-        r
+        if !self.exchange.request_headers_edited {
+            return Ok(None);
+        }
+        let mut edited = self.exchange.request_headers.clone();
+        edited.extend(self.authorization.iter().cloned());
+        Ok(Some(edited))
     }
 
     /// The request's phases in Envoy's order: headers plugin by plugin; a plugin that pauses
@@ -296,28 +379,26 @@ impl PluginRun {
     }
 
     /// The response's headers (status in `:status`). Plugins may change them or answer instead;
-    /// one that pauses them holds them back ([`Self::holds_header`]).
-    pub async fn on_response_headers(&mut self, headers: &mut Headers) -> Result<(), Verdict> {
+    /// one that pauses them holds them back ([`Self::holds_header`]). `Ok(Some)`: the headers
+    /// as plugins left them, when one edited them.
+    pub async fn on_response_headers(
+        &mut self,
+        headers: Headers,
+    ) -> Result<Option<&Headers>, Verdict> {
         self.exchange.response_code = headers
             .iter()
             .find(|(k, _)| k == ":status")
             .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
-        self.exchange.response_headers = std::mem::take(headers);
-        let mut r = Ok(());
+        self.exchange.response_headers = headers;
         for k in 0..self.parts.len() {
-            match self.step(k, Phase::ResponseHeaders, false).await {
-                Ok(Action::Pause) => self.holds_header = true,
-                Ok(Action::Continue) => {}
-                Err(v) => {
-                    r = Err(v);
-                    break;
-                }
+            if self.step(k, Phase::ResponseHeaders, false).await? == Action::Pause {
+                self.holds_header = true;
             }
         }
-        *headers = std::mem::take(&mut self.exchange.response_headers);
+        let headers = &self.exchange.response_headers;
         self.fixed_length =
             self.sees_response_body() && headers.iter().any(|(k, _)| k == "content-length");
-        r
+        Ok(self.exchange.response_headers_edited.then_some(headers))
     }
 
     /// A response body chunk, as it passes (`end` on the last). Plugins may rewrite it; one

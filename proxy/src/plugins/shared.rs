@@ -38,6 +38,8 @@ pub struct Shared {
     pub vm_config: Vec<u8>,
     /// Where `proxy_http_call` may go, by name (Envoy's clusters).
     pub upstreams: HashMap<String, url::Url>,
+    /// The edge as Envoy's `node` (its id and metadata).
+    pub node: Arc<super::properties::Node>,
     data: Arc<Mutex<Data>>,
     metrics: Mutex<Vec<Metric>>,
     /// Tick period the root context asked for, in milliseconds (0: none).
@@ -79,6 +81,7 @@ impl Shared {
             vm_id: String::new(),
             vm_config: Vec::new(),
             upstreams: HashMap::new(),
+            node: Arc::default(),
             data: data_of(""),
             metrics: Mutex::new(Vec::new()),
             tick_ms: AtomicU32::new(0),
@@ -101,6 +104,12 @@ impl Shared {
     /// The same, with these upstreams for HTTP calls.
     pub fn with_upstreams(mut self, upstreams: HashMap<String, url::Url>) -> Self {
         self.upstreams = upstreams;
+        self
+    }
+
+    /// With the edge as `node`.
+    pub fn with_node(mut self, node: Arc<super::properties::Node>) -> Self {
+        self.node = node;
         self
     }
 
