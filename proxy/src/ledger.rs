@@ -198,10 +198,7 @@ struct Segment {
 
 impl Segment {
     fn open(dir: &Path, name: &str) -> std::io::Result<Self> {
-        let at = SegmentPath {
-            path: dir.join(name),
-            offset_path: dir.join(format!("{name}.shipped")),
-        };
+        let at = SegmentPath::new(dir, name);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -219,6 +216,14 @@ struct SegmentPath {
 }
 
 impl SegmentPath {
+    /// Segment `name` in `dir`, its offset beside it.
+    fn new(dir: &Path, name: &str) -> Self {
+        Self {
+            path: dir.join(name),
+            offset_path: dir.join(format!("{name}.shipped")),
+        }
+    }
+
     fn shipped(&self) -> u64 {
         std::fs::read_to_string(&self.offset_path)
             .ok()
@@ -314,10 +319,7 @@ impl Journal {
             if alive {
                 continue;
             }
-            let orphan = SegmentPath {
-                path: data_dir.join(&name),
-                offset_path: data_dir.join(format!("{name}.shipped")),
-            };
+            let orphan = SegmentPath::new(data_dir, &name);
             shipped += orphan.ship(store).await?.0;
             orphan.remove();
         }

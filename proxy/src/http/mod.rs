@@ -42,7 +42,8 @@ pub async fn serve(
     let admission = p.admit(head, route == Some(Route::Ws), ctx)?;
     p.rate(&admission, ctx)?;
     match route {
-        // Boxed for the same reason as the WebSocket: its upstream probe is a large future.
+        // Boxed: the upstream probe is a large future, which every HTTP request's future (and
+        // so every held stream's memory) would otherwise reserve room for.
         Some(Route::Health) => {
             return Box::pin(health::serve(p, session, ctx, &admission.agent)).await
         }
