@@ -3,10 +3,12 @@
 # at p99): the same release edge with no plugin, with one SDK plugin (the allow-list: a Rust SDK
 # module, which exports every callback), and with the three example plugins (allow-list, tool
 # policy, redaction), all fed one runtime and measured closed loop, one client and sixteen,
-# in interleaved rounds. A plugin's cost is the difference of added latency between targets.
+# in interleaved rounds. A plugin's cost is the difference of added latency between targets;
+# the time spent inside plugin calls per request (every phase, context creation and end) is
+# also read from each edge's access log (`plugin_us`) and given as percentiles.
 #
 #   loadtest/plugin_tail.sh                 # 20 s per target and client count
-#   DURATION=40s loadtest/plugin_tail.sh
+#   DURATION=40s CLIENTS=1 loadtest/plugin_tail.sh
 #   BIN=/some/release loadtest/plugin_tail.sh   # the binaries in BIN (another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +36,16 @@ bench_edge edge 18290 19290 ''
 bench_edge edge-1plugin 18291 19291 "$ALLOW"
 bench_edge edge-3plugins 18292 19292 "$ALLOW$TOOLS$REDACT"
 
-"$BIN/loadtest" --quiet "${TARGETS[@]}" --scenario chat --clients 1,16 --duration "$DUR" --round 1s \
-  --json "$WORK/plugin-tail.json" --markdown "$WORK/plugin-tail.md"
+"$BIN/loadtest" --quiet "${TARGETS[@]}" --scenario chat --clients "${CLIENTS:-1,16}" \
+  --duration "$DUR" --round 1s --json "$WORK/plugin-tail.json" --markdown "$WORK/plugin-tail.md"
 cat "$WORK/plugin-tail.md"
+echo "Time inside plugin calls per request (access log plugin_us, µs):"
+for name in edge-1plugin edge-3plugins; do
+  python3 - "$WORK/$name.log" "$name" <<'PY'
+import json, sys
+v = sorted(json.loads(l)["fields"]["plugin_us"] for l in open(sys.argv[1]) if '"plugin_us"' in l)
+q = lambda p: v[min(len(v) - 1, int(len(v) * p))]
+print(f"  {sys.argv[2]}: {len(v)} requests, p50 {q(.5)}, p90 {q(.9)}, p99 {q(.99)}, p99.9 {q(.999)}")
+PY
+done
 echo "(results in $WORK)"

@@ -42,7 +42,8 @@ pub struct Ledger {
     /// This edge's id (kept in its data directory).
     pub edge_id: String,
     next: AtomicU64,
-    started: i64,
+    /// What every row id starts with: edge, start time, process (a system call saved per row).
+    id_prefix: String,
     /// Rows the journal could not take, until it can or the store has them.
     kept: Mutex<Vec<UsageRow>>,
     /// Whether the last write to the journal failed.
@@ -52,11 +53,12 @@ pub struct Ledger {
 impl Ledger {
     /// A ledger writing to `journal` as edge `edge_id`.
     pub fn new(journal: Journal, edge_id: String) -> Self {
+        let id_prefix = format!("{edge_id}-{:x}-{:x}", now(), std::process::id());
         Self {
             journal,
             edge_id,
             next: AtomicU64::new(0),
-            started: now(),
+            id_prefix,
             kept: Mutex::new(Vec::new()),
             failing: AtomicBool::new(false),
         }
@@ -71,12 +73,7 @@ impl Ledger {
     /// edge, start time, process, counter.
     fn row_id(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!(
-            "{}-{:x}-{:x}-{n:x}",
-            self.edge_id,
-            self.started,
-            std::process::id()
-        )
+        format!("{}-{n:x}", self.id_prefix)
     }
 
     /// The one place that decides what a settled request leaves in the journal: a row when it

@@ -98,11 +98,16 @@ impl Downstream<'_> {
         }
     }
 
-    /// The connection's id (Envoy's `connection.id`).
-    pub fn connection_id(&self) -> Option<u64> {
+    /// The connection's id for plugins, read only if one asks (see
+    /// [`crate::plugins::ConnectionId`]).
+    pub fn lazy_connection_id(&self) -> crate::plugins::ConnectionId {
+        use crate::plugins::ConnectionId;
         match self {
-            Self::Http(s) => connection_id(s),
-            Self::WebSocket { conn, .. } => conn.id,
+            Self::Http(s) => s
+                .digest()
+                .and_then(|d| d.socket_digest.clone())
+                .map_or(ConnectionId::Known(None), ConnectionId::Socket),
+            Self::WebSocket { conn, .. } => ConnectionId::Known(conn.id),
         }
     }
 

@@ -327,7 +327,7 @@ fn facts(
         client: down.client_addr(),
         local: down.server_addr(),
         tls_version: down.tls_version(),
-        connection_id: down.connection_id(),
+        connection_id: down.lazy_connection_id(),
         server_name: down.requested_server_name(),
         route,
         admission: admission.clone(),

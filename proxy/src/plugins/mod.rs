@@ -34,7 +34,7 @@ mod wasi;
 pub use headers::{
     apply_request_headers, apply_response_headers, request_headers, response_headers, Rewrites,
 };
-pub use properties::{Node, RequestFacts};
+pub use properties::{ConnectionId, Node, RequestFacts};
 pub use run::{PluginRun, Verdict};
 
 use std::cell::RefCell;

@@ -47,13 +47,32 @@ pub struct RequestFacts {
     /// `connection.tls_version`.
     pub tls_version: Option<&'static str>,
     /// `connection.id`.
-    pub connection_id: Option<u64>,
+    pub connection_id: ConnectionId,
     /// `connection.requested_server_name` (SNI).
     pub server_name: Option<std::sync::Arc<str>>,
     /// The route (`route_name`): its path, or the request's path when no route takes it.
     pub route: String,
     /// The caller, its account and the agent.
     pub admission: Admission,
+}
+
+/// A connection's id (Envoy's `connection.id`): known already (a WebSocket's, read when it
+/// was upgraded), or the socket's kernel cookie, read (a system call) only when a plugin asks.
+#[derive(Debug, Clone)]
+pub enum ConnectionId {
+    /// Known.
+    Known(Option<u64>),
+    /// The client's socket, whose cookie is the id.
+    Socket(std::sync::Arc<pingora_core::protocols::SocketDigest>),
+}
+
+impl ConnectionId {
+    fn get(&self) -> Option<u64> {
+        match self {
+            Self::Known(id) => *id,
+            Self::Socket(s) => s.socket_cookie().ok(),
+        }
+    }
 }
 
 /// The value of the property at `path` (its segments), or `None` (`NotFound`). `ex` is the
@@ -134,7 +153,7 @@ fn request_property(path: &[&str], ex: &Exchange) -> Option<Vec<u8>> {
         // The edge asks no client for a certificate.
         ["connection", "mtls"] => Some(vec![0]),
         ["connection", "tls_version"] => facts.tls_version.and_then(bytes),
-        ["connection", "id"] => int(facts.connection_id?),
+        ["connection", "id"] => int(facts.connection_id.get()?),
         ["connection", "requested_server_name"] => facts.server_name.as_deref().and_then(bytes),
         // The agent is the edge's "cluster", and the route its route.
         ["cluster_name"] | ["xds", "cluster_name"] => bytes(&agent.endpoint_id),

@@ -462,6 +462,7 @@ impl PluginRun {
             return;
         }
         self.finished = true;
+        let started = Instant::now();
         let set = self.set.clone();
         for part in &self.parts {
             let Some((id, g)) = part.context else {
@@ -476,6 +477,7 @@ impl PluginRun {
                 vm.finish(id, exchange)
             });
         }
+        self.spent += started.elapsed();
     }
 }
 
