@@ -157,6 +157,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/keys", get(list_keys).post(create_key))
         .route("/v1/admin/keys/revoke", post(revoke_key))
         .route("/v1/admin/usage", get(usage))
+        .route("/v1/admin/usage/requests/{id}", get(usage_of_request))
         .route("/v1/admin/reload", post(reload))
         .fallback(|| async { ApiError(EdgeError::NotFound("no such admin route".into())) })
         .with_state(state)
@@ -701,6 +702,24 @@ async fn usage(
     Ok(Json(
         json!({"month": month, "by": by, "usage": lines, "accounts": quotas}),
     ))
+}
+
+/// What a request cost, by the id its client was given (`x-request-id`): its ledger rows and
+/// their total. `billed` is false when it used no tokens, or its edge has not shipped the row
+/// yet (edges ship every `limits.fleet_sync`).
+async fn usage_of_request(
+    _: Read,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let rows = st.store.usage_of_request(&id).await?;
+    let total: u64 = rows.iter().map(|r| r.total_tokens).sum();
+    Ok(Json(json!({
+        "request_id": id,
+        "billed": !rows.is_empty(),
+        "total_tokens": total,
+        "rows": rows,
+    })))
 }
 
 // ---------------------------------------------------------------------- reload

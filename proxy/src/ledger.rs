@@ -24,9 +24,11 @@ use crate::quota::month_of;
 use crate::store::{now, Store, StoreError, UsageRow};
 use crate::usage::Usage;
 
-/// Who a metered request is for.
+/// Who a metered request is for, and the id the client knows it by.
 #[derive(Debug, Clone)]
 pub struct Payer {
+    /// The request's id as the client was given it (`x-request-id`).
+    pub request_id: String,
     /// Account.
     pub account_id: String,
     /// Key id.
@@ -87,6 +89,7 @@ impl Ledger {
         let at = now();
         let row = UsageRow {
             request_id: self.row_id(),
+            client_request_id: payer.request_id.clone(),
             edge_id: self.edge_id.clone(),
             account_id: payer.account_id.clone(),
             key_id: payer.key_id.clone(),
@@ -414,6 +417,7 @@ mod tests {
         let store = Store::open("sqlite://s.db", dir.path()).await.unwrap();
         let ledger = Ledger::new(Journal::open(dir.path()).unwrap(), "e1".into());
         let payer = Payer {
+            request_id: "req-1".into(),
             account_id: "acct".into(),
             key_id: "k1".into(),
             agent_id: "abc123".into(),

@@ -286,6 +286,51 @@ async fn every_token_is_accounted_exactly() {
         out.contains("ESTIMATED") && out.contains("of 10000000 tokens this month"),
         "{out}"
     );
+
+    // Support answers "was this request billed, and for how much?" from the x-request-id the
+    // client holds, through the admin API and the CLI.
+    let k = new_key(&s, "ticket").await;
+    let r = post(
+        &s,
+        &k,
+        "/v1/chat/completions",
+        chat_body(false, false),
+        &[("x-request-id", "support-ticket-42")],
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "support-ticket-42");
+    let answered: Value = r.json().await.unwrap();
+    s.ledger_for("ticket", 1).await;
+    let v = s
+        .admin_get("/v1/admin/usage/requests/support-ticket-42")
+        .await;
+    assert_eq!(v["billed"], true, "{v}");
+    assert_eq!(v["total_tokens"], answered["usage"]["total_tokens"], "{v}");
+    assert_eq!(
+        v["rows"][0]["key_id"],
+        s.key_id("ticket").await.as_str(),
+        "{v}"
+    );
+    let v = s.admin_get("/v1/admin/usage/requests/never-sent").await;
+    assert_eq!(
+        (v["billed"].clone(), v["total_tokens"].clone()),
+        (json!(false), json!(0))
+    );
+    let cli = |id: &str| {
+        let out = std::process::Command::new(common::bin("moltghost"))
+            .args(["usage", "--request", id])
+            .env("MOLTGHOST_ADMIN_URL", s.admin_url())
+            .env("MOLTGHOST_ADMIN_TOKEN", admin_token())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = cli("support-ticket-42");
+    let total = answered["usage"]["total_tokens"].to_string();
+    assert!(out.contains(&format!("billed {total} tokens")), "{out}");
+    assert!(cli("never-sent").contains("not billed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -665,6 +710,7 @@ async fn a_fleet_holds_its_limits_under_skewed_load() {
 fn rows(ids: std::ops::Range<u32>, tokens: u64) -> Vec<moltghost::store::UsageRow> {
     ids.map(|i| moltghost::store::UsageRow {
         request_id: format!("e1-{i}"),
+        client_request_id: format!("req-{i}"),
         edge_id: "e1".into(),
         account_id: "acct".into(),
         key_id: "k1".into(),

@@ -81,8 +81,12 @@ enum Command {
     /// Plans (declared in the edge's config).
     #[command(subcommand)]
     Plan(PlanCmd),
-    /// Token usage this month (or --month), per account, key or agent.
+    /// Token usage this month (or --month), per account, key or agent; or, with --request,
+    /// what one request was billed, by the x-request-id its client was given.
     Usage {
+        /// The x-request-id of one request: its ledger rows and total.
+        #[arg(long, conflicts_with_all = ["account", "month"])]
+        request: Option<String>,
         /// Only this account (name or id).
         #[arg(long)]
         account: Option<String>,
@@ -347,6 +351,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => status(admin()?, agent, url, json_out).await,
         Command::Auth(cmd) => auth(admin()?, cmd).await,
         Command::Usage {
+            request: Some(id),
+            json: json_out,
+            ..
+        } => usage_of_request(admin()?, &id, json_out).await,
+        Command::Usage {
+            request: None,
             account,
             month,
             by,
@@ -511,6 +521,51 @@ async fn auth(admin: Admin, cmd: AuthCmd) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `moltghost usage --request <id>`: what the request the client knows by `id` was billed.
+async fn usage_of_request(admin: Admin, id: &str, json_out: bool) -> Result<(), Failure> {
+    let v = admin
+        .get(&format!("/v1/admin/usage/requests/{}", seg(id)))
+        .await?;
+    if json_out {
+        print_json(&v);
+        return Ok(());
+    }
+    if v["billed"] != json!(true) {
+        println!("request {id}: not billed (no tokens used, or its edge has not shipped it yet)");
+        return Ok(());
+    }
+    println!("request {id}: billed {} tokens", text(&v, "total_tokens"));
+    print_table(
+        &v,
+        "rows",
+        &[
+            "ACCOUNT",
+            "KEY",
+            "AGENT",
+            "PROMPT",
+            "COMPLETION",
+            "TOTAL",
+            "ESTIMATED",
+            "OUTCOME",
+            "EDGE",
+        ],
+        |r| {
+            vec![
+                text(r, "account_id"),
+                text(r, "key_id"),
+                text(r, "agent_id"),
+                text(r, "prompt_tokens"),
+                text(r, "completion_tokens"),
+                text(r, "total_tokens"),
+                text(r, "estimated"),
+                text(r, "outcome"),
+                text(r, "edge_id"),
+            ]
+        },
+    );
+    Ok(())
 }
 
 /// `moltghost usage`: the month's tokens by key, agent or account.

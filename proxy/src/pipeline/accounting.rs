@@ -211,6 +211,7 @@ mod tests {
             let now = crate::store::now();
             let r = self.book.reserve("a", limit, hold, true, now).unwrap();
             let payer = Payer {
+                request_id: "req-1".into(),
                 account_id: "a".into(),
                 key_id: "k".into(),
                 agent_id: "g".into(),

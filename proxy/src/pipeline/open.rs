@@ -82,6 +82,7 @@ impl Pipeline {
                 )?;
                 ctx.tokens_left = Some((reservation.limit, reservation.remaining));
                 let payer = Payer {
+                    request_id: ctx.record.request_id.clone(),
                     account_id: admission.account.id.clone(),
                     key_id: admission.key.id.clone(),
                     agent_id: agent.endpoint_id.clone(),

@@ -106,7 +106,7 @@ pub struct Contents {
     pub keys: Vec<KeyRow>,
 }
 
-/// Ledger rows per INSERT statement: 12 parameters each, within SQLite's 32,766 and
+/// Ledger rows per INSERT statement: 13 parameters each, within SQLite's 32,766 and
 /// PostgreSQL's 65,535 parameters per statement.
 const USAGE_CHUNK: usize = 1000;
 
@@ -115,11 +115,12 @@ const USAGE_CHUNK: usize = 1000;
 /// `$N` up by name in a list, which makes a statement of thousands of them take a second to
 /// prepare (measured: 680 ms for 1,000 rows, 10 ms with `?`).
 fn insert_usage_sql(n: usize, postgres: bool) -> String {
-    const COLUMNS: usize = 12;
+    const COLUMNS: usize = 13;
     let mut sql = String::with_capacity(200 + n * 80);
     sql.push_str(
-        "INSERT INTO usage_ledger (request_id, edge_id, account_id, key_id, agent_id, month, \
-         prompt_tokens, completion_tokens, total_tokens, estimated, outcome, created_at) VALUES ",
+        "INSERT INTO usage_ledger (request_id, client_request_id, edge_id, account_id, key_id, \
+         agent_id, month, prompt_tokens, completion_tokens, total_tokens, estimated, outcome, \
+         created_at) VALUES ",
     );
     for row in 0..n {
         sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -637,6 +638,7 @@ impl Store {
             for r in chunk {
                 q = q
                     .bind(&r.request_id)
+                    .bind(&r.client_request_id)
                     .bind(&r.edge_id)
                     .bind(&r.account_id)
                     .bind(&r.key_id)
@@ -803,6 +805,43 @@ impl Store {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
     }
+
+    /// The ledger rows of the request the client knows by `client_request_id` (its
+    /// `x-request-id`): none when it used no tokens (or its edge has not shipped it yet), more
+    /// than one only when a client gave several requests the same id.
+    pub async fn usage_of_request(
+        &self,
+        client_request_id: &str,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT request_id, client_request_id, edge_id, account_id, key_id, agent_id, month, \
+             prompt_tokens, completion_tokens, total_tokens, estimated, outcome, created_at \
+             FROM usage_ledger WHERE client_request_id = $1 ORDER BY created_at, request_id",
+        )
+        .bind(client_request_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    request_id: r.try_get(0)?,
+                    client_request_id: r.try_get(1)?,
+                    edge_id: r.try_get(2)?,
+                    account_id: r.try_get(3)?,
+                    key_id: r.try_get(4)?,
+                    agent_id: r.try_get(5)?,
+                    month: r.try_get(6)?,
+                    prompt_tokens: r.try_get::<i64, _>(7)? as u64,
+                    completion_tokens: r.try_get::<i64, _>(8)? as u64,
+                    total_tokens: r.try_get::<i64, _>(9)? as u64,
+                    estimated: r.try_get::<i32, _>(10)? != 0,
+                    outcome: r.try_get(11)?,
+                    created_at: r.try_get(12)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
 }
 
 /// A bound parameter of [`Store::update_one`].
@@ -814,8 +853,12 @@ enum Param {
 /// One ledger row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UsageRow {
-    /// The edge's unique id for the request.
+    /// The edge's unique id for the row (a replay of the journal never counts twice).
     pub request_id: String,
+    /// The request's id as the client was given it (`x-request-id`; empty in rows journaled
+    /// before it was kept).
+    #[serde(default)]
+    pub client_request_id: String,
     /// Which edge served it.
     pub edge_id: String,
     /// Paying account.
