@@ -330,6 +330,7 @@ impl Compiled {
         let host = Host::new(limits, shared.clone(), start_deadline);
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);
+        deadline::note_call();
         store.set_epoch_deadline(ticks(start_deadline));
         store.epoch_deadline_callback(|mut cx| {
             let host = cx.data_mut();
@@ -437,6 +438,7 @@ impl Compiled {
 impl Vm {
     /// Gives the next call its full deadline.
     fn arm(&mut self) {
+        deadline::note_call();
         let host = self.store.data_mut();
         host.deadline = self.deadline;
         host.clock.reset();

@@ -86,7 +86,8 @@ pub struct PluginConfig {
 }
 
 /// The process's wasmtime engine: epoch interruption (ticked every millisecond by a thread of
-/// its own) and the pooling instance allocator.
+/// its own while calls run, every 20 ms when none has for a while: [`deadline::next_tick`])
+/// and the pooling instance allocator.
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
@@ -109,11 +110,14 @@ pub fn engine() -> &'static Engine {
         let ticker = engine.weak();
         std::thread::Builder::new()
             .name("moltghost-wasm-epoch".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(1));
-                match ticker.upgrade() {
-                    Some(e) => e.increment_epoch(),
-                    None => return,
+            .spawn(move || {
+                let mut idle = 0;
+                loop {
+                    std::thread::sleep(deadline::next_tick(&mut idle));
+                    match ticker.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => return,
+                    }
                 }
             })
             .expect("the epoch thread");
