@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Drives a simulated fleet started by loadtest/fleet.sh and reports what a growing fleet costs.
+
+- Revocation: a key made through one edge, then revoked through another; the time until every
+  edge refuses it (each edge polled on its own kept-alive connection every 2 ms), per edge and
+  round: p50, p99 and max.
+- The store's load, idle and under traffic: PostgreSQL's transactions, rows written and read,
+  connections, and the CPU of every postgres process, per second; under traffic also per request.
+
+Standard library only. Arguments: JSON on stdin (see fleet.sh).
+"""
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+cfg = json.load(sys.stdin)
+edges = cfg["edges"]          # [{"port":..,"admin":..,"token":..}]
+agent_host = cfg["agent_host"]
+db = cfg["db"]
+rounds = cfg["rounds"]
+rate = cfg["rate"]
+seconds = cfg["seconds"]
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def chat(conn, port, key):
+    """One small chat completion; the status (0 when the connection failed, reopened)."""
+    try:
+        conn.request("POST", "/v1/chat/completions", BODY, {
+            "Host": f"{agent_host}:{port}", "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return 0
+
+
+def admin(edge, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", edge["admin"], timeout=10)
+    c.request(method, path, json.dumps(body) if body is not None else None, {
+        "Authorization": f"Bearer {edge['token']}", "Content-Type": "application/json"})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    if r.status >= 300:
+        raise SystemExit(f"admin {method} {path}: {r.status} {data[:200]!r}")
+    return json.loads(data)
+
+
+def until_all(key, want, t0):
+    """Polls every edge at once until each answers `want` for `key`; each edge's delay."""
+    delays = [None] * len(edges)
+
+    def poll(i, e):
+        conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=5)
+        while time.monotonic() - t0 < 10:
+            if chat(conn, e["port"], key) == want:
+                delays[i] = time.monotonic() - t0
+                break
+            time.sleep(0.002)
+        conn.close()
+
+    threads = [threading.Thread(target=poll, args=(i, e)) for i, e in enumerate(edges)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(d is None for d in delays):
+        raise SystemExit(f"edges never agreed on {want}: {delays}")
+    return delays
+
+
+def revocation():
+    delays = []
+    for r in range(rounds):
+        maker, revoker = edges[r % len(edges)], edges[(r + 1) % len(edges)]
+        k = admin(maker, "POST", "/v1/admin/keys", {"name": f"fleet-{r}", "agents": [cfg["agent"]]})
+        until_all(k["key"], 200, time.monotonic())
+        t0 = time.monotonic()
+        admin(revoker, "POST", "/v1/admin/keys/revoke", {"key": k["key"]})
+        delays.extend(until_all(k["key"], 401, t0))
+    delays.sort()
+    q = lambda p: delays[min(len(delays) - 1, int(len(delays) * p))] * 1000
+    return {"samples": len(delays), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": delays[-1] * 1000}
+
+
+def pg_stats():
+    sql = ("SELECT xact_commit + xact_rollback, tup_inserted, tup_updated + tup_deleted, "
+           "tup_returned + tup_fetched, numbackends FROM pg_stat_database WHERE datname = "
+           f"'{db}'")
+    out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-Atc", sql],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    xact, ins, upd, read, conns = (int(x) for x in out.split("|"))
+    cpu = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        if name.startswith("postgres"):
+            fields = stat[stat.rindex(")") + 2:].split()
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+    return {"t": time.monotonic(), "xact": xact, "ins": ins, "upd": upd, "read": read,
+            "conns": conns, "cpu": cpu}
+
+
+def window(before, after, requests=None, span=None):
+    """Per second over `span` (the traffic's duration) or the whole window; per request too."""
+    dt = span or (after["t"] - before["t"])
+    per = lambda k: (after[k] - before[k]) / dt
+    out = {"seconds": round(dt, 1), "xact_per_s": per("xact"), "rows_written_per_s": per("ins") + per("upd"),
+           "rows_read_per_s": per("read"), "connections": after["conns"],
+           "postgres_cpu_pct": 100 * (after["cpu"] - before["cpu"]) / dt}
+    if requests:
+        out["requests_per_s"] = requests / dt
+        out["xact_per_request"] = (after["xact"] - before["xact"]) / requests
+        out["rows_written_per_request"] = (after["ins"] + after["upd"] - before["ins"] - before["upd"]) / requests
+    return out
+
+
+def traffic(key):
+    """`rate` requests a second spread evenly over the edges for `seconds`; requests that got 200."""
+    done = [0] * len(edges)
+    per_edge = rate / len(edges)
+
+    def drive(i, e):
+        conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=5)
+        start = time.monotonic()
+        n = 0
+        while True:
+            due = start + n / per_edge
+            now = time.monotonic()
+            if due - start >= seconds:
+                break
+            if due > now:
+                time.sleep(due - now)
+            if chat(conn, e["port"], key) == 200:
+                done[i] += 1
+            n += 1
+        conn.close()
+
+    threads = [threading.Thread(target=drive, args=(i, e)) for i, e in enumerate(edges)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done)
+
+
+result = {"edges": len(edges), "revocation": revocation()}
+time.sleep(2)
+a = pg_stats()
+time.sleep(seconds)
+b = pg_stats()
+result["idle"] = window(a, b)
+key = admin(edges[0], "POST", "/v1/admin/keys", {"name": "traffic", "agents": [cfg["agent"]]})["key"]
+until_all(key, 200, time.monotonic())
+a = pg_stats()
+n = traffic(key)
+time.sleep(cfg["settle"])  # the last requests' rows are shipped within a sync or two
+b = pg_stats()
+result["traffic"] = window(a, b, n, seconds)
+json.dump(result, sys.stdout, indent=1)
+print()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# A simulated fleet (issue 18, item 4): EDGES edge processes on one PostgreSQL (a database of
+# its own, dropped at the end) in front of the reference runtime, driven by loadtest/fleet.py:
+# revocation through the fleet (p50, p99, max of the time until every edge refuses a key
+# revoked through another), and the store's load idle and under traffic (transactions, rows
+# written and read, connections, postgres CPU; per second and per request).
+#
+#   loadtest/fleet.sh                          # 10 edges
+#   EDGES=20 ROUNDS=20 RATE=400 loadtest/fleet.sh
+#   BIN=/some/release loadtest/fleet.sh        # the binaries in BIN
+# Writes loadtest/results/fleet/fleet-<EDGES>.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+WORK=$(mktemp -d /tmp/moltghost-fleet.XXXX)
+N=${EDGES:-10}
+RT_PORT=19500
+. loadtest/bench-lib.sh
+
+if [ "$BIN" = "${CARGO_TARGET_DIR:-$ROOT/target}/release" ]; then
+  echo "== building (release)"
+  cargo build --release --workspace --bins -q
+fi
+DB=moltghost_fleet_$$
+PG=${PG_URL:-postgres://postgres@127.0.0.1:5432}
+psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE $DB"
+drop_db() { cleanup; psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true; }
+trap drop_db EXIT
+
+# A fleet shares its secrets (conf/fleet.toml): keys made through one edge work on every edge.
+MOLTGHOST_KEY_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+MOLTGHOST_ADMIN_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export MOLTGHOST_KEY_SECRET MOLTGHOST_ADMIN_SECRET
+"$BIN/agent-runtime" --listen 127.0.0.1:$RT_PORT > "$WORK/runtime.log" 2>&1 & PIDS+=($!)
+wait_port $RT_PORT
+EDGES_JSON=""
+for i in $(seq 1 "$N"); do
+  port=$((18500 + i)) admin=$((19500 + i))
+  { bench_edge_conf $port $admin e$i bench "http://127.0.0.1:$RT_PORT"; printf '[store]\nurl = "%s/%s"\n' "$PG" "$DB"; } > "$WORK/e$i.toml"
+  "$BIN/moltghost-proxy" --config "$WORK/e$i.toml" > "$WORK/e$i.log" 2>&1 & PIDS+=($!)
+  wait_port $port; wait_port $admin
+  token=$("$BIN/moltghost" --data-dir "$WORK/e$i" token --ttl 2h)
+  EDGES_JSON+="${EDGES_JSON:+,}{\"port\":$port,\"admin\":$admin,\"token\":\"$token\"}"
+done
+echo "== $N edges up on database $DB"
+mkdir -p loadtest/results/fleet
+printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2}' \
+  "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" \
+  | python3 loadtest/fleet.py | tee "loadtest/results/fleet/fleet-$N.json"
