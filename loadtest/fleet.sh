@@ -8,7 +8,7 @@
 #   loadtest/fleet.sh                          # 10 edges
 #   EDGES=20 ROUNDS=20 RATE=400 loadtest/fleet.sh
 #   BIN=/some/release loadtest/fleet.sh        # the binaries in BIN
-# Writes loadtest/results/fleet/fleet-<EDGES>.json.
+# Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -46,4 +46,4 @@ echo "== $N edges up on database $DB"
 mkdir -p loadtest/results/fleet
 printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2}' \
   "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" \
-  | python3 loadtest/fleet.py | tee "loadtest/results/fleet/fleet-$N.json"
+  | python3 loadtest/fleet.py | tee "loadtest/results/fleet/fleet-$N-${RATE:-200}.json"
