@@ -6,6 +6,9 @@
   round: p50, p99 and max.
 - The store's load, idle and under traffic: PostgreSQL's transactions, rows written and read,
   connections, and the CPU of every postgres process, per second; under traffic also per request.
+- Rate accuracy under skew (with "rate_seconds" > 0): one key of an account whose plan allows
+  "rate_rpm" requests a minute, offered 1.5 times that, 90% through the first edge and the rest
+  spread over the others, for "rate_seconds"; how many the fleet admitted against the plan.
 
 Standard library only. Arguments: JSON on stdin (see fleet.sh).
 """
@@ -159,7 +162,59 @@ def traffic(key):
     return sum(done)
 
 
+def rate_accuracy():
+    """Admitted requests of one rate-limited key under skewed load, against its plan."""
+    a = edges[0]
+    admin(a, "POST", "/v1/admin/accounts", {"name": "rated", "plan": "rated"})
+    admin(a, "POST", "/v1/admin/agents", {"name": "rated", "endpoint_id": "rated",
+                                          "upstream": cfg["upstream"], "account": "rated"})
+    key = admin(a, "POST", "/v1/admin/keys", {"name": "rated", "account": "rated"})["key"]
+    time.sleep(1)  # every edge has the new account, agent and key
+    offered = 1.5 * cfg["rate_rpm"] / 60
+    shares = [0.9] + [0.1 / (len(edges) - 1)] * (len(edges) - 1) if len(edges) > 1 else [1.0]
+    seconds_ = cfg["rate_seconds"]
+    admitted = [0] * len(edges)
+    refused = [0] * len(edges)
+
+    def drive(i, e):
+        per = offered * shares[i]
+        conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=5)
+        start = time.monotonic()
+        n = 0
+        while start + n / per - start < seconds_:
+            due = start + n / per
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            try:
+                conn.request("POST", "/v1/chat/completions", BODY, {
+                    "Host": f"rated.agent.localhost:{e['port']}", "Authorization": f"Bearer {key}",
+                    "Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                if r.status == 200:
+                    admitted[i] += 1
+                else:  # the plan's refusal (limits.rate_limit_status)
+                    refused[i] += 1
+            except (OSError, http.client.HTTPException):
+                conn.close()
+            n += 1
+        conn.close()
+
+    threads = [threading.Thread(target=drive, args=(i, e)) for i, e in enumerate(edges)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    allowed = cfg["rate_rpm"] * seconds_ / 60
+    total = sum(admitted)
+    return {"plan_rpm": cfg["rate_rpm"], "seconds": seconds_, "offered": round(offered * seconds_),
+            "shares": [round(s, 3) for s in shares], "admitted": total, "refused": sum(refused),
+            "allowed_by_plan": allowed, "error_pct": 100 * (total - allowed) / allowed}
+
+
 result = {"edges": len(edges), "revocation": revocation()}
+if cfg.get("rate_seconds"):
+    result["rate"] = rate_accuracy()
 time.sleep(2)
 a = pg_stats()
 time.sleep(seconds)

@@ -8,7 +8,9 @@
 #   loadtest/fleet.sh                          # 10 edges
 #   EDGES=20 ROUNDS=20 RATE=400 loadtest/fleet.sh
 #   BIN=/some/release loadtest/fleet.sh        # the binaries in BIN
-# Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>.json.
+#   RATE_SECONDS=60 EDGES=3 loadtest/fleet.sh  # also rate accuracy: a 600-a-minute plan
+#                                              # offered 1.5x, 90% through one edge
+# Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -36,7 +38,10 @@ wait_port $RT_PORT
 EDGES_JSON=""
 for i in $(seq 1 "$N"); do
   port=$((18500 + i)) admin=$((19500 + i))
-  { bench_edge_conf $port $admin e$i bench "http://127.0.0.1:$RT_PORT"; printf '[store]\nurl = "%s/%s"\n' "$PG" "$DB"; } > "$WORK/e$i.toml"
+  { bench_edge_conf $port $admin e$i bench "http://127.0.0.1:$RT_PORT"
+    printf '[store]\nurl = "%s/%s"\n' "$PG" "$DB"
+    printf '[[plans]]\nname = "rated"\nrequests_per_minute = %s\ntokens_per_month = 100000000000\nconcurrent_streams = 1000\n' "${RATE_RPM:-600}"
+  } > "$WORK/e$i.toml"
   "$BIN/moltghost-proxy" --config "$WORK/e$i.toml" > "$WORK/e$i.log" 2>&1 & PIDS+=($!)
   wait_port $port; wait_port $admin
   token=$("$BIN/moltghost" --data-dir "$WORK/e$i" token --ttl 2h)
@@ -44,6 +49,7 @@ for i in $(seq 1 "$N"); do
 done
 echo "== $N edges up on database $DB"
 mkdir -p loadtest/results/fleet
-printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2}' \
-  "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" \
-  | python3 loadtest/fleet.py | tee "loadtest/results/fleet/fleet-$N-${RATE:-200}.json"
+OUT=loadtest/results/fleet/fleet-$N-${RATE:-200}$([ "${RATE_SECONDS:-0}" = 0 ] || echo "-rpm${RATE_RPM:-600}").json
+printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2,"upstream":"http://127.0.0.1:%s","rate_rpm":%s,"rate_seconds":%s}' \
+  "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" "$RT_PORT" "${RATE_RPM:-600}" "${RATE_SECONDS:-0}" \
+  | python3 loadtest/fleet.py | tee "$OUT"
