@@ -8,6 +8,7 @@
 #   loadtest/fleet.sh                          # 10 edges
 #   EDGES=20 ROUNDS=20 RATE=400 loadtest/fleet.sh
 #   BIN=/some/release loadtest/fleet.sh        # the binaries in BIN
+#   STORE_CONNECTIONS=2 loadtest/fleet.sh      # each edge's pool capped (store.max_connections)
 #   RATE_SECONDS=60 EDGES=3 loadtest/fleet.sh  # also rate accuracy: a 600-a-minute plan
 #                                              # offered 1.5x, 90% through one edge
 # Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>].json.
@@ -40,6 +41,7 @@ for i in $(seq 1 "$N"); do
   port=$((18500 + i)) admin=$((19500 + i))
   { bench_edge_conf $port $admin e$i bench "http://127.0.0.1:$RT_PORT"
     printf '[store]\nurl = "%s/%s"\n' "$PG" "$DB"
+    [ -z "${STORE_CONNECTIONS:-}" ] || printf 'max_connections = %s\n' "$STORE_CONNECTIONS"
     printf '[[plans]]\nname = "rated"\nrequests_per_minute = %s\ntokens_per_month = 100000000000\nconcurrent_streams = 1000\n' "${RATE_RPM:-600}"
   } > "$WORK/e$i.toml"
   "$BIN/moltghost-proxy" --config "$WORK/e$i.toml" > "$WORK/e$i.log" 2>&1 & PIDS+=($!)

@@ -105,7 +105,8 @@ fn prepare(
         .expect("a tokio runtime");
     let snapshot = rt
         .block_on(async {
-            let store = Store::open(&cfg.fixed.store.url, dir).await?;
+            let s = &cfg.fixed.store;
+            let store = Store::open_pooled(&s.url, dir, s.max_connections).await?;
             control::seed(&store, cfg).await?;
             let shipped = Journal::ship_orphans(dir, &store).await?;
             if shipped > 0 {
@@ -241,11 +242,9 @@ impl BackgroundService for ControlPlane {
     async fn start(&self, shutdown: ShutdownWatch) {
         let control = self.control.clone();
         let store = loop {
-            match Store::open(
-                &control.cfg().fixed.store.url,
-                &control.cfg().fixed.edge.data_dir,
-            )
-            .await
+            let cfg = control.cfg();
+            let s = &cfg.fixed.store;
+            match Store::open_pooled(&s.url, &cfg.fixed.edge.data_dir, s.max_connections).await
             {
                 Ok(s) => break s,
                 Err(e) => {

@@ -124,6 +124,7 @@ pub struct FileStore {
     pub url: Option<String>,
     pub poll_interval: Option<String>,
     pub last_used_flush: Option<String>,
+    pub max_connections: Option<u32>,
 }
 
 /// One of `[[plugins]]`.

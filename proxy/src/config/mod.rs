@@ -111,6 +111,9 @@ pub struct StoreSettings {
     pub poll_interval: Duration,
     /// How often key last-used times are written.
     pub last_used_flush: Duration,
+    /// The most connections the edge's pool opens (`None`: 8 to PostgreSQL, 4 to SQLite);
+    /// the change listener takes one more.
+    pub max_connections: Option<u32>,
 }
 
 /// Limits that size structures or tasks made once at start.
@@ -414,6 +417,8 @@ mod tests {
         let e = Config::from_toml("[[agents]]\nid = \"A_B\"\nupstream = \"http://127.0.0.1:1\"")
             .unwrap_err();
         assert!(e.0.contains("agents[0].id"), "{e}");
+        let e = Config::from_toml("[store]\nmax_connections = 1").unwrap_err();
+        assert!(e.0.contains("store.max_connections"), "{e}");
         let e = Config::from_toml("[edge]\nnope = 1").unwrap_err();
         assert!(e.0.contains("nope"), "{e}");
         let e = Config::from_toml(

@@ -113,10 +113,14 @@ fn store(f: FileStore) -> Result<StoreSettings, ConfigError> {
             format!("expected sqlite://PATH or postgres://..., got {url:?}"),
         ));
     }
+    if f.max_connections.is_some_and(|n| !(2..=1000).contains(&n)) {
+        return Err(bad("store.max_connections", "must be between 2 and 1000"));
+    }
     Ok(StoreSettings {
         url,
         poll_interval: duration("store.poll_interval", &f.poll_interval, millis(500))?,
         last_used_flush: duration("store.last_used_flush", &f.last_used_flush, secs(10))?,
+        max_connections: f.max_connections,
     })
 }
 

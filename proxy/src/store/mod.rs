@@ -205,9 +205,19 @@ fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
 }
 
 impl Store {
-    /// Connects to `url` (`sqlite://PATH`, relative to `data_dir`, or `postgres://…`) and brings
-    /// the schema up to date.
+    /// Connects to `url` (`sqlite://PATH`, relative to `data_dir`, or `postgres://…`) with the
+    /// default pool and brings the schema up to date.
     pub async fn open(url: &str, data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_pooled(url, data_dir, None).await
+    }
+
+    /// As [`Store::open`], with at most `max_connections` in the pool (`None`: 8 to
+    /// PostgreSQL, 4 to SQLite).
+    pub async fn open_pooled(
+        url: &str,
+        data_dir: &Path,
+        max_connections: Option<u32>,
+    ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let postgres = url.starts_with("postgres");
         let url = if let Some(path) = url
@@ -228,7 +238,7 @@ impl Store {
             url.to_owned()
         };
         let pool = AnyPoolOptions::new()
-            .max_connections(if postgres { 8 } else { 4 })
+            .max_connections(max_connections.unwrap_or(if postgres { 8 } else { 4 }))
             // Fail fast when the store is gone: the edge keeps serving from its snapshot.
             .acquire_timeout(std::time::Duration::from_secs(3))
             .after_connect(move |conn, _| {
