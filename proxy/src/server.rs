@@ -244,8 +244,7 @@ impl BackgroundService for ControlPlane {
         let store = loop {
             let cfg = control.cfg();
             let s = &cfg.fixed.store;
-            match Store::open_pooled(&s.url, &cfg.fixed.edge.data_dir, s.max_connections).await
-            {
+            match Store::open_pooled(&s.url, &cfg.fixed.edge.data_dir, s.max_connections).await {
                 Ok(s) => break s,
                 Err(e) => {
                     control.status().failed(&e);

@@ -6,7 +6,8 @@
 //! its answer carries them in `x-stream-said`, `x-stream-ready` and `x-stream-count`; any other
 //! status answers 403
 //! with `x-stream-status: grpc <code> <message>`. With `x-stream-mode: cancel` the plugin cancels
-//! the stream after the first reply and resumes at once. A stream that cannot be opened answers
+//! the stream after the first reply and resumes at once; with `x-stream-mode: leave` it lets
+//! the request go on at once and leaves the stream open (it ends with the request). A stream that cannot be opened answers
 //! 502 with the host's status in `x-stream-status`.
 //!
 //! Its root context also keeps a stream open to `echo.Echo/Feed` (opened on its first tick),
@@ -151,6 +152,10 @@ impl HttpContext for Talk {
         };
         for word in say.split(',') {
             let _ = self.send_grpc_stream_message(token, Some(word.as_bytes()), false);
+        }
+        let mode = self.get_http_request_header("x-stream-mode");
+        if mode.as_deref() == Some("leave") {
+            return Action::Continue;
         }
         if !self.cancel {
             let _ = self.close_grpc_stream(token);

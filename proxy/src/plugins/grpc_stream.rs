@@ -97,6 +97,8 @@ struct Open {
 /// The streams one owner has open, and what they brought back not yet delivered.
 pub struct Streams {
     open: HashMap<u32, Open>,
+    /// Every stream ever opened here, for the host to forget when the owner ends.
+    opened: Vec<u32>,
     /// Closes the edge decided ([`StreamOp::Fail`]), delivered before what the queue holds.
     failed: VecDeque<(u32, StreamEvent)>,
     tx: mpsc::Sender<(u32, StreamEvent)>,
@@ -112,6 +114,7 @@ impl Streams {
         let (tx, rx) = mpsc::channel(EVENTS);
         Self {
             open: HashMap::new(),
+            opened: Vec::new(),
             failed: VecDeque::new(),
             tx,
             rx,
@@ -128,6 +131,7 @@ impl Streams {
                     let (body, outgoing) = mpsc::unbounded_channel();
                     let token = req.token;
                     let task = tokio::spawn(run(req, outgoing, self.tx.clone(), self.max_message));
+                    self.opened.push(token);
                     self.open.insert(
                         token,
                         Open {
@@ -165,6 +169,11 @@ impl Streams {
                 }
             }
         }
+    }
+
+    /// Every stream opened here (the host's record of each must end with the owner).
+    pub fn opened(&self) -> &[u32] {
+        &self.opened
     }
 
     /// True while a stream is open (it will bring back at least its close).

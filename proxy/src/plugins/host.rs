@@ -667,6 +667,14 @@ impl Vm {
         })
     }
 
+    /// Forgets streams `tokens` (their owner, a request, ended: they are reset with it).
+    pub fn forget_streams(&mut self, tokens: &[u32]) {
+        let streams = &mut self.store.data_mut().streams;
+        for t in tokens {
+            streams.remove(t);
+        }
+    }
+
     /// Tells the root context that shared queue `id` has items (`proxy_on_queue_ready`).
     pub fn queue_ready(&mut self, id: u32) -> Result<(), String> {
         if let Some(f) = self.exports.queue_ready.clone() {

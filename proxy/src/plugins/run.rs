@@ -197,8 +197,17 @@ impl PluginRun {
     fn failed<T>(&mut self, k: usize, reason: &str) -> Result<Option<T>, Verdict> {
         let plugin = &self.set.plugins[self.parts[k].plugin];
         let name = &plugin.cfg.name;
+        if let (Some(streams), Some((_, g))) = (self.parts[k].streams.take(), self.parts[k].context)
+        {
+            // Its streams end here: the VM (if it is still the same) must not count them.
+            let _ = with_vm(plugin, |vm, generation| {
+                if generation == g {
+                    vm.forget_streams(streams.opened());
+                }
+                Ok(())
+            });
+        }
         self.parts[k].context = None;
-        self.parts[k].streams = None;
         if plugin.cfg.fail_open {
             self.decisions.push(format!("{name}:skipped"));
             tracing::debug!(plugin = %name, error = %reason, "plugin skipped (fail open)");
@@ -470,10 +479,14 @@ impl PluginRun {
             };
             let plugin = &set.plugins[part.plugin];
             let exchange = &mut self.exchange;
+            let streams = part.streams.as_ref().map_or(&[][..], |s| s.opened());
             let _ = with_vm(plugin, |vm, generation| {
                 if generation != g {
                     return Ok(());
                 }
+                // The request's streams end with it (dropped with this run): the VM, which
+                // serves other requests, must not count them any more.
+                vm.forget_streams(streams);
                 vm.finish(id, exchange)
             });
         }
