@@ -361,7 +361,7 @@ mod streams {
         let host = c.data_mut();
         if host.streams.len() >= MAX_STREAMS {
             host.shared.unsupported(
-                "proxy_grpc_stream (over 16 open)",
+                "proxy_grpc_stream (over 256 open in this VM)",
                 Status::InternalFailure as i32,
             );
             return Status::InternalFailure as i32;
@@ -391,7 +391,7 @@ mod streams {
         Status::Ok as i32
     }
 
-    /// `proxy_grpc_send`. A stream whose plugin has sent 16 MiB more than the upstream took
+    /// `proxy_grpc_send`. A stream whose plugin has sent 1 MiB more than the upstream took
     /// is reset (`RESOURCE_EXHAUSTED` to its close callback): the SDKs expect a send to succeed.
     pub(in super::super) fn send(host: &mut Host, token: u32, message: &[u8], end: bool) -> Status {
         let Some(s) = host.streams.get_mut(&token) else {
@@ -409,7 +409,7 @@ mod streams {
         if s.queued.load(Relaxed) + framed.len() > MAX_QUEUED_BYTES {
             s.local_closed = true;
             host.shared.unsupported(
-                "proxy_grpc_send (over 16 MiB waiting: the stream is reset)",
+                "proxy_grpc_send (over 1 MiB waiting: the stream is reset)",
                 Status::Ok as i32,
             );
             host.stream_ops.push(StreamOp::Fail(

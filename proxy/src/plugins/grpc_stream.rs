@@ -28,12 +28,13 @@ use tokio::sync::mpsc;
 use super::abi::Headers;
 use super::grpc::{self, code};
 
-/// Streams one owner may have open at once (past it `proxy_grpc_stream` answers
+/// Streams one VM may have open at once: a plugin on one worker thread, all its requests
+/// together, or its background instance (past it `proxy_grpc_stream` answers
 /// `InternalFailure`, logged once).
-pub const MAX_STREAMS: usize = 16;
-/// Bytes a stream may have waiting to be sent (past it `proxy_grpc_send` answers
-/// `InternalFailure`, logged once).
-pub const MAX_QUEUED_BYTES: usize = 16 << 20;
+pub const MAX_STREAMS: usize = 256;
+/// Bytes a stream may have sent and not yet taken by the upstream (past it the stream is
+/// reset: its close says `RESOURCE_EXHAUSTED`). With [`MAX_STREAMS`], at most 256 MiB a VM.
+pub const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// Events the streams of one owner may have waiting to be delivered.
 const EVENTS: usize = 64;
 
