@@ -525,16 +525,7 @@ fn properties(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let path = try_status!(read(&mut c, pp, pl), Status::InvalidMemoryAccess);
             let name = try_status!(abi::property_name(&path), Status::BadArgument);
             let host = c.data();
-            let value = match name.as_str() {
-                "plugin_name" => Some(host.shared.name.as_bytes().to_vec()),
-                "plugin_root_id" | "root_id" => Some(host.shared.root_id.as_bytes().to_vec()),
-                "plugin_vm_id" | "vm_id" => Some(host.shared.vm_id.as_bytes().to_vec()),
-                _ => host
-                    .exchange
-                    .as_ref()
-                    .and_then(|ex| ex.set_properties.get(&name).cloned())
-                    .or_else(|| property(&path, &name, host)),
-            };
+            let value = super::properties::get(&name, host.exchange.as_ref(), &host.shared);
             let value = try_status!(value, Status::NotFound);
             Ok(give(&mut c, &value, ret_ptr, ret_size)? as i32)
         },
@@ -657,19 +648,4 @@ fn metrics(l: &mut Linker<Host>) -> wasmtime::Result<()> {
 /// A plugin's metric by id: its kind (0 counter, 1 gauge, 2 histogram) and its value.
 fn metric(host: &Host, id: i32) -> Option<(i32, Arc<AtomicI64>)> {
     host.shared.metric(id as u32)
-}
-
-/// A property by its path's segments (as the SDKs send them, NUL-separated), or by its dotted
-/// name split at the dots (for a plugin that asks for `request.path` as one segment).
-fn property(path: &[u8], dotted: &str, host: &Host) -> Option<Vec<u8>> {
-    let ex = host.exchange.as_ref();
-    let node = &host.shared.node;
-    let raw = std::str::from_utf8(path).ok()?;
-    let segments: Vec<&str> = raw.split('\0').collect();
-    super::properties::lookup(&segments, ex, node).or_else(|| {
-        let parts: Vec<&str> = dotted.split('.').collect();
-        (parts.len() != segments.len())
-            .then(|| super::properties::lookup(&parts, ex, node))
-            .flatten()
-    })
 }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::abi::{self, Headers};
-use super::host::Exchange;
+use super::host::{Exchange, Shared};
 use crate::policy::Admission;
 
 /// The edge as Envoy's `node`: its id in the fleet and the operator's metadata
@@ -75,13 +75,22 @@ impl ConnectionId {
     }
 }
 
-/// The value of the property at `path` (its segments), or `None` (`NotFound`). `ex` is the
-/// request's exchange (none in a root context); `node` and the plugin's own ids are answered
-/// by the caller's host.
-pub fn lookup(path: &[&str], ex: Option<&Exchange>, node: &Node) -> Option<Vec<u8>> {
-    match path {
-        ["node", rest @ ..] | ["xds", "node", rest @ ..] => node_property(rest, node),
-        _ => request_property(path, ex?),
+/// The value of property `name` (its path's segments joined by dots, as
+/// [`abi::property_name`] makes it: a plugin may send Envoy's segments or one dotted name), or
+/// `None` (`NotFound`). `ex` is the request's exchange (none in a root context); `plugin` is
+/// what the asking plugin's VMs share. A property a plugin set comes first.
+pub fn get(name: &str, ex: Option<&Exchange>, plugin: &Shared) -> Option<Vec<u8>> {
+    if let Some(v) = ex.and_then(|ex| ex.set_properties.get(name)) {
+        return Some(v.clone());
+    }
+    let path: Vec<&str> = name.split('.').collect();
+    let bytes = |s: &str| Some(s.as_bytes().to_vec());
+    match path.as_slice() {
+        ["plugin_name"] => bytes(&plugin.name),
+        ["plugin_root_id" | "root_id"] => bytes(&plugin.root_id),
+        ["plugin_vm_id" | "vm_id"] => bytes(&plugin.vm_id),
+        ["node", rest @ ..] | ["xds", "node", rest @ ..] => node_property(rest, &plugin.node),
+        path => request_property(path, ex?),
     }
 }
 
@@ -134,10 +143,11 @@ fn request_property(path: &[&str], ex: &Exchange) -> Option<Vec<u8>> {
         ["request", "size"] => int(facts.body_size),
         ["request", "total_size"] => int(facts.head_size + facts.body_size),
         ["request", "headers"] => Some(encode(request)),
-        ["request", "headers", name] => header(request, name),
+        // A header name may hold dots: everything after `headers` is the name.
+        ["request", "headers", name @ ..] => header(request, &name.join(".")),
         ["response", "headers"] => Some(encode(&ex.response_headers)),
-        ["response", "headers", name] => header(&ex.response_headers, name),
-        ["response", "trailers", name] => header(&ex.response_trailers, name),
+        ["response", "headers", name @ ..] => header(&ex.response_headers, &name.join(".")),
+        ["response", "trailers", name @ ..] => header(&ex.response_trailers, &name.join(".")),
         ["response", "code"] => int(u64::from(ex.response_code?)),
         ["response", "code_details"] => ex.response_code.map(|_| b"via_upstream".to_vec()),
         ["response", "size" | "total_size"] => {
@@ -157,7 +167,7 @@ fn request_property(path: &[&str], ex: &Exchange) -> Option<Vec<u8>> {
         ["connection", "requested_server_name"] => facts.server_name.as_deref().and_then(bytes),
         // The agent is the edge's "cluster", and the route its route.
         ["cluster_name"] | ["xds", "cluster_name"] => bytes(&agent.endpoint_id),
-        ["route_name"] | ["xds", "route_name"] | ["moltghost", "route"] => bytes(&facts.route),
+        ["route_name"] | ["xds", "route_name"] => bytes(&facts.route),
         // The edge's own facts, also as the dynamic metadata it publishes (Envoy filters
         // publish theirs under their name).
         ["moltghost", key] | ["metadata", "filter_metadata", "moltghost", key] => match *key {
@@ -206,28 +216,26 @@ fn protocol(v: http::Version) -> &'static str {
 mod tests {
     use super::*;
 
-    fn node() -> Node {
-        Node {
+    fn plugin() -> Shared {
+        Shared::new("p", Vec::new()).with_node(std::sync::Arc::new(Node {
             id: "edge-1".into(),
             metadata: BTreeMap::from([("region".into(), "eu".into()), ("a.b".into(), "c".into())]),
-        }
+        }))
     }
 
     #[test]
-    fn the_node_is_known_in_every_context() {
-        let n = node();
-        let get = |p: &[&str]| lookup(p, None, &n);
-        assert_eq!(get(&["node", "id"]), Some(b"edge-1".to_vec()));
-        assert_eq!(get(&["xds", "node", "id"]), Some(b"edge-1".to_vec()));
-        assert_eq!(get(&["node", "metadata", "region"]), Some(b"eu".to_vec()));
-        assert_eq!(
-            get(&["xds", "node", "metadata", "a.b"]),
-            Some(b"c".to_vec())
-        );
-        assert_eq!(get(&["node", "metadata", "a", "b"]), Some(b"c".to_vec()));
-        assert_eq!(get(&["node", "metadata", "nope"]), None);
-        assert_eq!(get(&["node", "metadata"]), None);
+    fn the_node_and_the_plugin_are_known_in_every_context() {
+        let p = plugin();
+        let get = |path: &[u8]| get(&abi::property_name(path).unwrap(), None, &p);
+        assert_eq!(get(b"node\0id"), Some(b"edge-1".to_vec()));
+        assert_eq!(get(b"xds\0node\0id"), Some(b"edge-1".to_vec()));
+        assert_eq!(get(b"node.id"), Some(b"edge-1".to_vec()));
+        assert_eq!(get(b"node\0metadata\0region"), Some(b"eu".to_vec()));
+        assert_eq!(get(b"xds\0node\0metadata\0a.b"), Some(b"c".to_vec()));
+        assert_eq!(get(b"node\0metadata\0nope"), None);
+        assert_eq!(get(b"node\0metadata"), None);
+        assert_eq!(get(b"plugin_name"), Some(b"p".to_vec()));
         // A root context has no request.
-        assert_eq!(get(&["request", "path"]), None);
+        assert_eq!(get(b"request\0path"), None);
     }
 }
