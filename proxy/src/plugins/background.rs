@@ -144,16 +144,11 @@ impl Background {
             let Some(vm) = self.vm.as_mut() else {
                 return Ok(());
             };
-            let outbox = vm.take_outbox();
-            if !outbox.streams.is_empty() {
-                self.streams
-                    .get_or_insert_with(|| Streams::new(limit))
-                    .apply(outbox.streams);
-            }
-            if outbox.calls.is_empty() {
+            let calls = vm.take_outbox().open_streams(&mut self.streams, limit);
+            if calls.is_empty() {
                 return Ok(());
             }
-            for (token, answer) in callout::perform_all(outbox.calls, limit).await {
+            for (token, answer) in callout::perform_all(calls, limit).await {
                 vm.call_response(token, answer, &mut Exchange::default())?;
             }
         }

@@ -119,9 +119,19 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Nothing asked.
-    pub fn is_empty(&self) -> bool {
-        self.calls.is_empty() && self.streams.is_empty()
+    /// Carries out what was asked of the streams in `streams` (made on the first open; reply
+    /// messages up to `max_message` bytes), and gives back the calls to make.
+    pub fn open_streams(
+        self,
+        streams: &mut Option<super::grpc_stream::Streams>,
+        max_message: usize,
+    ) -> Vec<CallRequest> {
+        if !self.streams.is_empty() {
+            streams
+                .get_or_insert_with(|| super::grpc_stream::Streams::new(max_message))
+                .apply(self.streams);
+        }
+        self.calls
     }
 }
 
@@ -129,14 +139,21 @@ impl Outbox {
 enum Callback {
     /// `proxy_on_http_call_response`: headers, body size, trailers.
     Http((i32, i32, i32)),
+    /// One of the gRPC callbacks, with its one argument.
+    Grpc(GrpcCallback, i32),
+}
+
+/// The gRPC callbacks, all `(root context, token, n)`.
+#[derive(Clone, Copy)]
+enum GrpcCallback {
     /// `proxy_on_grpc_receive`: the message's size.
-    GrpcReceive(i32),
+    Receive,
     /// `proxy_on_grpc_close`: the gRPC status code.
-    GrpcClose(i32),
+    Close,
     /// `proxy_on_grpc_receive_initial_metadata`: the number of headers.
-    GrpcInitialMetadata(i32),
+    InitialMetadata,
     /// `proxy_on_grpc_receive_trailing_metadata`: the number of trailers.
-    GrpcTrailingMetadata(i32),
+    TrailingMetadata,
 }
 
 /// What a callback for a call or stream is given: the answer it may read, the status
@@ -573,12 +590,13 @@ impl Vm {
                     body: message,
                     ..CallResponse::default()
                 };
-                (r, None, Callback::GrpcReceive(len))
+                (r, None, Callback::Grpc(GrpcCallback::Receive, len))
             }
             Answer::Grpc(Err(e)) => {
                 let code = e.code as i32;
                 let status = Some((e.code, e.message));
-                (CallResponse::default(), status, Callback::GrpcClose(code))
+                let callback = Callback::Grpc(GrpcCallback::Close, code);
+                (CallResponse::default(), status, callback)
             }
             Answer::Stream(event) => match self.stream_event(token, event) {
                 Some(delivery) => delivery,
@@ -598,20 +616,14 @@ impl Vm {
                 Some(f) => f.call(&mut self.store, (root, token, h, b, t)),
                 None => Ok(()),
             },
-            Callback::GrpcReceive(len) => match self.exports.grpc_receive.clone() {
-                Some(f) => f.call(&mut self.store, (root, token, len)),
-                None => Ok(()),
-            },
-            Callback::GrpcClose(code) => match self.exports.grpc_close.clone() {
-                Some(f) => f.call(&mut self.store, (root, token, code)),
-                None => Ok(()),
-            },
-            Callback::GrpcInitialMetadata(n) => match self.exports.grpc_initial_metadata.clone() {
-                Some(f) => f.call(&mut self.store, (root, token, n)),
-                None => Ok(()),
-            },
-            Callback::GrpcTrailingMetadata(n) => {
-                match self.exports.grpc_trailing_metadata.clone() {
+            Callback::Grpc(which, n) => {
+                let f = match which {
+                    GrpcCallback::Receive => &self.exports.grpc_receive,
+                    GrpcCallback::Close => &self.exports.grpc_close,
+                    GrpcCallback::InitialMetadata => &self.exports.grpc_initial_metadata,
+                    GrpcCallback::TrailingMetadata => &self.exports.grpc_trailing_metadata,
+                };
+                match f.clone() {
                     Some(f) => f.call(&mut self.store, (root, token, n)),
                     None => Ok(()),
                 }
@@ -630,41 +642,29 @@ impl Vm {
     fn stream_event(&mut self, token: u32, event: StreamEvent) -> Option<Delivery> {
         let streams = &mut self.store.data_mut().streams;
         let state = streams.get_mut(&token)?;
-        let n = |h: &Headers| h.len() as i32;
-        Some(match event {
+        let mut r = CallResponse::default();
+        let (status, which, n) = match event {
             StreamEvent::InitialMetadata(headers) => {
-                let callback = Callback::GrpcInitialMetadata(n(&headers));
-                let r = CallResponse {
-                    headers,
-                    ..CallResponse::default()
-                };
-                (r, None, callback)
+                r.headers = headers;
+                (None, GrpcCallback::InitialMetadata, r.headers.len())
             }
             StreamEvent::Message(body) => {
-                let callback = Callback::GrpcReceive(body.len() as i32);
-                let r = CallResponse {
-                    body,
-                    ..CallResponse::default()
-                };
-                (r, None, callback)
+                r.body = body;
+                (None, GrpcCallback::Receive, r.body.len())
             }
             StreamEvent::TrailingMetadata(trailers) => {
-                let callback = Callback::GrpcTrailingMetadata(n(&trailers));
-                let r = CallResponse {
-                    trailers,
-                    ..CallResponse::default()
-                };
-                (r, None, callback)
+                r.trailers = trailers;
+                (None, GrpcCallback::TrailingMetadata, r.trailers.len())
             }
             StreamEvent::Close(code, message) => {
                 state.remote_closed = true;
                 if state.local_closed {
                     streams.remove(&token);
                 }
-                let callback = Callback::GrpcClose(code as i32);
-                (CallResponse::default(), Some((code, message)), callback)
+                (Some((code, message)), GrpcCallback::Close, code as usize)
             }
-        })
+        };
+        Some((r, status, Callback::Grpc(which, n as i32)))
     }
 
     /// Forgets streams `tokens` (their owner, a request, ended: they are reset with it).

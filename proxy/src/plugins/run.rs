@@ -311,14 +311,8 @@ impl PluginRun {
 
     /// Carries out what plugin `k` asked of its streams; gives back the calls it asked for.
     fn open_streams(&mut self, k: usize, outbox: Outbox) -> Vec<callout::CallRequest> {
-        if !outbox.streams.is_empty() {
-            let limit = self.set.plugins[self.parts[k].plugin].cfg.buffer_bytes;
-            self.parts[k]
-                .streams
-                .get_or_insert_with(|| Streams::new(limit))
-                .apply(outbox.streams);
-        }
-        outbox.calls
+        let limit = self.set.plugins[self.parts[k].plugin].cfg.buffer_bytes;
+        outbox.open_streams(&mut self.parts[k].streams, limit)
     }
 
     /// Plugin `k` paused at the end of a stream with nothing pending that could resume it.
