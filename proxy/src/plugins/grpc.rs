@@ -12,7 +12,7 @@
 //! service or method name that cannot be sent is `InternalFailure` (Envoy: the call could not
 //! start). The Rust SDK traps on any other status from these calls.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use wasmtime::{Caller, Linker};
 
 use super::abi::{self, Status};
@@ -215,28 +215,41 @@ pub fn frame(message: &[u8]) -> Bytes {
 
 /// The one message of a unary reply's body. Compressed frames (the edge asks for none), a
 /// frame cut short, or bytes after it are errors.
-pub fn unframe(mut body: Bytes) -> Result<Bytes, GrpcStatus> {
+pub fn unframe(body: Bytes) -> Result<Bytes, GrpcStatus> {
     if body.is_empty() {
         return Ok(Bytes::new());
     }
-    if body.len() < 5 {
-        return Err(GrpcStatus::new(code::INTERNAL, "a gRPC frame cut short"));
+    match framed_len(&body, usize::MAX)? {
+        Some(len) if body.len() == 5 + len => Ok(body.slice(5..)),
+        Some(_) => Err(GrpcStatus::new(
+            code::INTERNAL,
+            "a gRPC reply is not exactly one message",
+        )),
+        None => Err(GrpcStatus::new(code::INTERNAL, "a gRPC frame cut short")),
     }
-    let compressed = body.get_u8();
-    let len = body.get_u32() as usize;
-    if compressed != 0 {
+}
+
+/// The length of the message framed at the start of `buf`, once all of it is there (`None`
+/// until then). A compressed frame (the edge asks for none) or a message over `max` bytes is
+/// an error.
+pub(super) fn framed_len(buf: &[u8], max: usize) -> Result<Option<usize>, GrpcStatus> {
+    let Some(&[flag, a, b, c, d]) = buf.first_chunk::<5>() else {
+        return Ok(None);
+    };
+    if flag != 0 {
         return Err(GrpcStatus::new(
             code::INTERNAL,
             "a compressed gRPC message (none was asked for)",
         ));
     }
-    if body.len() != len {
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    if len > max {
         return Err(GrpcStatus::new(
-            code::INTERNAL,
-            "a gRPC reply is not exactly one message",
+            code::RESOURCE_EXHAUSTED,
+            "a reply message is too large",
         ));
     }
-    Ok(body)
+    Ok((buf.len() >= 5 + len).then_some(len))
 }
 
 /// The reply's status from its trailers (or, for a trailers-only reply, its headers).

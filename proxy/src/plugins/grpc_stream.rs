@@ -329,25 +329,10 @@ where
 
 /// The next whole message in `pending`, taken out of it; `None` until one has arrived.
 fn next_message(pending: &mut BytesMut, max: usize) -> Result<Option<Bytes>, (u32, String)> {
-    if pending.len() < 5 {
+    let framed = grpc::framed_len(pending, max).map_err(|s| (s.code, s.message))?;
+    let Some(len) = framed else {
         return Ok(None);
-    }
-    let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize;
-    if pending[0] != 0 {
-        return Err((
-            code::INTERNAL,
-            "a compressed gRPC message (none was asked for)".into(),
-        ));
-    }
-    if len > max {
-        return Err((
-            code::RESOURCE_EXHAUSTED,
-            "a reply message is too large".into(),
-        ));
-    }
-    if pending.len() < 5 + len {
-        return Ok(None);
-    }
+    };
     pending.advance(5);
     Ok(Some(pending.split_to(len).freeze()))
 }
