@@ -15,7 +15,6 @@ Standard library only. Arguments: JSON on stdin (see fleet.sh).
 import http.client
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -31,11 +30,12 @@ seconds = cfg["seconds"]
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 
 
-def chat(conn, port, key):
-    """One small chat completion; the status (0 when the connection failed, reopened)."""
+def chat(conn, port, key, host=None):
+    """One small chat completion to agent `host` (the benchmark's by default); the status (0
+    when the connection failed, reopened)."""
     try:
         conn.request("POST", "/v1/chat/completions", BODY, {
-            "Host": f"{agent_host}:{port}", "Authorization": f"Bearer {key}",
+            "Host": f"{host or agent_host}:{port}", "Authorization": f"Bearer {key}",
             "Content-Type": "application/json"})
         r = conn.getresponse()
         r.read()
@@ -57,6 +57,40 @@ def admin(edge, method, path, body=None):
     return json.loads(data)
 
 
+def each_edge(work):
+    """Runs `work(i, edge)` for every edge at once, on a thread each."""
+    threads = [threading.Thread(target=work, args=(i, e)) for i, e in enumerate(edges)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def paced(key, per_edge, duration, host=None):
+    """Open loop: `per_edge[i]` requests a second to edge i for `duration` seconds, each on one
+    kept-alive connection; per edge, how many got 200 and how many something else."""
+    ok = [0] * len(edges)
+    other = [0] * len(edges)
+
+    def drive(i, e):
+        conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=5)
+        start = time.monotonic()
+        n = 0
+        while n / per_edge[i] < duration:
+            due = start + n / per_edge[i]
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            if chat(conn, e["port"], key, host) == 200:
+                ok[i] += 1
+            else:
+                other[i] += 1
+            n += 1
+        conn.close()
+
+    each_edge(drive)
+    return ok, other
+
+
 def until_all(key, want, t0):
     """Polls every edge at once until each answers `want` for `key`; each edge's delay."""
     delays = [None] * len(edges)
@@ -70,11 +104,7 @@ def until_all(key, want, t0):
             time.sleep(0.002)
         conn.close()
 
-    threads = [threading.Thread(target=poll, args=(i, e)) for i, e in enumerate(edges)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    each_edge(poll)
     if any(d is None for d in delays):
         raise SystemExit(f"edges never agreed on {want}: {delays}")
     return delays
@@ -135,31 +165,8 @@ def window(before, after, requests=None, span=None):
 
 def traffic(key):
     """`rate` requests a second spread evenly over the edges for `seconds`; requests that got 200."""
-    done = [0] * len(edges)
-    per_edge = rate / len(edges)
-
-    def drive(i, e):
-        conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=5)
-        start = time.monotonic()
-        n = 0
-        while True:
-            due = start + n / per_edge
-            now = time.monotonic()
-            if due - start >= seconds:
-                break
-            if due > now:
-                time.sleep(due - now)
-            if chat(conn, e["port"], key) == 200:
-                done[i] += 1
-            n += 1
-        conn.close()
-
-    threads = [threading.Thread(target=drive, args=(i, e)) for i, e in enumerate(edges)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done)
+    ok, _ = paced(key, [rate / len(edges)] * len(edges), seconds)
+    return sum(ok)
 
 
 def rate_accuracy():
@@ -173,38 +180,8 @@ def rate_accuracy():
     offered = 1.5 * cfg["rate_rpm"] / 60
     shares = [0.9] + [0.1 / (len(edges) - 1)] * (len(edges) - 1) if len(edges) > 1 else [1.0]
     seconds_ = cfg["rate_seconds"]
-    admitted = [0] * len(edges)
-    refused = [0] * len(edges)
-
-    def drive(i, e):
-        per = offered * shares[i]
-        conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=5)
-        start = time.monotonic()
-        n = 0
-        while start + n / per - start < seconds_:
-            due = start + n / per
-            if due > time.monotonic():
-                time.sleep(due - time.monotonic())
-            try:
-                conn.request("POST", "/v1/chat/completions", BODY, {
-                    "Host": f"rated.agent.localhost:{e['port']}", "Authorization": f"Bearer {key}",
-                    "Content-Type": "application/json"})
-                r = conn.getresponse()
-                r.read()
-                if r.status == 200:
-                    admitted[i] += 1
-                else:  # the plan's refusal (limits.rate_limit_status)
-                    refused[i] += 1
-            except (OSError, http.client.HTTPException):
-                conn.close()
-            n += 1
-        conn.close()
-
-    threads = [threading.Thread(target=drive, args=(i, e)) for i, e in enumerate(edges)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # Anything but 200 is the plan's refusal (limits.rate_limit_status).
+    admitted, refused = paced(key, [offered * sh for sh in shares], seconds_, "rated.agent.localhost")
     allowed = cfg["rate_rpm"] * seconds_ / 60
     total = sum(admitted)
     return {"plan_rpm": cfg["rate_rpm"], "seconds": seconds_, "offered": round(offered * seconds_),

@@ -10,7 +10,8 @@
 #   BIN=/some/release loadtest/fleet.sh        # the binaries in BIN
 #   STORE_CONNECTIONS=2 loadtest/fleet.sh      # each edge's pool capped (store.max_connections)
 #   RATE_SECONDS=60 EDGES=3 loadtest/fleet.sh  # also rate accuracy: a 600-a-minute plan
-#                                              # offered 1.5x, 90% through one edge
+#                                              # offered 1.5x, 90% through one edge (60 s:
+#                                              # the plan's window is a minute)
 # Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
