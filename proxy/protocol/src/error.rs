@@ -108,6 +108,9 @@ pub enum EdgeError {
     /// The edge cannot record usage (its journal cannot be written): a metered request is
     /// refused rather than served unrecorded.
     LedgerUnavailable,
+    /// The edge's share of the account's quota (its lease) is used up and the store did not
+    /// answer its request for more within `limits.lease_wait`.
+    QuotaUnavailable,
 }
 
 impl EdgeError {
@@ -138,7 +141,7 @@ impl EdgeError {
             Self::InvalidIdentity(_) => 401,
             Self::RuntimeUnreachable(_) => 502,
             Self::RequestTimeout(_) => 408,
-            Self::Overloaded | Self::LedgerUnavailable => 503,
+            Self::Overloaded | Self::LedgerUnavailable | Self::QuotaUnavailable => 503,
         }
     }
 
@@ -175,6 +178,7 @@ impl EdgeError {
             Self::RequestTimeout(_) => "request_timeout",
             Self::Overloaded => "overloaded",
             Self::LedgerUnavailable => "ledger_unavailable",
+            Self::QuotaUnavailable => "quota_unavailable",
         }
     }
 
@@ -228,6 +232,9 @@ impl EdgeError {
             Self::LedgerUnavailable => {
                 "The edge cannot record usage right now: retry in a moment".into()
             }
+            Self::QuotaUnavailable => {
+                "The edge cannot reach the account's quota right now: retry in a moment".into()
+            }
             Self::HttpsRequired { .. } => "use https://".into(),
             Self::BodyTooLarge { limit } => {
                 format!("Request body exceeds the limit of {limit} bytes").into()
@@ -255,7 +262,9 @@ impl EdgeError {
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
             Self::RateLimited { retry_after, .. } => vec![("retry-after", retry_after.to_string())],
-            Self::TooManyStreams { .. } | Self::Overloaded => vec![("retry-after", "1".into())],
+            Self::TooManyStreams { .. } | Self::Overloaded | Self::QuotaUnavailable => {
+                vec![("retry-after", "1".into())]
+            }
             Self::QuotaExceeded | Self::AgentTerminated => vec![("x-should-retry", "false".into())],
             Self::AgentPaused => vec![("retry-after", "60".into())],
             Self::AgentInitializing => vec![("retry-after", "60".into())],
@@ -309,6 +318,7 @@ mod tests {
                 "rate_limited",
             ),
             (EdgeError::QuotaExceeded, 429, "quota_exceeded"),
+            (EdgeError::QuotaUnavailable, 503, "quota_unavailable"),
             (EdgeError::AgentPaused, 503, "agent_paused"),
             (EdgeError::AgentInitializing, 202, "agent_initializing"),
             (EdgeError::AgentTerminated, 410, "agent_terminated"),
