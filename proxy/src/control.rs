@@ -161,6 +161,9 @@ pub struct Control {
     pub tunnels: Arc<crate::tunnel::bridge::Tunnels>,
     /// TLS certificates, when the edge terminates TLS.
     pub certs: Option<Arc<crate::tls::CertResolver>>,
+    /// The quota book's requests for draws, until [`Control::follow`] hands them to the
+    /// leasing task.
+    pub lease_asks: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
 }
 
 impl Control {
@@ -236,8 +239,23 @@ impl Control {
     }
 
     /// Follows the store and the process's signals until shutdown: the snapshot, key last-used
-    /// times, the fleet's figures, certificates, SIGHUP reloads, and the drain signal.
+    /// times, the fleet's figures, quota leases, certificates, SIGHUP reloads, and the drain
+    /// signal.
     pub async fn follow(self: Arc<Self>, store: Store, shutdown: ShutdownWatch) {
+        let asks = self
+            .lease_asks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(asks) = asks {
+            let leasing = crate::leasing::Leasing::new(
+                self.plane.clone(),
+                store.clone(),
+                &self.plane.ledger.edge_id,
+            );
+            // Not joined: it answers draws until the process ends, past the drain.
+            tokio::spawn(leasing.run(asks, shutdown.clone()));
+        }
         let _ = tokio::join!(
             tokio::spawn(self.clone().watch(store.clone(), shutdown.clone())),
             tokio::spawn(self.clone().flush(store.clone(), shutdown.clone())),
@@ -311,8 +329,8 @@ impl Control {
     }
 
     /// Every `limits.fleet_sync`: ships the usage journal into the store, tells the fleet this
-    /// edge's key rates and reservations, and learns the others' and the month's totals. Runs
-    /// once more at shutdown, so what was journaled is shipped.
+    /// edge's key rates and learns the others'. Runs once more at shutdown, so what was
+    /// journaled is shipped. (Quotas are kept by leases: [`crate::leasing`].)
     async fn sync_fleet(self: Arc<Self>, store: Store, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(self.cfg().fixed.limits.fleet_sync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -342,11 +360,9 @@ impl Control {
         // A process this one replaced (an upgrade) or that crashed leaves its journal behind.
         crate::ledger::Journal::ship_orphans(&self.cfg().fixed.edge.data_dir, store).await?;
         let now = store::now();
-        let month = crate::quota::month_of(now);
-        let active_since = now - 120;
         let rates: Vec<(String, u64)> = self
             .last_used
-            .active_since(active_since)
+            .active_since(now - 120)
             .into_iter()
             .map(|id| {
                 let n = self.plane.limiter.local_count(&id);
@@ -355,44 +371,11 @@ impl Control {
             .collect();
         let fresh = (self.cfg().fixed.limits.fleet_sync.as_secs() as i64 * 4).max(3);
         let fleet = store
-            .exchange_fleet_state(
-                &self.plane.ledger.edge_id,
-                &month,
-                &rates,
-                &self.plane.quota.reservations(),
-                now,
-                fresh,
-            )
+            .exchange_fleet_state(&self.plane.ledger.edge_id, &rates, now, fresh)
             .await?;
         self.plane
             .limiter
             .set_remote(fleet.rates.into_iter().collect());
-        let reserved: HashMap<String, u64> = fleet.reserved.into_iter().collect();
-        let totals = store
-            .month_totals(&month, &self.plane.ledger.edge_id)
-            .await?;
-        let mut seen: HashSet<String> = HashSet::new();
-        for (account, _mine, others) in &totals {
-            self.plane.quota.set_fleet(
-                account,
-                now,
-                None,
-                *others,
-                reserved.get(account).copied().unwrap_or(0),
-            );
-            seen.insert(account.clone());
-        }
-        for account in self.plane.quota.accounts() {
-            if !seen.contains(&account) {
-                self.plane.quota.set_fleet(
-                    &account,
-                    now,
-                    None,
-                    0,
-                    reserved.get(&account).copied().unwrap_or(0),
-                );
-            }
-        }
         Ok(())
     }
 

@@ -19,6 +19,7 @@ pub mod edge;
 pub mod forward;
 pub mod http;
 pub mod ids;
+pub mod leasing;
 pub mod ledger;
 pub mod lifecycle;
 pub mod limits;

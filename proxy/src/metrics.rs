@@ -33,6 +33,11 @@ pub struct Metrics {
     pub journal_writable: IntGauge,
     /// Client connections refused at the cap, and closed by the edge, by reason.
     pub connections_ended: IntCounterVec,
+    /// Quota lease operations with the store (draw, give_back, renew, reclaim), by result.
+    pub lease_operations: IntCounterVec,
+    /// Tokens drawn into this edge's leases, given back from them, and reclaimed from the
+    /// leases of edges that went quiet.
+    pub lease_tokens: IntCounterVec,
     store_up: IntGauge,
     store_stale: IntGauge,
     generation: IntGauge,
@@ -85,6 +90,16 @@ impl Metrics {
                 &["reason"],
             )
             .expect("valid counter"),
+            lease_operations: IntCounterVec::new(
+                Opts::new("moltghost_quota_lease_operations_total", "Quota lease operations with the store, by op (draw, give_back, renew, reclaim) and result (ok, dry, error)"),
+                &["op", "result"],
+            )
+            .expect("valid counter"),
+            lease_tokens: IntCounterVec::new(
+                Opts::new("moltghost_quota_lease_tokens_total", "Tokens moved between the quota pools and this edge's leases, by direction (drawn, given_back, reclaimed)"),
+                &["direction"],
+            )
+            .expect("valid counter"),
             store_up: IntGauge::new("moltghost_store_up", "1 when the last contact with the store succeeded").expect("valid gauge"),
             store_stale: IntGauge::new("moltghost_store_stale_seconds", "Seconds since the last successful contact with the store").expect("valid gauge"),
             generation: IntGauge::new("moltghost_snapshot_generation", "Store revision the edge serves from").expect("valid gauge"),
@@ -95,6 +110,8 @@ impl Metrics {
             Box::new(m.plugin_time.clone()),
             Box::new(m.tokens.clone()),
             Box::new(m.connections_ended.clone()),
+            Box::new(m.lease_operations.clone()),
+            Box::new(m.lease_tokens.clone()),
         ] {
             m.registry.register(c).expect("unique metric");
         }

@@ -94,11 +94,10 @@ fn prepare(
         .map_err(|e| StartError(format!("edge id in {}: {e}", dir.display())))?;
     let journal = Journal::open(dir)
         .map_err(|e| StartError(format!("usage journal in {}: {e}", dir.display())))?;
-    let quota = QuotaBook::default();
+    let (quota, lease_asks) = QuotaBook::new(cfg.fixed.limits.leases);
 
     // The store's pool belongs to this short-lived runtime; the control plane opens its own.
-    // Before serving: the schema is current, the journal of a previous run is shipped, and the
-    // quota book starts from what the ledger says this edge and the others used this month.
+    // Before serving: the schema is current, and the journal of a previous run is shipped.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -114,13 +113,6 @@ fn prepare(
                     rows = shipped,
                     "shipped the usage journal of a previous run"
                 );
-            }
-            let now = crate::store::now();
-            for (account, mine, others) in store
-                .month_totals(&crate::quota::month_of(now), &edge_id)
-                .await?
-            {
-                quota.set_fleet(&account, now, Some(mine), others, 0);
             }
             let contents = store.contents().await?;
             Ok::<_, crate::store::StoreError>(control::build_snapshot(
@@ -163,6 +155,7 @@ fn prepare(
         reload: tokio::sync::Mutex::new(()),
         tunnels,
         certs,
+        lease_asks: std::sync::Mutex::new(Some(lease_asks)),
     }))
 }
 

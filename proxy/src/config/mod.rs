@@ -123,6 +123,9 @@ pub struct FixedLimits {
     pub rate_sketch_slots: usize,
     /// How often an edge ships its ledger journal and exchanges limit state with the fleet.
     pub fleet_sync: Duration,
+    /// How quota leases are sized and kept (`limits.lease_*`).
+    #[serde(flatten)]
+    pub leases: crate::quota::LeaseSettings,
 }
 
 /// The secrets from the file (else from the environment or generated at start).
@@ -468,6 +471,7 @@ mod tests {
                 "limits.rate_sketch_slots",
             ),
             ("[limits]\nfleet_sync = \"2s\"", "limits.fleet_sync"),
+            ("[limits]\nlease_ttl = \"10s\"", "limits.lease_ttl"),
             ("[tunnel]\nmtu = 1280", "tunnel.mtu"),
             ("[admin]\nkey_secret = \"other\"", "admin.key_secret"),
         ] {

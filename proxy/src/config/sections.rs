@@ -15,6 +15,7 @@ use super::{
 };
 use crate::lifecycle::AgentState;
 use crate::plugins::PluginConfig;
+use crate::quota::LeaseSettings;
 use crate::upstream::UpstreamTarget;
 
 /// The whole config from the whole file.
@@ -132,9 +133,23 @@ fn fixed_limits(f: &FileLimits) -> Result<FixedLimits, ConfigError> {
             "must be between 64 and 16777216",
         ));
     }
+    let leases = LeaseSettings {
+        horizon: duration("limits.lease_horizon", &f.lease_horizon, secs(10))?,
+        ttl: duration("limits.lease_ttl", &f.lease_ttl, secs(30))?,
+        wait: duration("limits.lease_wait", &f.lease_wait, millis(500))?,
+        idle: duration("limits.lease_idle", &f.lease_idle, secs(20))?,
+    };
+    // The store keeps renewal times in whole seconds.
+    if leases.ttl < secs(2) {
+        return Err(bad("limits.lease_ttl", "must be at least 2s"));
+    }
+    if leases.wait > secs(30) {
+        return Err(bad("limits.lease_wait", "must be at most 30s"));
+    }
     Ok(FixedLimits {
         rate_sketch_slots,
         fleet_sync: duration("limits.fleet_sync", &f.fleet_sync, millis(500))?,
+        leases,
     })
 }
 

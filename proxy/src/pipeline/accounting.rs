@@ -192,24 +192,34 @@ mod tests {
     struct Bench {
         dir: tempfile::TempDir,
         book: QuotaBook,
+        limit: u64,
         ledger: Arc<Ledger>,
     }
 
     impl Bench {
         fn new() -> Self {
+            Self::with_quota(1000)
+        }
+
+        /// A bench whose account `a` has a quota of `limit`, all of it leased to this edge.
+        fn with_quota(limit: u64) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let journal = Journal::open(dir.path()).unwrap();
             Self {
-                book: QuotaBook::default(),
+                book: QuotaBook::holding_all("a", limit, crate::store::now()),
                 ledger: Arc::new(Ledger::new(journal, "edge1".into())),
+                limit,
                 dir,
             }
         }
 
-        /// An accounting for account `a` on a quota of `limit`, holding `hold` tokens.
-        fn accounting(&self, limit: u64, hold: u64, hide_usage: bool) -> Accounting {
+        /// An accounting for account `a`, holding `hold` tokens.
+        fn accounting(&self, hold: u64, hide_usage: bool) -> Accounting {
             let now = crate::store::now();
-            let r = self.book.reserve("a", limit, hold, true, now).unwrap();
+            let r = self
+                .book
+                .reserve("a", self.limit, hold, true, now, std::time::Instant::now())
+                .unwrap();
             let payer = Payer {
                 request_id: "req-1".into(),
                 account_id: "a".into(),
@@ -237,11 +247,7 @@ mod tests {
 
         /// What the account has used on this edge.
         fn used(&self) -> u64 {
-            // A fresh reservation of 1 on an unlimited quota reports what is left.
-            let r = self
-                .book
-                .reserve("a", 1_000_000, 1, true, crate::store::now());
-            1_000_000 - r.unwrap().remaining - 1
+            self.book.ask("a", crate::store::now()).unwrap().used
         }
     }
 
@@ -252,7 +258,7 @@ mod tests {
     #[test]
     fn settles_once_with_the_reported_usage() {
         let b = Bench::new();
-        let mut a = b.accounting(1000, 100, false);
+        let mut a = b.accounting(100, false);
         assert_eq!(a.observe(CHUNK), EventKind::Content);
         assert_eq!(a.observe(USAGE), EventKind::UsageOnly);
         a.complete(None);
@@ -267,7 +273,7 @@ mod tests {
     #[test]
     fn estimates_what_was_delivered_when_the_runtime_says_nothing() {
         let b = Bench::new();
-        let mut a = b.accounting(1000, 100, false);
+        let mut a = b.accounting(100, false);
         a.observe(CHUNK);
         a.observe(CHUNK);
         // 2 events, 16 bytes: 4 tokens by the byte estimate, plus the prompt estimate of 10.
@@ -279,7 +285,7 @@ mod tests {
     #[test]
     fn a_failure_before_any_output_bills_nothing_and_writes_no_row() {
         let b = Bench::new();
-        let mut a = b.accounting(1000, 100, false);
+        let mut a = b.accounting(100, false);
         assert_eq!(
             a.settle(Outcome::Failed("upstream_unavailable"))
                 .usage
@@ -294,7 +300,7 @@ mod tests {
     #[test]
     fn a_cancelled_answer_bills_its_prompt() {
         let b = Bench::new();
-        let mut a = b.accounting(1000, 100, false);
+        let mut a = b.accounting(100, false);
         assert_eq!(a.settle(Outcome::Cancelled).usage.total(), 10);
         drop(a);
         assert_eq!(b.rows(), vec![(10, "cancelled".into(), true)]);
@@ -302,8 +308,8 @@ mod tests {
 
     #[test]
     fn cuts_and_settles_when_the_quota_is_crossed() {
-        let b = Bench::new();
-        let mut a = b.accounting(14, 14, false);
+        let b = Bench::with_quota(14);
+        let mut a = b.accounting(14, false);
         a.observe(CHUNK);
         assert_eq!(a.flow(), Flow::Continue); // 10 + 2
         a.observe(CHUNK);
@@ -319,7 +325,7 @@ mod tests {
     fn a_dropped_request_settles_on_drop() {
         let b = Bench::new();
         {
-            let mut a = b.accounting(1000, 100, false);
+            let mut a = b.accounting(100, false);
             a.observe(CHUNK);
         }
         assert_eq!(b.rows(), vec![(12, "dropped".into(), true)]);
@@ -329,10 +335,10 @@ mod tests {
     #[test]
     fn hides_only_the_usage_chunk_the_client_did_not_ask_for() {
         let b = Bench::new();
-        let a = b.accounting(1000, 100, true);
+        let a = b.accounting(100, true);
         assert!(a.hides(EventKind::UsageOnly));
         assert!(!a.hides(EventKind::Content));
-        let a2 = b.accounting(1000, 100, false);
+        let a2 = b.accounting(100, false);
         assert!(!a2.hides(EventKind::UsageOnly));
     }
 

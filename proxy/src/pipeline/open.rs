@@ -73,13 +73,16 @@ impl Pipeline {
                 return Err(EdgeError::LedgerUnavailable)
             }
             Some(cost) => {
-                let reservation = self.plane.quota.reserve(
-                    &admission.account.id,
-                    plan.tokens_per_month,
-                    cost.prompt + cost.completion_cap,
-                    prepared.stream,
-                    crate::store::now(),
-                )?;
+                let reservation = self
+                    .plane
+                    .quota
+                    .admit(
+                        &admission.account.id,
+                        plan.tokens_per_month,
+                        cost.prompt + cost.completion_cap,
+                        prepared.stream,
+                    )
+                    .await?;
                 ctx.tokens_left = Some((reservation.limit, reservation.remaining));
                 let payer = Payer {
                     request_id: ctx.record.request_id.clone(),

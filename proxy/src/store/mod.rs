@@ -10,7 +10,9 @@ use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+mod leases;
 mod status;
+pub use leases::LeaseOf;
 pub use status::StoreStatus;
 
 /// The notification channel on PostgreSQL.
@@ -328,12 +330,14 @@ impl Store {
         >,
     ) -> Result<T, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let out = change(&mut tx).await?;
+        // The write comes first: on SQLite a transaction that begins with a read fails at its
+        // first write (SQLITE_BUSY, without waiting) if another connection wrote meanwhile.
         let rev: i64 =
             sqlx::query("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get(0)?;
+        let out = change(&mut tx).await?;
         if self.postgres {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
@@ -714,14 +718,12 @@ impl Store {
             .map_err(StoreError::from)
     }
 
-    /// Publishes this edge's per-key request rates and per-account reservations, and reads the
-    /// other edges' fresh ones (updated within `fresh_secs`).
+    /// Publishes this edge's per-key request rates, and reads the other edges' fresh ones
+    /// (updated within `fresh_secs`).
     pub async fn exchange_fleet_state(
         &self,
         edge_id: &str,
-        month: &str,
         rates: &[(String, u64)],
-        reservations: &[(String, u64)],
         now: i64,
         fresh_secs: i64,
     ) -> Result<FleetState, StoreError> {
@@ -738,42 +740,17 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        for (account, n) in reservations {
-            sqlx::query(
-                "INSERT INTO fleet_reservations (edge_id, account_id, month, reserved, updated_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (edge_id, account_id, month) DO UPDATE SET reserved = excluded.reserved, updated_at = excluded.updated_at",
-            )
-            .bind(edge_id)
-            .bind(account)
-            .bind(month)
-            .bind(*n as i64)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
         let rates = sqlx::query("SELECT key_id, CAST(SUM(requests) AS BIGINT) FROM fleet_rates WHERE edge_id <> $1 AND updated_at >= $2 GROUP BY key_id")
             .bind(edge_id)
             .bind(now - fresh_secs)
             .fetch_all(&mut *tx)
             .await?;
-        let reserved = sqlx::query(
-            "SELECT account_id, CAST(SUM(reserved) AS BIGINT) FROM fleet_reservations WHERE edge_id <> $1 AND month = $2 AND updated_at >= $3 GROUP BY account_id",
-        )
-        .bind(edge_id)
-        .bind(month)
-        .bind(now - fresh_secs)
-        .fetch_all(&mut *tx)
-        .await?;
         tx.commit().await?;
-        let pairs = |rows: Vec<AnyRow>| -> Result<Vec<(String, u64)>, sqlx::Error> {
-            rows.iter()
-                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u64)))
-                .collect()
-        };
-        Ok(FleetState {
-            rates: pairs(rates)?,
-            reserved: pairs(reserved)?,
-        })
+        let rates = rates
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u64)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(FleetState { rates })
     }
 
     /// Usage summed by `by` (`account`, `key` or `agent`) for `month`, optionally one account's.
@@ -898,8 +875,6 @@ pub struct UsageRow {
 pub struct FleetState {
     /// Per key: the others' one-minute request counts.
     pub rates: Vec<(String, u64)>,
-    /// Per account: the others' tokens reserved in flight.
-    pub reserved: Vec<(String, u64)>,
 }
 
 /// How a usage report is grouped.
