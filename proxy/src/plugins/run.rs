@@ -199,11 +199,9 @@ impl PluginRun {
         let name = &plugin.cfg.name;
         if let (Some(streams), Some((_, g))) = (self.parts[k].streams.take(), self.parts[k].context)
         {
-            // Its streams end here: the VM (if it is still the same) must not count them.
-            let _ = with_vm(plugin, |vm, generation| {
-                if generation == g {
-                    vm.forget_streams(streams.opened());
-                }
+            // Its streams end here: the VM must not count them.
+            on_context_vm(plugin, g, |vm| {
+                vm.forget_streams(streams.opened());
                 Ok(())
             });
         }
@@ -474,10 +472,7 @@ impl PluginRun {
             let plugin = &set.plugins[part.plugin];
             let exchange = &mut self.exchange;
             let streams = part.streams.as_ref().map_or(&[][..], |s| s.opened());
-            let _ = with_vm(plugin, |vm, generation| {
-                if generation != g {
-                    return Ok(());
-                }
+            on_context_vm(plugin, g, |vm| {
                 // The request's streams end with it (dropped with this run): the VM, which
                 // serves other requests, must not count them any more.
                 vm.forget_streams(streams);
@@ -486,6 +481,21 @@ impl PluginRun {
         }
         self.spent += started.elapsed();
     }
+}
+
+/// Runs `f` on this thread's VM of `plugin` if it is still generation `g`, the one holding the
+/// request's context: a VM rebuilt since (after a failure) never heard of the request.
+fn on_context_vm(plugin: &super::Plugin, g: u64, f: impl FnOnce(&mut Vm) -> Result<(), String>) {
+    let _ = with_vm(
+        plugin,
+        |vm, generation| {
+            if generation == g {
+                f(vm)
+            } else {
+                Ok(())
+            }
+        },
+    );
 }
 
 impl Drop for PluginRun {
