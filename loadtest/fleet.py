@@ -6,6 +6,9 @@
   round: p50, p99 and max.
 - The store's load, idle and under traffic: PostgreSQL's transactions, rows written and read,
   connections, and the CPU of every postgres process, per second; under traffic also per request.
+- Quota exactness in a burst (with "quota" > 0): an account with a monthly quota of "quota"
+  tokens, "quota_workers" clients per edge sending 21-token requests back to back, each until
+  its first refusal; the tokens delivered against the quota, what the leases left unused.
 - Rate accuracy under skew (with "rate_seconds" > 0): one key of an account whose plan allows
   "rate_rpm" requests a minute, offered 1.5 times that, 90% through the first edge and the rest
   spread over the others, for "rate_seconds"; how many the fleet admitted against the plan.
@@ -30,19 +33,20 @@ seconds = cfg["seconds"]
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 
 
-def chat(conn, port, key, host=None):
+def chat(conn, port, key, host=None, body=BODY):
     """One small chat completion to agent `host` (the benchmark's by default); the status (0
-    when the connection failed, reopened)."""
+    when the connection failed, reopened) and, for a 200, the tokens its usage says."""
     try:
-        conn.request("POST", "/v1/chat/completions", BODY, {
+        conn.request("POST", "/v1/chat/completions", body, {
             "Host": f"{host or agent_host}:{port}", "Authorization": f"Bearer {key}",
             "Content-Type": "application/json"})
         r = conn.getresponse()
-        r.read()
-        return r.status
+        data = r.read()
+        tokens = json.loads(data)["usage"]["total_tokens"] if r.status == 200 else 0
+        return r.status, tokens
     except (OSError, http.client.HTTPException):
         conn.close()
-        return 0
+        return 0, 0
 
 
 def admin(edge, method, path, body=None):
@@ -80,7 +84,7 @@ def paced(key, per_edge, duration, host=None):
             due = start + n / per_edge[i]
             if due > time.monotonic():
                 time.sleep(due - time.monotonic())
-            if chat(conn, e["port"], key, host) == 200:
+            if chat(conn, e["port"], key, host)[0] == 200:
                 ok[i] += 1
             else:
                 other[i] += 1
@@ -98,7 +102,7 @@ def until_all(key, want, t0):
     def poll(i, e):
         conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=5)
         while time.monotonic() - t0 < 10:
-            if chat(conn, e["port"], key) == want:
+            if chat(conn, e["port"], key)[0] == want:
                 delays[i] = time.monotonic() - t0
                 break
             time.sleep(0.002)
@@ -189,7 +193,49 @@ def rate_accuracy():
             "allowed_by_plan": allowed, "error_pct": 100 * (total - allowed) / allowed}
 
 
+def quota_burst():
+    """Tokens a burst through every edge gets out of one account's quota."""
+    a = edges[0]
+    admin(a, "POST", "/v1/admin/accounts", {"name": "metered", "plan": "metered"})
+    admin(a, "POST", "/v1/admin/agents", {"name": "metered", "endpoint_id": "metered",
+                                          "upstream": cfg["upstream"], "account": "metered"})
+    key = admin(a, "POST", "/v1/admin/keys", {"name": "metered", "account": "metered"})["key"]
+    time.sleep(1)  # every edge has the new account, agent and key
+    body = json.dumps({"model": "m", "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "hi there"}]})
+    delivered = [0] * len(edges)
+    refusals = {}
+    lock = threading.Lock()
+
+    def drive(i, e):
+        def worker():
+            conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=10)
+            while True:
+                status, tokens = chat(conn, e["port"], key, "metered.agent.localhost", body)
+                with lock:
+                    if status != 200:
+                        refusals[status] = refusals.get(status, 0) + 1
+                        break
+                    delivered[i] += tokens
+            conn.close()
+        workers = [threading.Thread(target=worker) for _ in range(cfg["quota_workers"])]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    t0 = time.monotonic()
+    each_edge(drive)
+    total = sum(delivered)
+    return {"quota": cfg["quota"], "workers_per_edge": cfg["quota_workers"],
+            "seconds": time.monotonic() - t0, "delivered": total, "per_edge": delivered,
+            "over": max(0, total - cfg["quota"]), "unused": max(0, cfg["quota"] - total),
+            "refusals": {str(k): v for k, v in sorted(refusals.items())}}
+
+
 result = {"edges": len(edges), "revocation": revocation()}
+if cfg.get("quota"):
+    result["quota"] = quota_burst()
 if cfg.get("rate_seconds"):
     result["rate"] = rate_accuracy()
 time.sleep(2)
