@@ -670,6 +670,26 @@ async fn until_all(edges: &[&Stack], key: &str, want: u16, t0: Instant) -> Vec<D
     delays.into_iter().map(Option::unwrap).collect()
 }
 
+/// A new edge joining a running fleet serves the fleet's keys and agents as soon as it listens:
+/// it loads the store's snapshot before it opens its ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_edge_joins_a_running_fleet_within_seconds() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let a = Stack::start_with(Options {
+        store_url: Some(db.url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let t0 = Instant::now();
+    let b = a.another_edge(&db.url, "").await;
+    let listening = t0.elapsed();
+    let served = until_all(&[&b], &a.key, 200, t0).await[0];
+    println!("a new edge listened after {listening:?} and served the fleet's key after {served:?}");
+    assert!(served < Duration::from_secs(5), "{served:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_of_three_edges_agrees_within_a_second() {
     let Some(db) = PgDb::create().await else {

@@ -460,6 +460,96 @@ impl Drop for PgDb {
     }
 }
 
+/// A PostgreSQL server of a test's own (`initdb` in a temporary directory, run as the `postgres`
+/// user), that the test can stop and start again: a real restart, not a cut connection.
+pub struct PgServer {
+    /// Its URL (database `postgres`, trust authentication).
+    pub url: String,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl PgServer {
+    /// Initializes and starts one, or `None` (and a printed reason) where this machine has no
+    /// PostgreSQL server binaries or no `postgres` user, except in CI, which must have both.
+    pub fn start() -> Option<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path().join("bin")).max())
+            .filter(|b| b.join("pg_ctl").exists());
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must have PostgreSQL's server binaries"
+            );
+            eprintln!("skipping: no PostgreSQL server binaries");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        let s = Self {
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            bin,
+            dir,
+        };
+        let data = s.data();
+        s.as_postgres(&["initdb", "-A", "trust", "-U", "postgres", "-D", &data]);
+        std::fs::write(
+            s.dir.path().join("data/postgresql.auto.conf"),
+            format!(
+                "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+            ),
+        )
+        .unwrap();
+        s.pg_ctl("start");
+        Some(s)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn as_postgres(&self, args: &[&str]) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(args[0]))
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl start|stop|restart`, fast, waiting until it is done.
+    pub fn pg_ctl(&self, what: &str) {
+        let log = self.dir.path().join("server.log").display().to_string();
+        let data = self.data();
+        self.as_postgres(&["pg_ctl", what, "-w", "-m", "fast", "-D", &data, "-l", &log]);
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["stop", "-m", "immediate", "-D", &data])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// A TCP relay to PostgreSQL that a test can cut and restore, to take the store away from one
 /// edge while the rest of the machine keeps it.
 pub struct Relay {
