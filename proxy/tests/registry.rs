@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{admin_token, run, Options, PgDb, Relay, Stack};
+use common::{admin_token, run, Options, PgBouncer, PgDb, Relay, Stack};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -654,10 +654,26 @@ async fn postgres_backend_serves_and_follows_changes() {
 
 /// Polls `edges` until each refuses (or accepts) `key`; returns each edge's delay.
 async fn until_all(edges: &[&Stack], key: &str, want: u16, t0: Instant) -> Vec<Duration> {
+    // One kept-alive client per edge, as a real client polls. A fresh connection every 2 ms
+    // churns through loopback ports, and one lost SYN costs TCP's one-second retransmit: the
+    // likely cause of the 1.003 s tail this test once measured in CI.
+    let clients: Vec<_> = edges.iter().map(|e| e.client()).collect();
     let mut delays = vec![None; edges.len()];
     while delays.iter().any(Option::is_none) {
         for (i, e) in edges.iter().enumerate() {
-            if delays[i].is_none() && chat(e, "abc123", Some(&bearer(key))).await.0 == want {
+            if delays[i].is_some() {
+                continue;
+            }
+            let r = clients[i]
+                .post(e.url("abc123", "/v1/chat"))
+                .header("authorization", bearer(key))
+                .body(CHAT)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let _ = r.bytes().await; // read whole, so that the connection is kept
+            if status == want {
                 delays[i] = Some(t0.elapsed());
             }
         }
@@ -668,6 +684,61 @@ async fn until_all(edges: &[&Stack], key: &str, want: u16, t0: Instant) -> Vec<D
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     delays.into_iter().map(Option::unwrap).collect()
+}
+
+/// A fleet whose pool goes through PgBouncer in transaction mode: `store.url` names the pooler,
+/// `store.session_url` PostgreSQL itself, for LISTEN and the migrations' lock. Keys
+/// made on one edge work on the other, revocation reaches both, and metered traffic (quota
+/// leases, the ledger) is billed exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_works_through_pgbouncer_in_transaction_mode() {
+    let Some(db) = PgDb::create().await else {
+        return;
+    };
+    let Some(bouncer) = PgBouncer::start() else {
+        return;
+    };
+    let pooled = db
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", bouncer.port));
+    // Lands in the harness's [store] section.
+    let extra = format!("session_url = \"{}\"\n", db.url);
+    let a = Stack::start_with(Options {
+        store_url: Some(pooled.clone()),
+        extra: extra.clone(),
+        ..Options::default()
+    })
+    .await;
+    let b = a.another_edge(&pooled, &extra).await;
+    let edges = [&a, &b];
+
+    let k = a
+        .admin_post(
+            "/v1/admin/keys",
+            json!({"name": "bounced", "agents": ["abc123"]}),
+        )
+        .await;
+    let key = k["key"].as_str().unwrap();
+    until_all(&edges, key, 200, Instant::now()).await;
+    for i in 0..40 {
+        let (status, body) = chat(edges[i % 2], "abc123", Some(&bearer(key))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Forty, and one per edge while waiting for both to know the key.
+    let line = a.ledger_for("bounced", 42).await;
+    assert!(line["total_tokens"].as_u64().unwrap() > 0, "{line}");
+
+    let t0 = Instant::now();
+    b.admin_post("/v1/admin/keys/revoke", json!({"id": k["id"]}))
+        .await;
+    let delays = until_all(&edges, key, 401, t0).await;
+    println!("through PgBouncer: revocation reached both edges in {delays:?}");
+    let carried = bouncer.transactions(&db.name);
+    assert!(
+        carried > 50,
+        "PgBouncer carried {carried} transactions:\n{}",
+        bouncer.log()
+    );
 }
 
 /// A new edge joining a running fleet serves the fleet's keys and agents as soon as it listens:

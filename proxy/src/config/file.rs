@@ -92,6 +92,7 @@ pub struct FileEdge {
     pub grace_period: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    pub server_timing: Option<bool>,
 }
 
 /// `[limits]`.
@@ -126,6 +127,7 @@ pub struct FileLimits {
 #[serde(deny_unknown_fields)]
 pub struct FileStore {
     pub url: Option<String>,
+    pub session_url: Option<String>,
     pub poll_interval: Option<String>,
     pub last_used_flush: Option<String>,
     pub max_connections: Option<u32>,

@@ -41,6 +41,8 @@ pub struct Config {
     pub fixed: Fixed,
     /// How agents are named: `Host` → agent, and how endpoints are printed.
     pub names: Names,
+    /// Whether answers carry a `Server-Timing` header (`edge.server_timing`).
+    pub server_timing: bool,
     /// Request limits and timeouts.
     pub limits: Limits,
     /// TLS termination, when there are TLS listeners (certificates reload; turning TLS on or
@@ -107,6 +109,9 @@ pub struct Process {
 pub struct StoreSettings {
     /// `sqlite://PATH` or `postgres://...`.
     pub url: String,
+    /// PostgreSQL itself (or a session-mode pool) when `url` is a pooler in transaction mode:
+    /// LISTEN and the migrations' advisory lock need a session of their own.
+    pub session_url: Option<String>,
     /// How often the edge checks the store for changes it was not notified of.
     pub poll_interval: Duration,
     /// How often key last-used times are written.
@@ -422,6 +427,8 @@ mod tests {
         assert!(e.0.contains("agents[0].id"), "{e}");
         let e = Config::from_toml("[store]\nmax_connections = 1").unwrap_err();
         assert!(e.0.contains("store.max_connections"), "{e}");
+        let e = Config::from_toml("[store]\nsession_url = \"postgres://pg/db\"").unwrap_err();
+        assert!(e.0.contains("store.session_url"), "{e}");
         let e = Config::from_toml("[edge]\nnope = 1").unwrap_err();
         assert!(e.0.contains("nope"), "{e}");
         let e = Config::from_toml(

@@ -23,6 +23,7 @@ pub(super) fn build(f: FileConfig) -> Result<Config, ConfigError> {
     let listen = listen(f.listen)?;
     let tls = tls(f.tls, &listen)?;
     let names = names(&f.edge, &listen)?;
+    let server_timing = f.edge.server_timing.unwrap_or(true);
     let fixed = Fixed {
         edge: process(f.edge)?,
         store: store(f.store)?,
@@ -35,6 +36,7 @@ pub(super) fn build(f: FileConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         fixed,
         names,
+        server_timing,
         limits: limits(f.limits)?,
         tls,
         plugins: plugins(f.plugins)?,
@@ -117,8 +119,18 @@ fn store(f: FileStore) -> Result<StoreSettings, ConfigError> {
     if f.max_connections.is_some_and(|n| !(2..=1000).contains(&n)) {
         return Err(bad("store.max_connections", "must be between 2 and 1000"));
     }
+    let postgres = |u: &str| u.starts_with("postgres://") || u.starts_with("postgresql://");
+    if let Some(s) = &f.session_url {
+        if !postgres(&url) || !postgres(s) {
+            return Err(bad(
+                "store.session_url",
+                "a postgres://... URL, beside a postgres:// store.url",
+            ));
+        }
+    }
     Ok(StoreSettings {
         url,
+        session_url: f.session_url,
         poll_interval: duration("store.poll_interval", &f.poll_interval, millis(500))?,
         last_used_flush: duration("store.last_used_flush", &f.last_used_flush, secs(10))?,
         max_connections: f.max_connections,

@@ -5,7 +5,7 @@
 
 use sqlx::{Any, Row, Transaction};
 
-use super::{Store, StoreError};
+use super::{query, Store, StoreError};
 use crate::quota::lease::{Lease, Rows};
 
 /// The pool row of `account` in `month`, held until the transaction ends; opened with what the
@@ -15,7 +15,7 @@ async fn hold_pool(
     account: &str,
     month: &str,
 ) -> Result<u64, StoreError> {
-    sqlx::query(
+    query(
         "INSERT INTO quota_pools (account_id, month, leased) \
          SELECT $1, $2, CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) FROM usage_totals WHERE account_id = $3 AND month = $4 \
          ON CONFLICT (account_id, month) DO NOTHING",
@@ -26,7 +26,7 @@ async fn hold_pool(
     .bind(month)
     .execute(&mut **tx)
     .await?;
-    let leased: i64 = sqlx::query(
+    let leased: i64 = query(
         "UPDATE quota_pools SET leased = leased WHERE account_id = $1 AND month = $2 RETURNING leased",
     )
     .bind(account)
@@ -46,7 +46,7 @@ async fn rows(
     quota: u64,
 ) -> Result<Rows, StoreError> {
     let pool = hold_pool(tx, account, month).await?;
-    let lease = sqlx::query(
+    let lease = query(
         "SELECT granted, used FROM quota_leases WHERE account_id = $1 AND month = $2 AND holder = $3",
     )
     .bind(account)
@@ -74,13 +74,13 @@ async fn write(
     rows: &Rows,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE quota_pools SET leased = $1 WHERE account_id = $2 AND month = $3")
+    query("UPDATE quota_pools SET leased = $1 WHERE account_id = $2 AND month = $3")
         .bind(rows.pool as i64)
         .bind(account)
         .bind(month)
         .execute(&mut **tx)
         .await?;
-    sqlx::query(
+    query(
         "INSERT INTO quota_leases (account_id, month, holder, granted, used, renewed_at) VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (account_id, month, holder) DO UPDATE SET granted = excluded.granted, used = excluded.used, renewed_at = excluded.renewed_at",
     )
@@ -155,7 +155,7 @@ impl Store {
         let mut lost = Vec::new();
         let mut tx = self.pool.begin().await?;
         for (account, n) in used {
-            let done = sqlx::query(
+            let done = query(
                 "UPDATE quota_leases SET used = $1, renewed_at = $2 WHERE account_id = $3 AND month = $4 AND holder = $5",
             )
             .bind(*n as i64)
@@ -176,12 +176,12 @@ impl Store {
     /// Takes back the unused part of every lease not renewed since `before` (its edge died or
     /// lost the store), and forgets the lease. Returns the tokens given back to the pools.
     pub async fn reclaim_leases(&self, before: i64) -> Result<u64, StoreError> {
-        let stale = sqlx::query(
-            "SELECT DISTINCT account_id, month FROM quota_leases WHERE renewed_at < $1",
-        )
-        .bind(before)
-        .fetch_all(&self.pool)
-        .await?;
+        let stale = self
+            .read(
+                query("SELECT DISTINCT account_id, month FROM quota_leases WHERE renewed_at < $1")
+                    .bind(before),
+            )
+            .await?;
         let mut back = 0;
         for row in stale {
             let (account, month): (String, String) = (row.try_get(0)?, row.try_get(1)?);
@@ -190,7 +190,7 @@ impl Store {
                 pool: hold_pool(&mut tx, &account, &month).await?,
                 ..Rows::default()
             };
-            let gone = sqlx::query(
+            let gone = query(
                 "DELETE FROM quota_leases WHERE account_id = $1 AND month = $2 AND renewed_at < $3 RETURNING granted, used",
             )
             .bind(&account)
@@ -205,7 +205,7 @@ impl Store {
                 };
                 back += pool.give_back(pool.lease.used, 0);
             }
-            sqlx::query("UPDATE quota_pools SET leased = $1 WHERE account_id = $2 AND month = $3")
+            query("UPDATE quota_pools SET leased = $1 WHERE account_id = $2 AND month = $3")
                 .bind(pool.pool as i64)
                 .bind(&account)
                 .bind(&month)
@@ -218,13 +218,15 @@ impl Store {
 
     /// Tokens leased out of `account`'s pool in `month` (0 when it has none).
     pub async fn pool_leased(&self, account: &str, month: &str) -> Result<u64, StoreError> {
-        let row =
-            sqlx::query("SELECT leased FROM quota_pools WHERE account_id = $1 AND month = $2")
-                .bind(account)
-                .bind(month)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row
+        let rows = self
+            .read(
+                query("SELECT leased FROM quota_pools WHERE account_id = $1 AND month = $2")
+                    .bind(account)
+                    .bind(month),
+            )
+            .await?;
+        Ok(rows
+            .first()
             .map(|r| r.try_get::<i64, _>(0))
             .transpose()?
             .unwrap_or(0) as u64)

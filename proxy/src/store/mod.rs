@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{Any, AnyPool, Row};
 
 mod leases;
 mod status;
@@ -150,7 +150,8 @@ fn insert_usage_sql(n: usize, postgres: bool) -> String {
 pub struct Store {
     pool: AnyPool,
     postgres: bool,
-    url: String,
+    /// Where sessions of their own are opened (`store.session_url`, else the pool's URL).
+    session_url: String,
 }
 
 fn account(r: &AnyRow) -> Result<AccountRow, sqlx::Error> {
@@ -206,19 +207,52 @@ fn conflict(e: sqlx::Error, what: impl FnOnce() -> String) -> StoreError {
     }
 }
 
+/// `url` fit for a message or a log: its password, if any, replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A statement, never kept prepared on its connection: behind a pooler in transaction mode
+/// (PgBouncer) a pooled connection is another server session in each transaction, where a
+/// statement another client prepared may bear the same name.
+fn query(sql: &str) -> Query<'_> {
+    sqlx::query(sql).persistent(false)
+}
+
+/// A statement with its arguments.
+type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+
 impl Store {
+    /// Runs one read in a transaction of its own: a statement takes more than one round trip,
+    /// and behind a pooler in transaction mode only a transaction keeps them on one session.
+    async fn read(&self, q: Query<'_>) -> Result<Vec<AnyRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = q.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
     /// Connects to `url` (`sqlite://PATH`, relative to `data_dir`, or `postgres://…`) with the
     /// default pool and brings the schema up to date.
     pub async fn open(url: &str, data_dir: &Path) -> Result<Self, StoreError> {
-        Self::open_pooled(url, data_dir, None).await
+        Self::open_pooled(url, data_dir, None, None).await
     }
 
     /// As [`Store::open`], with at most `max_connections` in the pool (`None`: 8 to
-    /// PostgreSQL, 4 to SQLite).
+    /// PostgreSQL, 4 to SQLite), and, where `url` is a pooler in transaction mode (PgBouncer),
+    /// `session_url` for what needs a session of its own: the migrations' advisory lock and
+    /// LISTEN (`None`: `url` itself).
     pub async fn open_pooled(
         url: &str,
         data_dir: &Path,
         max_connections: Option<u32>,
+        session_url: Option<&str>,
     ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let postgres = url.starts_with("postgres");
@@ -247,16 +281,12 @@ impl Store {
                 Box::pin(async move {
                     if !postgres {
                         // WAL lets several edges (and the CLI) read while one writes.
-                        sqlx::query("PRAGMA journal_mode=WAL")
+                        query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
+                        query("PRAGMA busy_timeout=5000")
                             .execute(&mut *conn)
                             .await?;
-                        sqlx::query("PRAGMA busy_timeout=5000")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA foreign_keys=ON")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA synchronous=NORMAL")
+                        query("PRAGMA foreign_keys=ON").execute(&mut *conn).await?;
+                        query("PRAGMA synchronous=NORMAL")
                             .execute(&mut *conn)
                             .await?;
                     }
@@ -268,10 +298,18 @@ impl Store {
         let store = Self {
             pool,
             postgres,
-            url,
+            session_url: session_url.map_or(url, str::to_owned),
         };
-        // One portable schema serves both backends.
-        sqlx::migrate!().run(&store.pool).await?;
+        // One portable schema serves both backends. The migrator holds an advisory lock (so
+        // that edges starting together migrate once), which lives in a session.
+        if session_url.is_some() {
+            use sqlx::Connection;
+            let mut conn = sqlx::AnyConnection::connect(&store.session_url).await?;
+            sqlx::migrate!().run_direct(&mut conn).await?;
+            conn.close().await?;
+        } else {
+            sqlx::migrate!().run(&store.pool).await?;
+        }
         Ok(store)
     }
 
@@ -280,33 +318,34 @@ impl Store {
         self.postgres
     }
 
-    /// The connection URL (for the change listener).
-    pub fn url(&self) -> &str {
-        &self.url
+    /// A URL whose connections are sessions of their own (for the change listener).
+    pub fn session_url(&self) -> &str {
+        &self.session_url
     }
 
     /// The current revision.
     pub async fn revision(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT value FROM revision WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?)
+        let rows = self
+            .read(query("SELECT value FROM revision WHERE id = 1"))
+            .await?;
+        let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+        Ok(row.try_get(0)?)
     }
 
     /// Everything, consistently.
     pub async fn contents(&self) -> Result<Contents, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let revision: i64 = sqlx::query("SELECT value FROM revision WHERE id = 1")
+        let revision: i64 = query("SELECT value FROM revision WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;
-        let accounts = sqlx::query(&format!("SELECT {ACCOUNT_COLS} FROM accounts"))
+        let accounts = query(&format!("SELECT {ACCOUNT_COLS} FROM accounts"))
             .fetch_all(&mut *tx)
             .await?;
-        let agents = sqlx::query(&format!("SELECT {AGENT_COLS} FROM agents"))
+        let agents = query(&format!("SELECT {AGENT_COLS} FROM agents"))
             .fetch_all(&mut *tx)
             .await?;
-        let keys = sqlx::query(&format!(
+        let keys = query(&format!(
             "SELECT {KEY_COLS} FROM api_keys WHERE revoked_at IS NULL"
         ))
         .fetch_all(&mut *tx)
@@ -332,14 +371,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // The write comes first: on SQLite a transaction that begins with a read fails at its
         // first write (SQLITE_BUSY, without waiting) if another connection wrote meanwhile.
-        let rev: i64 =
-            sqlx::query("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
+        let rev: i64 = query("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
         let out = change(&mut tx).await?;
         if self.postgres {
-            sqlx::query("SELECT pg_notify($1, $2)")
+            query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
                 .bind(rev.to_string())
                 .execute(&mut *tx)
@@ -359,7 +397,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.change(move |c| {
             Box::pin(async move {
-                let mut q = sqlx::query(sql);
+                let mut q = query(sql);
                 for p in params {
                     q = match p {
                         Param::Text(t) => q.bind(t),
@@ -379,11 +417,8 @@ impl Store {
 
     /// All accounts.
     pub async fn accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {ACCOUNT_COLS} FROM accounts ORDER BY created_at, name"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts ORDER BY created_at, name");
+        let rows = self.read(query(&sql)).await?;
         Ok(rows.iter().map(account).collect::<Result<_, _>>()?)
     }
 
@@ -392,16 +427,14 @@ impl Store {
         let r = row.clone();
         self.change(move |c| {
             Box::pin(async move {
-                sqlx::query(
-                    "INSERT INTO accounts (id, name, plan, created_at) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(&r.id)
-                .bind(&r.name)
-                .bind(&r.plan)
-                .bind(r.created_at)
-                .execute(&mut *c)
-                .await
-                .map_err(|e| conflict(e, || format!("an account named {:?} exists", r.name)))?;
+                query("INSERT INTO accounts (id, name, plan, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(&r.id)
+                    .bind(&r.name)
+                    .bind(&r.plan)
+                    .bind(r.created_at)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(|e| conflict(e, || format!("an account named {:?} exists", r.name)))?;
                 Ok(())
             })
         })
@@ -421,7 +454,7 @@ impl Store {
         self.change(move |c| {
             Box::pin(async move {
                 for r in &accounts {
-                    sqlx::query(
+                    query(
                         "INSERT INTO accounts (id, name, plan, created_at) VALUES ($1, $2, $3, $4) \
                          ON CONFLICT DO NOTHING",
                     )
@@ -435,7 +468,7 @@ impl Store {
                 for (r, account) in &agents {
                     // The account is looked up in the statement, so one another edge created a
                     // moment ago is found.
-                    sqlx::query(
+                    query(
                         "INSERT INTO agents (endpoint_id, name, account_id, upstream, state, created_at, updated_at) \
                          SELECT $1, $2, id, $3, $4, $5, $6 FROM accounts WHERE id = $7 OR name = $7 LIMIT 1 \
                          ON CONFLICT (endpoint_id) DO NOTHING",
@@ -450,7 +483,7 @@ impl Store {
                     .execute(&mut *c)
                     .await
                     .map_err(|e| conflict(e, || format!("an agent named {:?} exists at another endpoint than {:?}", r.name, r.endpoint_id)))?;
-                    let found = sqlx::query("SELECT 1 FROM agents WHERE endpoint_id = $1")
+                    let found = query("SELECT 1 FROM agents WHERE endpoint_id = $1")
                         .bind(&r.endpoint_id)
                         .fetch_optional(&mut *c)
                         .await?;
@@ -479,11 +512,8 @@ impl Store {
 
     /// All agents.
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {AGENT_COLS} FROM agents ORDER BY created_at, name"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!("SELECT {AGENT_COLS} FROM agents ORDER BY created_at, name");
+        let rows = self.read(query(&sql)).await?;
         Ok(rows.iter().map(agent).collect::<Result<_, _>>()?)
     }
 
@@ -492,7 +522,7 @@ impl Store {
         let r = row.clone();
         self.change(move |c| {
             Box::pin(async move {
-                sqlx::query(
+                query(
                     "INSERT INTO agents (endpoint_id, name, account_id, upstream, state, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
@@ -551,11 +581,8 @@ impl Store {
 
     /// All keys, revoked ones included.
     pub async fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {KEY_COLS} FROM api_keys ORDER BY created_at, id"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!("SELECT {KEY_COLS} FROM api_keys ORDER BY created_at, id");
+        let rows = self.read(query(&sql)).await?;
         Ok(rows.iter().map(key).collect::<Result<_, _>>()?)
     }
 
@@ -564,7 +591,7 @@ impl Store {
         let r = row.clone();
         self.change(move |c| {
             Box::pin(async move {
-                sqlx::query(
+                query(
                     "INSERT INTO api_keys (id, account_id, name, hash, prefix, agents, created_at, expires_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
@@ -590,21 +617,18 @@ impl Store {
         let k = id_or_hash.to_owned();
         self.change(move |c| {
             Box::pin(async move {
-                let row =
-                    sqlx::query("SELECT id, revoked_at FROM api_keys WHERE id = $1 OR hash = $2")
-                        .bind(&k)
-                        .bind(&k)
-                        .fetch_optional(&mut *c)
-                        .await?
-                        .ok_or_else(|| StoreError::NotFound("key".into()))?;
+                let row = query("SELECT id, revoked_at FROM api_keys WHERE id = $1 OR hash = $2")
+                    .bind(&k)
+                    .bind(&k)
+                    .fetch_optional(&mut *c)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound("key".into()))?;
                 let id: String = row.try_get(0)?;
-                sqlx::query(
-                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-                )
-                .bind(now())
-                .bind(&id)
-                .execute(&mut *c)
-                .await?;
+                query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                    .bind(now())
+                    .bind(&id)
+                    .execute(&mut *c)
+                    .await?;
                 Ok(id)
             })
         })
@@ -618,7 +642,7 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for (id, at) in used {
-            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $3)")
+            query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $3)")
                 .bind(*at)
                 .bind(id)
                 .bind(*at)
@@ -648,7 +672,7 @@ impl Store {
             let sql = insert_usage_sql(chunk.len(), self.postgres);
             // Only the full chunk's statement is worth keeping prepared: the last one's size
             // differs from batch to batch, and each would fill the statement cache.
-            let mut q = sqlx::query(&sql).persistent(chunk.len() == USAGE_CHUNK);
+            let mut q = query(&sql).persistent(chunk.len() == USAGE_CHUNK);
             for r in chunk {
                 q = q
                     .bind(&r.request_id)
@@ -674,7 +698,7 @@ impl Store {
             }
         }
         for ((account, month, edge), total) in added {
-            sqlx::query(
+            query(
                 "INSERT INTO usage_totals (account_id, month, edge_id, total_tokens) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (account_id, month, edge_id) DO UPDATE SET total_tokens = usage_totals.total_tokens + excluded.total_tokens",
             )
@@ -695,7 +719,7 @@ impl Store {
         month: &str,
         edge_id: &str,
     ) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT account_id, \
                     CAST(SUM(CASE WHEN edge_id = $1 THEN total_tokens ELSE 0 END) AS BIGINT), \
                     CAST(SUM(CASE WHEN edge_id = $2 THEN 0 ELSE total_tokens END) AS BIGINT) \
@@ -703,9 +727,8 @@ impl Store {
         )
         .bind(edge_id)
         .bind(edge_id)
-        .bind(month)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(month);
+        let rows = self.read(rows).await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -729,7 +752,7 @@ impl Store {
     ) -> Result<FleetState, StoreError> {
         let mut tx = self.pool.begin().await?;
         for (key, n) in rates {
-            sqlx::query(
+            query(
                 "INSERT INTO fleet_rates (edge_id, key_id, requests, updated_at) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (edge_id, key_id) DO UPDATE SET requests = excluded.requests, updated_at = excluded.updated_at",
             )
@@ -740,7 +763,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let rates = sqlx::query("SELECT key_id, CAST(SUM(requests) AS BIGINT) FROM fleet_rates WHERE edge_id <> $1 AND updated_at >= $2 GROUP BY key_id")
+        let rates = query("SELECT key_id, CAST(SUM(requests) AS BIGINT) FROM fleet_rates WHERE edge_id <> $1 AND updated_at >= $2 GROUP BY key_id")
             .bind(edge_id)
             .bind(now - fresh_secs)
             .fetch_all(&mut *tx)
@@ -771,11 +794,8 @@ impl Store {
              FROM usage_ledger WHERE month = $1 AND ($2 = '' OR account_id = $3) GROUP BY account_id, {col} ORDER BY account_id, {col}"
         );
         let acct = account.unwrap_or("");
-        let rows = sqlx::query(&sql)
-            .bind(month)
-            .bind(acct)
-            .bind(acct)
-            .fetch_all(&self.pool)
+        let rows = self
+            .read(query(&sql).bind(month).bind(acct).bind(acct))
             .await?;
         rows.iter()
             .map(|r| {
@@ -800,14 +820,13 @@ impl Store {
         &self,
         client_request_id: &str,
     ) -> Result<Vec<UsageRow>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT request_id, client_request_id, edge_id, account_id, key_id, agent_id, month, \
              prompt_tokens, completion_tokens, total_tokens, estimated, outcome, created_at \
              FROM usage_ledger WHERE client_request_id = $1 ORDER BY created_at, request_id",
         )
-        .bind(client_request_id)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(client_request_id);
+        let rows = self.read(rows).await?;
         rows.iter()
             .map(|r| {
                 Ok(UsageRow {
@@ -906,4 +925,19 @@ pub struct UsageLine {
     pub total_tokens: u64,
     /// Requests whose counts the edge estimated.
     pub estimated_requests: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_messages_hide_their_password() {
+        assert_eq!(
+            redacted("postgres://edge:s3cret@db:5432/moltghost"),
+            "postgres://edge:***@db:5432/moltghost"
+        );
+        assert_eq!(redacted("postgres://edge@db/m"), "postgres://edge@db/m");
+        assert_eq!(redacted("sqlite://moltghost.db"), "sqlite://moltghost.db");
+    }
 }

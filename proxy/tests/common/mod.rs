@@ -410,7 +410,8 @@ pub fn client_script(name: &str) -> PathBuf {
 pub struct PgDb {
     /// Its URL.
     pub url: String,
-    name: String,
+    /// Its name.
+    pub name: String,
     admin: String,
 }
 
@@ -547,6 +548,101 @@ impl Drop for PgServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// PgBouncer in transaction mode in front of the PostgreSQL at 127.0.0.1:5432 (every
+/// database), with a small pool, so that the edges' transactions really share server
+/// connections.
+pub struct PgBouncer {
+    /// The port clients connect to.
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    /// Starts one, or `None` (and a printed reason) where this machine has no PgBouncer,
+    /// except in CI, where `scripts/setup.sh` installs it.
+    pub fn start() -> Option<Self> {
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|b| Path::new(b).exists());
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must have PgBouncer (scripts/setup.sh)"
+            );
+            eprintln!("skipping: no PgBouncer");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host=127.0.0.1 port=5432\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+                 listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {d}/users.txt\n\
+                 admin_users = postgres\npool_mode = transaction\ndefault_pool_size = 3\n\
+                 max_client_conn = 200\nlogfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n\
+                 ignore_startup_parameters = extra_float_digits,options\n"
+            ),
+        )
+        .unwrap();
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        // It refuses to run as root.
+        let child = Command::new("runuser")
+            .args(["-u", "postgres", "--", bin])
+            .arg(dir.path().join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_port(port, Duration::from_secs(10));
+        Some(Self { port, child, dir })
+    }
+
+    /// Transactions PgBouncer has carried to database `db` (`SHOW STATS`).
+    pub fn transactions(&self, db: &str) -> u64 {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-At", "-d", "pgbouncer", "-c", "SHOW STATS"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('|').collect::<Vec<_>>())
+            .find(|cols| cols[0] == db)
+            .and_then(|cols| cols.get(1)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // runuser passes SIGTERM on to PgBouncer.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
     }
 }
 
