@@ -121,3 +121,87 @@ async fn metrics_count_what_was_served() {
     // No secret in the exposition.
     assert!(!text.contains(s.key.rsplit('_').next().unwrap()));
 }
+
+/// Every `moltghost_*` name in `text`, a histogram's series (`_bucket`, `_sum`, `_count`) as
+/// its family.
+fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("moltghost_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(family.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The Grafana dashboard and the alert rules in `conf/` name only metrics a running edge
+/// exports, so that they cannot drift apart from the code. The edge runs a plugin, serves
+/// whole answers and streams, and closes a connection, so that every family has series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+    let dashboard = std::fs::read_to_string(conf.join("grafana/moltghost-fleet.json")).unwrap();
+    let alerts = std::fs::read_to_string(conf.join("prometheus/moltghost-alerts.yml")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let exprs: Vec<&str> = parsed["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    assert!(exprs.len() >= 12, "{exprs:?}");
+    let wanted: Vec<String> = names_in(&exprs.join("\n"))
+        .into_iter()
+        .chain(names_in(&alerts))
+        .collect();
+
+    let s = Stack::start(&common::plugin("redact", "redact", "")).await;
+    let c = s.client();
+    for stream in [false, true] {
+        let r = c
+            .post(s.url("abc123", "/v1/chat/completions"))
+            .json(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": stream}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    // A head the parser refuses: a connection the edge closes (`malformed_head`).
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        raw.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
+        let _ = raw.read_to_end(&mut Vec::new());
+    }
+    let t0 = Instant::now();
+    loop {
+        let exported = names_in(
+            &s.metrics()
+                .await
+                .lines()
+                .filter_map(|l| l.strip_prefix("# TYPE "))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        let missing: Vec<&String> = wanted.iter().filter(|n| !exported.contains(*n)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "named in conf/ but not exported: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
