@@ -61,6 +61,27 @@ impl AccessRecord {
         }
     }
 
+    /// The `Server-Timing` value of an answer whose header goes out at `now` (W3C Server
+    /// Timing, milliseconds): `edge`, the edge's own time before the runtime got the request
+    /// (or all of it, for an answer the edge made itself); `upstream`, the runtime's time to
+    /// its response header, connect included. A stream's first token comes after its header:
+    /// the access log's `ttft_us` and `moltghost_time_to_first_token_seconds` have it.
+    pub fn server_timing(&self, now: Instant) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let edge = self
+            .upstream_sent
+            .unwrap_or(now)
+            .saturating_duration_since(self.started);
+        match (self.upstream_sent, self.first_byte) {
+            (Some(sent), Some(first)) => format!(
+                "edge;dur={:.3}, upstream;dur={:.3}",
+                ms(edge),
+                ms(first.saturating_duration_since(sent))
+            ),
+            _ => format!("edge;dur={:.3}", ms(edge)),
+        }
+    }
+
     /// Logs the finished request (`method` and `bytes_sent` from its session; a WebSocket
     /// message is logged as method `WS`).
     pub fn log(&self, method: &str, bytes_sent: u64) {

@@ -36,7 +36,10 @@ impl ProxyHttp for Edge {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx {
+            server_timing: self.pipeline.cfg().server_timing,
+            ..RequestCtx::new()
+        }
     }
 
     async fn early_request_filter(

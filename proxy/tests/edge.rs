@@ -364,6 +364,80 @@ async fn a_stream_broken_after_its_headers_ends_with_an_error_event() {
     );
 }
 
+/// The `Server-Timing` metrics of an answer, as (name, milliseconds).
+fn server_timing(r: &reqwest::Response) -> Vec<(String, f64)> {
+    let Some(v) = r.headers().get("server-timing") else {
+        return Vec::new();
+    };
+    v.to_str()
+        .unwrap()
+        .split(", ")
+        .map(|m| {
+            let (name, dur) = m.split_once(";dur=").expect("name;dur=ms");
+            (name.to_owned(), dur.parse().expect("milliseconds"))
+        })
+        .collect()
+}
+
+/// Every answer carries `Server-Timing` (W3C, what browsers' developer tools show): the edge's
+/// own time and, for an answer from the runtime, the runtime's time to its response header.
+/// `edge.server_timing = false`, reloaded, turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_the_edges_own_time_in_server_timing() {
+    let s = Stack::start("").await;
+    let c = s.client();
+    let r = c
+        .post(s.url("abc123", "/v1/chat/completions"))
+        .header("x-mock-ttft-ms", "150")
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = server_timing(&r);
+    assert_eq!(
+        t.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["edge", "upstream"],
+        "{t:?}"
+    );
+    assert!(t[0].1 > 0.0 && t[0].1 < 150.0, "the edge's own time: {t:?}");
+    assert!(t[1].1 >= 150.0, "the runtime's, its 150 ms included: {t:?}");
+    // An answer the edge makes itself is all edge time.
+    let r = c
+        .post(s.url("abc123", "/v1/chat"))
+        .header("authorization", "Bearer mg_live_nope")
+        .body(HELLO)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(server_timing(&r).len(), 1, "{:?}", server_timing(&r));
+    assert_eq!(server_timing(&r)[0].0, "edge");
+
+    let conf = s.dir.path().join("edge.toml");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("[edge]\n", "[edge]\nserver_timing = false\n"),
+    )
+    .unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/admin/reload", s.admin_url()))
+        .bearer_auth(common::admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = c
+        .post(s.url("abc123", "/v1/chat"))
+        .body(HELLO)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("server-timing").is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_tools_models_health_and_request_ids() {
     let s = Stack::start("").await;

@@ -34,6 +34,8 @@ pub struct RequestCtx {
     /// The request ends without an answer (the client left, or a plugin reset the stream):
     /// nothing more may be written, the connection is dropped.
     pub unanswered: bool,
+    /// Its answer carries a `Server-Timing` header (`edge.server_timing`).
+    pub server_timing: bool,
 }
 
 impl RequestCtx {

@@ -4,6 +4,8 @@
 //! view of headers and body, first-token timing, and the end of a stream that fails after its
 //! headers went out (an SSE error event).
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
@@ -13,10 +15,15 @@ use crate::error::EdgeError;
 use crate::forward;
 use crate::plugins::Verdict;
 
-/// Adds the request id and, once known, the rate and token headers (OpenAI's names).
+/// Adds the request id, the `Server-Timing` header (unless turned off) and, once known, the
+/// rate and token headers (OpenAI's names).
 pub fn decorate(h: &mut ResponseHeader, ctx: &RequestCtx) {
     h.insert_header("x-request-id", &ctx.record.request_id)
         .expect("request ids are visible ASCII");
+    if ctx.server_timing {
+        h.insert_header("server-timing", ctx.record.server_timing(Instant::now()))
+            .expect("metric names and digits");
+    }
     if let Some(r) = ctx.rate {
         h.insert_header("x-ratelimit-limit-requests", r.limit.to_string())
             .expect("digits");
