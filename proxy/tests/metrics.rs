@@ -205,3 +205,95 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `moltghost top` for `s` under a pseudo-terminal (Python's `pty`), sends `key` after
+/// `after`, and returns its exit status and everything it wrote.
+fn top_in_a_terminal(s: &Stack, key: &[u8], after: Duration) -> (i32, String) {
+    const DRIVER: &str = r#"
+import os, pty, select, sys, time
+cmd, key, after = sys.argv[1:-2], sys.argv[-2].encode().decode("unicode_escape").encode(), float(sys.argv[-1])
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(cmd[0], cmd)
+out, t0, sent = b"", time.time(), False
+while time.time() - t0 < after + 5:
+    if not sent and time.time() - t0 >= after:
+        os.write(fd, key)
+        sent = True
+    r, _, _ = select.select([fd], [], [], 0.05)
+    if r:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+else:
+    os.kill(pid, 9)
+    done, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode("utf-8", "replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let key = key
+        .iter()
+        .map(|b| format!("\\x{b:02x}"))
+        .collect::<String>();
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(DRIVER)
+        .arg(common::bin("moltghost"))
+        .args(["top", "--interval", "300ms"])
+        .arg(&key)
+        .arg(after.as_secs_f64().to_string())
+        .env("MOLTGHOST_ADMIN_URL", s.admin_url())
+        .env("MOLTGHOST_ADMIN_TOKEN", common::admin_token())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `moltghost top` in a terminal: a live view of the traffic sent meanwhile, and `q` or Ctrl-C
+/// leave it cleanly (exit 0, the shell's screen and cursor given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moltghost_top_shows_the_traffic_and_quits_on_q_or_ctrl_c() {
+    let s = std::sync::Arc::new(Stack::start("").await);
+    let traffic = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let c = s.client();
+            let until = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < until {
+                let _ = c
+                    .post(s.url("abc123", "/v1/chat"))
+                    .body(r#"{"messages":[{"role":"user","content":"hi"}]}"#)
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    for key in [b"q".as_slice(), b"\x03".as_slice()] {
+        let s = s.clone();
+        let (code, out) = tokio::task::spawn_blocking(move || {
+            top_in_a_terminal(&s, key, Duration::from_millis(1500))
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{key:?} did not end it cleanly:\n{out}");
+        assert!(out.contains("requests/s"), "{out}");
+        assert!(out.contains("abc123"), "the agent served meanwhile:\n{out}");
+        assert!(out.contains("added latency p50"), "{out}");
+        assert!(
+            out.ends_with("\x1b[?25h\x1b[?1049l"),
+            "terminal not restored:\n{out:?}"
+        );
+    }
+    traffic.abort();
+}

@@ -70,8 +70,14 @@ impl Admin {
                     .into(),
             )
         })?;
+        Self::at(&url, token)
+    }
+
+    /// The admin API at `url`, with `token`.
+    pub fn at(url: &str, token: String) -> Result<Self, Failure> {
         let http = reqwest::Client::builder()
             .no_proxy()
+            .timeout(std::time::Duration::from_secs(5))
             .build()
             .map_err(|e| Failure::Unreachable(e.to_string()))?;
         Ok(Self {
@@ -79,6 +85,24 @@ impl Admin {
             url: url.trim_end_matches('/').to_owned(),
             token,
         })
+    }
+
+    /// GETs a text resource (`/metrics`).
+    pub async fn text(&self, path: &str) -> Result<String, Failure> {
+        let unreachable =
+            |e: reqwest::Error| Failure::Unreachable(format!("{}{path}: {e}", self.url));
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        resp.error_for_status()
+            .map_err(unreachable)?
+            .text()
+            .await
+            .map_err(unreachable)
     }
 
     /// Calls the API; the JSON answer, or the API's error message.

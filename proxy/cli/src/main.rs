@@ -3,6 +3,7 @@
 
 mod client;
 mod dev;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +22,7 @@ use serde_json::{json, Value};
 ///   moltghost auth revoke-key molti_abc123_xyz789   # or the key id, key_...
 ///   moltghost agent pause demo && moltghost agent start demo
 ///   moltghost usage --by key                        # tokens this month, per key
+///   moltghost top                                   # live: requests, latency, streams, tunnels
 ///
 /// The admin API is found from --admin-url/--token, then MOLTGHOST_ADMIN_URL and
 /// MOLTGHOST_ADMIN_TOKEN, then the file that `moltghost dev` writes in the data directory.
@@ -100,6 +102,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of an edge or a fleet: requests and errors per second, the latency the edge
+    /// adds (p50, p99), open streams, the busiest agents and keys, tunnels. `q` or Ctrl-C quits.
+    ///   moltghost top
+    ///   moltghost top --edge http://edge-2.internal:9901 --edge http://edge-3.internal:9901   # a fleet
+    #[command(verbatim_doc_comment)]
+    Top(top::TopArgs),
     /// Mint an admin token from the admin secret (MOLTGHOST_ADMIN_SECRET or the data directory).
     Token {
         /// `read` or `write`.
@@ -339,6 +347,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let admin = || Admin::locate(cli.admin_url.clone(), cli.token.clone(), &cli.data_dir);
     match cli.command {
         Command::Dev(args) => dev::run(args, &cli.data_dir).await,
+        Command::Top(args) => top::run(args, admin()?, cli.token.clone()).await,
         Command::Token {
             scope,
             ttl,
