@@ -173,14 +173,21 @@ def traffic(key):
     return sum(ok)
 
 
+def account_with_key(name):
+    """An account on plan `name`, an agent of its own and a key, made through the first edge;
+    the key, once every edge has them."""
+    a = edges[0]
+    admin(a, "POST", "/v1/admin/accounts", {"name": name, "plan": name})
+    admin(a, "POST", "/v1/admin/agents", {"name": name, "endpoint_id": name,
+                                          "upstream": cfg["upstream"], "account": name})
+    key = admin(a, "POST", "/v1/admin/keys", {"name": name, "account": name})["key"]
+    time.sleep(1)  # every edge has the new account, agent and key
+    return key
+
+
 def rate_accuracy():
     """Admitted requests of one rate-limited key under skewed load, against its plan."""
-    a = edges[0]
-    admin(a, "POST", "/v1/admin/accounts", {"name": "rated", "plan": "rated"})
-    admin(a, "POST", "/v1/admin/agents", {"name": "rated", "endpoint_id": "rated",
-                                          "upstream": cfg["upstream"], "account": "rated"})
-    key = admin(a, "POST", "/v1/admin/keys", {"name": "rated", "account": "rated"})["key"]
-    time.sleep(1)  # every edge has the new account, agent and key
+    key = account_with_key("rated")
     offered = 1.5 * cfg["rate_rpm"] / 60
     shares = [0.9] + [0.1 / (len(edges) - 1)] * (len(edges) - 1) if len(edges) > 1 else [1.0]
     seconds_ = cfg["rate_seconds"]
@@ -195,12 +202,7 @@ def rate_accuracy():
 
 def quota_burst():
     """Tokens a burst through every edge gets out of one account's quota."""
-    a = edges[0]
-    admin(a, "POST", "/v1/admin/accounts", {"name": "metered", "plan": "metered"})
-    admin(a, "POST", "/v1/admin/agents", {"name": "metered", "endpoint_id": "metered",
-                                          "upstream": cfg["upstream"], "account": "metered"})
-    key = admin(a, "POST", "/v1/admin/keys", {"name": "metered", "account": "metered"})["key"]
-    time.sleep(1)  # every edge has the new account, agent and key
+    key = account_with_key("metered")
     body = json.dumps({"model": "m", "max_tokens": 16,
                        "messages": [{"role": "user", "content": "hi there"}]})
     delivered = [0] * len(edges)

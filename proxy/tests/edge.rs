@@ -421,12 +421,7 @@ async fn answers_carry_the_edges_own_time_in_server_timing() {
         text.replace("[edge]\n", "[edge]\nserver_timing = false\n"),
     )
     .unwrap();
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/admin/reload", s.admin_url()))
-        .bearer_auth(common::admin_token())
-        .send()
-        .await
-        .unwrap();
+    let r = s.reload().await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let r = c
         .post(s.url("abc123", "/v1/chat"))

@@ -121,14 +121,9 @@ async fn a_postgres_restart_under_load_loses_and_doubles_nothing() {
 /// away, and 4 s later `heal` brings it back. No request may fail, and every answer served
 /// reaches the ledger exactly once.
 async fn store_fault_under_load(url: &str, fault: impl FnOnce(), heal: impl FnOnce()) {
-    let s = Stack::start_with(Options {
-        store_url: Some(url.to_owned()),
-        extra: "[limits]\nfleet_sync = \"100ms\"\n[[plans]]\nname = \"big\"\nrequests_per_minute = 100000\n\
-                tokens_per_month = 100000000\nconcurrent_streams = 100\n"
-            .into(),
-        ..Options::default()
-    })
-    .await;
+    let extra = "[limits]\nfleet_sync = \"100ms\"\n[[plans]]\nname = \"big\"\nrequests_per_minute = 100000\n\
+                 tokens_per_month = 100000000\nconcurrent_streams = 100\n";
+    let s = Stack::on_store(url, extra).await;
     let k = key(&s, "load").await;
     let served = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -350,12 +345,7 @@ async fn a_broken_config_reloaded_under_load_is_refused_and_serving_goes_on() {
         good.replace("[store]", "[limits]\nrequest_timeout = \"soon\"\n[store]"),
     )
     .unwrap();
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/admin/reload", s.admin_url()))
-        .bearer_auth(common::admin_token())
-        .send()
-        .await
-        .unwrap();
+    let r = s.reload().await;
     let status = r.status().as_u16();
     let v: Value = r.json().await.unwrap();
     assert!(

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{admin_token, Options, PgDb, Stack};
+use common::{admin_token, PgDb, Stack};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -610,12 +610,7 @@ async fn a_fleet_holds_its_limits_under_skewed_load() {
         return;
     };
     let extra = plan(120, 2_000, 1000);
-    let a = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        extra: extra.clone(),
-        ..Options::default()
-    })
-    .await;
+    let a = Stack::on_store(&db.url, &extra).await;
     let b = a.another_edge(&db.url, &extra).await;
     let c = a.another_edge(&db.url, &extra).await;
     let edges = [&a, &b, &c];
@@ -734,12 +729,7 @@ async fn a_dead_edges_lease_comes_back_to_the_fleet() {
         return;
     };
     let extra = "[limits]\nlease_ttl = \"2s\"\n[[plans]]\nname = \"p\"\nrequests_per_minute = 10000\ntokens_per_month = 1000\nconcurrent_streams = 100\n";
-    let a = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        extra: extra.into(),
-        ..Options::default()
-    })
-    .await;
+    let a = Stack::on_store(&db.url, extra).await;
     let mut b = a.another_edge(&db.url, extra).await;
     let k = new_key(&a, "deadedge").await;
     tokio::time::sleep(Duration::from_millis(500)).await; // b has the key

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{admin_token, run, Options, PgBouncer, PgDb, Relay, Stack};
+use common::{admin_token, run, PgBouncer, PgDb, Relay, Stack};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -612,11 +612,7 @@ async fn postgres_backend_serves_and_follows_changes() {
     let Some(db) = PgDb::create().await else {
         return;
     };
-    let s = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        ..Options::default()
-    })
-    .await;
+    let s = Stack::on_store(&db.url, "").await;
     assert_eq!(chat(&s, "abc123", Some(&bearer(&s.key))).await.0, 200);
     assert_eq!(chat(&s, "paused1", Some(&bearer(&s.key))).await.0, 503);
     let k = s
@@ -703,12 +699,7 @@ async fn a_fleet_works_through_pgbouncer_in_transaction_mode() {
         .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", bouncer.port));
     // Lands in the harness's [store] section.
     let extra = format!("session_url = \"{}\"\n", db.url);
-    let a = Stack::start_with(Options {
-        store_url: Some(pooled.clone()),
-        extra: extra.clone(),
-        ..Options::default()
-    })
-    .await;
+    let a = Stack::on_store(&pooled, &extra).await;
     let b = a.another_edge(&pooled, &extra).await;
     let edges = [&a, &b];
 
@@ -748,11 +739,7 @@ async fn a_new_edge_joins_a_running_fleet_within_seconds() {
     let Some(db) = PgDb::create().await else {
         return;
     };
-    let a = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        ..Options::default()
-    })
-    .await;
+    let a = Stack::on_store(&db.url, "").await;
     let t0 = Instant::now();
     let b = a.another_edge(&db.url, "").await;
     let listening = t0.elapsed();
@@ -766,11 +753,7 @@ async fn a_fleet_of_three_edges_agrees_within_a_second() {
     let Some(db) = PgDb::create().await else {
         return;
     };
-    let a = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        ..Options::default()
-    })
-    .await;
+    let a = Stack::on_store(&db.url, "").await;
     let b = a.another_edge(&db.url, "").await;
     let c = a.another_edge(&db.url, "").await;
     let edges = [&a, &b, &c];
@@ -823,11 +806,7 @@ async fn an_edge_that_loses_postgres_serves_from_its_snapshot_and_catches_up() {
     let Some(db) = PgDb::create().await else {
         return;
     };
-    let a = Stack::start_with(Options {
-        store_url: Some(db.url.clone()),
-        ..Options::default()
-    })
-    .await;
+    let a = Stack::on_store(&db.url, "").await;
     let relay = Relay::start("127.0.0.1:5432").await;
     let via_relay = db
         .url

@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{admin_token, Stack};
+use common::Stack;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -23,12 +23,7 @@ async fn status(s: &Stack, key: &str) -> u16 {
 }
 
 async fn reload_via_admin(s: &Stack) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/admin/reload", s.admin_url()))
-        .bearer_auth(admin_token())
-        .send()
-        .await
-        .unwrap();
+    let r = s.reload().await;
     (r.status().as_u16(), r.json().await.unwrap())
 }
 

@@ -109,6 +109,17 @@ impl Stack {
         .await
     }
 
+    /// Starts a stack on the store at `url` (a fleet's PostgreSQL), `extra` appended to the
+    /// config.
+    pub async fn on_store(url: &str, extra: &str) -> Self {
+        Self::start_with(Options {
+            store_url: Some(url.to_owned()),
+            extra: extra.to_owned(),
+            ..Options::default()
+        })
+        .await
+    }
+
     /// Starts a stack as `opts` says.
     pub async fn start_with(opts: Options) -> Self {
         let (runtime, stats) = match opts.runtime {
@@ -223,6 +234,16 @@ impl Stack {
             .await
             .unwrap()
             .json()
+            .await
+            .unwrap()
+    }
+
+    /// Asks the edge to reload its config file (`POST /v1/admin/reload`).
+    pub async fn reload(&self) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/v1/admin/reload", self.admin_url()))
+            .bearer_auth(admin_token())
+            .send()
             .await
             .unwrap()
     }
