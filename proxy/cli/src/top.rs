@@ -271,6 +271,10 @@ pub async fn run(args: TopArgs, first: Admin, token: Option<String>) -> Result<(
     let interactive = args.frames.is_none() && unsafe { libc::isatty(1) } == 1;
     let _keys = interactive.then(Keys::new);
     let mut quit = quit_key();
+    // Listening from now on: a Ctrl-C that comes while a scrape runs is kept for the next wait.
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| Failure::Unreachable(format!("cannot watch for Ctrl-C: {e}")))?;
     if interactive {
         // The alternate screen, cursor hidden: the shell's screen comes back on exit.
         print!("\x1b[?1049h\x1b[?25l");
@@ -282,7 +286,7 @@ pub async fn run(args: TopArgs, first: Admin, token: Option<String>) -> Result<(
         tokio::select! {
             _ = tokio::time::sleep(args.interval) => {}
             _ = quit.recv() => break Ok(()),
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
         }
         let now = scrape(&edges).await;
         if now.edges_up == 0 {
