@@ -12,6 +12,7 @@
 //! | `x-mock-abort-after` | drop the connection after N tokens |
 //! | `x-mock-status` | answer with this HTTP status and an OpenAI-style error |
 //! | `x-mock-no-usage` | never report usage, even when asked |
+//! | `x-mock-echo` | a whole chat answer carries `x-mock-echoed`: the request header it names (what the runtime was sent, e.g. `traceparent`) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -494,7 +495,14 @@ async fn chat_completions(State(st): State<AppState>, headers: HeaderMap, body: 
         if !plan.no_usage {
             answer["usage"] = usage(prompt, plan.tokens);
         }
-        return Json(answer).into_response();
+        let mut resp = Json(answer).into_response();
+        let echoed = headers
+            .get("x-mock-echo")
+            .and_then(|name| headers.get(name.to_str().ok()?));
+        if let Some(v) = echoed {
+            resp.headers_mut().insert("x-mock-echoed", v.clone());
+        }
+        return resp;
     }
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage) && !plan.no_usage;
     let chunk = {

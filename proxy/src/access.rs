@@ -4,7 +4,21 @@
 
 use std::time::{Duration, Instant};
 
+use moltghost_protocol::trace::{self, TraceParent};
+
 use crate::routing::Route;
+
+/// The sampled flag of a trace the edge starts: the runtime and the pod decide for themselves
+/// whether to record it (the edge exports no spans of its own yet).
+const SAMPLED: u8 = 1;
+
+/// `bytes`, or the same with its last byte set when all are zero (W3C forbids all-zero ids).
+fn nonzero<const N: usize>(mut bytes: [u8; N]) -> [u8; N] {
+    if bytes == [0; N] {
+        bytes[N - 1] = 1;
+    }
+    bytes
+}
 
 /// What the access log and the metrics say of one request (an HTTP request, or one WebSocket
 /// message). Filled in as the request lives; read once, when it ends.
@@ -34,10 +48,17 @@ pub struct AccessRecord {
     pub first_token: Option<Instant>,
     /// Tokens accounted for this request.
     pub tokens: Option<u64>,
+    /// Of them, (prompt, completion), when the request was metered.
+    pub usage: Option<(u64, u64)>,
     /// The plugins' decisions, comma-separated, when plugins ran.
     pub plugins: Option<String>,
     /// Time spent in plugins, when plugins ran.
     pub plugin_time: Option<Duration>,
+    /// The request's span (W3C Trace Context): its trace (the client's, continued, or a new
+    /// one) and the edge's own span id, which the runtime gets as its parent.
+    pub trace: TraceParent,
+    /// The client's span, when it sent a `traceparent`.
+    pub trace_parent: Option<[u8; 8]>,
 }
 
 impl AccessRecord {
@@ -56,8 +77,25 @@ impl AccessRecord {
             first_byte: None,
             first_token: None,
             tokens: None,
+            usage: None,
             plugins: None,
             plugin_time: None,
+            trace: TraceParent {
+                trace_id: nonzero(rand::random()),
+                span_id: nonzero(rand::random()),
+                flags: SAMPLED,
+            },
+            trace_parent: None,
+        }
+    }
+
+    /// Continues the client's trace when its `traceparent` is valid: same trace and flags,
+    /// its span the parent of the edge's. Otherwise the edge's new trace stands.
+    pub fn continue_trace(&mut self, traceparent: Option<&str>) {
+        if let Some(client) = traceparent.and_then(TraceParent::parse) {
+            self.trace.trace_id = client.trace_id;
+            self.trace.flags = client.flags;
+            self.trace_parent = Some(client.span_id);
         }
     }
 
@@ -107,6 +145,9 @@ impl AccessRecord {
             ttft_us = since(self.first_token, self.started),
             plugins = self.plugins.as_deref(),
             plugin_us = self.plugin_time.map(|t| t.as_micros() as u64),
+            trace_id = %trace::hex(&self.trace.trace_id),
+            span_id = %trace::hex(&self.trace.span_id),
+            parent_span_id = self.trace_parent.map(|p| trace::hex(&p)),
         );
     }
 }

@@ -164,6 +164,8 @@ pub struct Control {
     /// The quota book's requests for draws, until [`Control::follow`] hands them to the
     /// leasing task.
     pub lease_asks: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// The span exporter (`[traces]`), until the control plane starts it.
+    pub span_exporter: std::sync::Mutex<Option<crate::traces::Exporter>>,
 }
 
 impl Control {

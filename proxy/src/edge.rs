@@ -48,6 +48,9 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> pingora_error::Result<()> {
         ctx.record.started = Instant::now();
+        let traceparent = session.req_header().headers.get("traceparent");
+        ctx.record
+            .continue_trace(traceparent.and_then(|v| v.to_str().ok()));
         crate::connections::header_read(session, &self.pipeline.cfg().limits.clients);
         let client_id = session.req_header().headers.get("x-request-id");
         ctx.record.request_id = self

@@ -73,11 +73,13 @@ pub struct Outbound {
     pub identity: Option<String>,
 }
 
-/// Builds the runtime's request header from the client's.
+/// Builds the runtime's request header from the client's; `traceparent` (the edge's span, W3C)
+/// replaces the client's.
 pub fn upstream_header(
     client: &RequestHeader,
     out: &Outbound,
     request_id: &str,
+    traceparent: Option<&str>,
     client_ip: Option<IpAddr>,
 ) -> Result<RequestHeader, EdgeError> {
     let mut h = RequestHeader::build_no_case(
@@ -124,6 +126,9 @@ pub fn upstream_header(
         ins(&mut h, "content-type", ct)?;
     }
     ins(&mut h, "x-request-id", request_id)?;
+    if let Some(t) = traceparent {
+        ins(&mut h, "traceparent", t)?;
+    }
     if let Some(id) = &out.identity {
         ins(&mut h, "x-moltghost-identity", id)?;
     }

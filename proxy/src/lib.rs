@@ -33,6 +33,7 @@ pub mod registry;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod traces;
 pub mod tunnel;
 pub mod upstream;
 pub mod websocket;

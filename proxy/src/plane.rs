@@ -43,6 +43,8 @@ pub struct DataPlane {
     pub plugins: ArcSwap<PluginSet>,
     /// The store link's health, as `/v1/health` reports it.
     pub store_status: Arc<StoreStatus>,
+    /// Request spans for the OTLP exporter (`[traces]`), when it is on.
+    pub spans: Option<crate::traces::Spans>,
     /// True once the process drains (an upgrade or a stop): long-lived connections
     /// (WebSockets) finish what they are doing and close, without each polling for it.
     pub draining: tokio::sync::watch::Sender<bool>,

@@ -136,6 +136,10 @@ fn prepare(
         )),
         None => None,
     };
+    let (spans, span_exporter) = match crate::traces::Spans::new(&cfg.fixed.traces, &edge_id) {
+        Some((s, e)) => (Some(s), Some(e)),
+        None => (None, None),
+    };
     let plane = DataPlane {
         config: arc_swap::ArcSwap::new(cfg.clone()),
         registry: Arc::new(Registry::new(snapshot)),
@@ -147,6 +151,7 @@ fn prepare(
         identity: Arc::new(identity),
         plugins: arc_swap::ArcSwap::from_pointee(plugins),
         store_status: Arc::new(StoreStatus::default()),
+        spans,
         draining: tokio::sync::watch::Sender::new(false),
     };
     Ok(Arc::new(Control {
@@ -158,6 +163,7 @@ fn prepare(
         tunnels,
         certs,
         lease_asks: std::sync::Mutex::new(Some(lease_asks)),
+        span_exporter: std::sync::Mutex::new(span_exporter),
     }))
 }
 
@@ -236,6 +242,15 @@ struct ControlPlane {
 impl BackgroundService for ControlPlane {
     async fn start(&self, shutdown: ShutdownWatch) {
         let control = self.control.clone();
+        let exporter = control
+            .span_exporter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(exporter) = exporter {
+            // Not joined: it posts spans until the process ends, the store reachable or not.
+            tokio::spawn(exporter.run());
+        }
         let store = loop {
             let cfg = control.cfg();
             let s = &cfg.fixed.store;

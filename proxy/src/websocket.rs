@@ -86,6 +86,7 @@ pub async fn serve(
         client: ClientConnection::of(session),
         watch: AdmissionWatch::new(p.plane.registry.clone(), admission.clone()),
         admission,
+        trace: ctx.record.trace,
         heard: Instant::now(),
         closed: false,
     };
@@ -199,6 +200,8 @@ struct Connection {
     client: ClientConnection,
     admission: Admission,
     watch: AdmissionWatch,
+    /// The upgrade request's span: each message's span is its child, in the same trace.
+    trace: moltghost_protocol::trace::TraceParent,
     /// When the client last sent anything.
     heard: Instant,
     /// The close handshake is done (or the client is gone).
@@ -340,6 +343,9 @@ impl Connection {
     async fn answer(&mut self, p: &Pipeline, session: &mut Session, text: Bytes) -> Option<End> {
         let mut ctx = RequestCtx::new();
         ctx.record.request_id = p.ids.for_request(None);
+        ctx.record.trace.trace_id = self.trace.trace_id;
+        ctx.record.trace.flags = self.trace.flags;
+        ctx.record.trace_parent = Some(self.trace.span_id);
         ctx.record.route = Some(Route::Ws);
         ctx.admitted(&self.admission);
         let mut sent = 0u64;

@@ -364,6 +364,82 @@ async fn a_stream_broken_after_its_headers_ends_with_an_error_event() {
     );
 }
 
+/// A request's trace (W3C Trace Context): the edge continues the client's `traceparent`, sends
+/// the runtime its own span as the parent, and logs the trace, its span and the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_gets_the_edges_span_in_the_clients_trace() {
+    let s = Stack::start("").await;
+    let c = s.client();
+    let client = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut edge_spans = Vec::new();
+    for (id, sent) in [("traced-1", Some(client)), ("traced-2", None)] {
+        let mut req = c
+            .post(s.url("abc123", "/v1/chat/completions"))
+            .header("x-request-id", id)
+            .header("x-mock-echo", "traceparent")
+            .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+        if let Some(t) = sent {
+            req = req.header("traceparent", t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let got = r.headers()["x-mock-echoed"].to_str().unwrap().to_owned();
+        let parts: Vec<&str> = got.split('-').collect();
+        assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{got}");
+        assert_eq!(parts[1].len(), 32, "{got}");
+        assert_eq!(parts[2].len(), 16, "{got}");
+        if sent.is_some() {
+            assert_eq!(
+                parts[1], "0af7651916cd43dd8448eb211c80319c",
+                "the client's trace"
+            );
+            assert_ne!(parts[2], "b7ad6b7169203331", "the edge's own span");
+        } else {
+            assert_ne!(
+                parts[1], "0af7651916cd43dd8448eb211c80319c",
+                "a trace of its own"
+            );
+        }
+        edge_spans.push((id, parts[1].to_owned(), parts[2].to_owned()));
+    }
+    // The access log has the same trace and span, and the client's span as the parent.
+    let t0 = std::time::Instant::now();
+    for (id, trace, span) in edge_spans {
+        let line = loop {
+            let log = s.log();
+            if let Some(l) = log
+                .lines()
+                .find(|l| l.contains(&format!("\"request_id\":\"{id}\"")))
+            {
+                break l.to_owned();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "no access line for {id}:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let fields = if v["fields"].is_object() {
+            &v["fields"]
+        } else {
+            &v
+        };
+        assert_eq!(fields["trace_id"], trace.as_str(), "{line}");
+        assert_eq!(fields["span_id"], span.as_str(), "{line}");
+        let parent = if id == "traced-1" {
+            json!("b7ad6b7169203331")
+        } else {
+            Value::Null
+        };
+        assert_eq!(
+            fields.get("parent_span_id").cloned().unwrap_or(Value::Null),
+            parent,
+            "{line}"
+        );
+    }
+}
+
 /// The `Server-Timing` metrics of an answer, as (name, milliseconds).
 fn server_timing(r: &reqwest::Response) -> Vec<(String, f64)> {
     let Some(v) = r.headers().get("server-timing") else {

@@ -11,5 +11,6 @@ pub mod keys;
 pub mod prometheus;
 pub mod routing;
 pub mod sse;
+pub mod trace;
 pub mod usage;
 pub mod ws;

@@ -22,6 +22,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub tunnel: FileTunnel,
     #[serde(default)]
+    pub traces: FileTraces,
+    #[serde(default)]
     pub plugins: Vec<FilePlugin>,
     #[serde(default)]
     pub plans: Vec<FilePlan>,
@@ -165,6 +167,14 @@ pub struct FilePlugin {
     pub buffer_kb: Option<u64>,
     #[serde(default)]
     pub service: bool,
+}
+
+/// `[traces]`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileTraces {
+    pub otlp_endpoint: Option<String>,
+    pub sampling_ratio: Option<f64>,
 }
 
 /// `[tunnel]`.

@@ -76,6 +76,8 @@ pub struct Fixed {
     pub tunnel: TunnelConfig,
     /// `[admin]`'s secrets.
     pub admin: Secrets,
+    /// `[traces]`: the span exporter is started once.
+    pub traces: crate::traces::TraceSettings,
 }
 
 /// The listeners.
@@ -427,6 +429,10 @@ mod tests {
         assert!(e.0.contains("agents[0].id"), "{e}");
         let e = Config::from_toml("[store]\nmax_connections = 1").unwrap_err();
         assert!(e.0.contains("store.max_connections"), "{e}");
+        let e = Config::from_toml("[traces]\notlp_endpoint = \"grpc://c\"").unwrap_err();
+        assert!(e.0.contains("traces.otlp_endpoint"), "{e}");
+        let e = Config::from_toml("[traces]\nsampling_ratio = 2.0").unwrap_err();
+        assert!(e.0.contains("traces.sampling_ratio"), "{e}");
         let e = Config::from_toml("[store]\nsession_url = \"postgres://pg/db\"").unwrap_err();
         assert!(e.0.contains("store.session_url"), "{e}");
         let e = Config::from_toml("[edge]\nnope = 1").unwrap_err();
@@ -478,6 +484,7 @@ mod tests {
                 "limits.rate_sketch_slots",
             ),
             ("[limits]\nfleet_sync = \"2s\"", "limits.fleet_sync"),
+            ("[traces]\nsampling_ratio = 0.5", "traces.sampling_ratio"),
             ("[limits]\nlease_ttl = \"10s\"", "limits.lease_ttl"),
             ("[tunnel]\nmtu = 1280", "tunnel.mtu"),
             ("[admin]\nkey_secret = \"other\"", "admin.key_secret"),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::file::{
     FileAdmin, FileAgent, FileConfig, FileEdge, FileLimits, FileListen, FilePlan, FilePlugin,
-    FileStore, FileTls, FileTunnel,
+    FileStore, FileTls, FileTraces, FileTunnel,
 };
 use super::{
     bad, AgentSeed, ClientLimits, Config, ConfigError, Fixed, FixedLimits, Limits, Listen, Names,
@@ -16,6 +16,7 @@ use super::{
 use crate::lifecycle::AgentState;
 use crate::plugins::PluginConfig;
 use crate::quota::LeaseSettings;
+use crate::traces::TraceSettings;
 use crate::upstream::UpstreamTarget;
 
 /// The whole config from the whole file.
@@ -31,6 +32,7 @@ pub(super) fn build(f: FileConfig) -> Result<Config, ConfigError> {
         tls: tls.is_some(),
         tunnel: tunnel(f.tunnel)?,
         admin: secrets(f.admin),
+        traces: traces(f.traces)?,
         listen,
     };
     Ok(Config {
@@ -59,6 +61,26 @@ fn listen(f: FileListen) -> Result<Listen, ConfigError> {
         http: list("listen.http", &f.http)?,
         https: list("listen.https", &f.https)?,
         admin: addr("listen.admin", &f.admin)?,
+    })
+}
+
+fn traces(f: FileTraces) -> Result<TraceSettings, ConfigError> {
+    if let Some(e) = &f.otlp_endpoint {
+        let ok = url::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if !ok {
+            return Err(bad(
+                "traces.otlp_endpoint",
+                format!("expected the collector's http(s):// URL, got {e:?}"),
+            ));
+        }
+    }
+    let sampling_ratio = f.sampling_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sampling_ratio) {
+        return Err(bad("traces.sampling_ratio", "must be between 0 and 1"));
+    }
+    Ok(TraceSettings {
+        otlp_endpoint: f.otlp_endpoint,
+        sampling_ratio,
     })
 }
 

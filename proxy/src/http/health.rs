@@ -76,10 +76,11 @@ async fn probe(
         )
     });
     let started = StdInstant::now();
-    let header = match forward::upstream_header(session.req_header(), &out, "health-probe", None) {
-        Ok(h) => h,
-        Err(e) => return json!({"reachable": false, "error": e.message()}),
-    };
+    let header =
+        match forward::upstream_header(session.req_header(), &out, "health-probe", None, None) {
+            Ok(h) => h,
+            Err(e) => return json!({"reachable": false, "error": e.message()}),
+        };
     let mut guard = Guard {
         deadline: Instant::now() + Duration::from_secs(1),
         watch: None,

@@ -31,7 +31,9 @@ impl Pipeline {
             .await;
         }
         if let Some(mut accounting) = accounting {
-            ctx.record.tokens = Some(accounting.settle(outcome).usage.total());
+            let usage = accounting.settle(outcome).usage;
+            ctx.record.tokens = Some(usage.total());
+            ctx.record.usage = Some((usage.prompt_tokens, usage.completion_tokens));
         }
     }
 
@@ -41,5 +43,8 @@ impl Pipeline {
         ctx.finish_plugins();
         ctx.record.log(method, bytes_sent);
         self.plane.metrics.record(&ctx.record);
+        if let Some(spans) = &self.plane.spans {
+            spans.record(&ctx.record, method);
+        }
     }
 }

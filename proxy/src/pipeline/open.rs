@@ -108,6 +108,7 @@ impl Pipeline {
             down.head(),
             &prepared.outbound,
             &ctx.record.request_id,
+            Some(&ctx.record.trace.header()),
             down.client_addr().map(|a| a.ip()),
         )?;
         let mut guard = Guard {

@@ -1,0 +1,266 @@
+//! Request spans, exported over OTLP/HTTP (protobuf) to the collector `traces.otlp_endpoint`
+//! names. A request's spans are built once it ends, from the instants its [`AccessRecord`]
+//! already holds (no span object lives on the request path), and handed to a background task
+//! that batches them and posts them: the request never waits for the collector, and a full
+//! queue drops spans rather than hold anything.
+//!
+//! The tree, in the request's trace (the client's, continued, or the edge's own): the request's
+//! span (`SERVER`, the edge's span id that the runtime got as its parent), and its phases as
+//! children: `edge` (key, limits, body, request plugins, until the runtime is asked),
+//! `upstream` (`CLIENT`: connect and the runtime's response header), `first token` (for
+//! streams) and `relay` (the answer, until it ends and its usage is settled).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{
+    span::SpanKind, status, ResourceSpans, ScopeSpans, Span, Status,
+};
+use prost::Message;
+use tokio::sync::mpsc;
+
+use crate::access::AccessRecord;
+
+/// Spans queued for export at most (past it a request's spans are dropped).
+const QUEUE: usize = 4096;
+/// Spans sent in one request to the collector at most.
+const BATCH: usize = 512;
+/// How long a span waits for its batch to fill.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Where spans go and how many (`[traces]`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TraceSettings {
+    /// The collector's OTLP/HTTP base URL (`/v1/traces` is added); `None`: no export.
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces exported, decided by trace id (0 to 1), among those the client did
+    /// not mark unsampled.
+    pub sampling_ratio: f64,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+        }
+    }
+}
+
+/// The request path's side: turns finished requests into spans and queues them.
+#[derive(Debug)]
+pub struct Spans {
+    tx: mpsc::Sender<Vec<Span>>,
+    /// Trace ids whose low 64 bits are under this are exported.
+    threshold: u64,
+}
+
+/// The background side: batches the queued spans and posts them to the collector.
+#[derive(Debug)]
+pub struct Exporter {
+    rx: mpsc::Receiver<Vec<Span>>,
+    /// `<otlp_endpoint>/v1/traces`.
+    url: String,
+    /// `service.name` and the edge's id, on every batch.
+    resource: Resource,
+}
+
+impl Spans {
+    /// The two sides for `settings`, or `None` when export is off.
+    pub fn new(settings: &TraceSettings, edge_id: &str) -> Option<(Self, Exporter)> {
+        let endpoint = settings.otlp_endpoint.as_ref()?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let threshold = (settings.sampling_ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+        let exporter = Exporter {
+            rx,
+            url: format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+            resource: Resource {
+                attributes: vec![
+                    attr("service.name", "moltghost-edge"),
+                    attr("service.instance.id", edge_id),
+                ],
+                ..Default::default()
+            },
+        };
+        Some((Self { tx, threshold }, exporter))
+    }
+
+    /// Queues the spans of request `r` (its `method`), if its trace is sampled.
+    pub fn record(&self, r: &AccessRecord, method: &str) {
+        let low = u64::from_be_bytes(r.trace.trace_id[8..].try_into().expect("8 bytes"));
+        if r.trace.flags & 1 == 0 || low > self.threshold {
+            return;
+        }
+        // Dropped when the collector cannot keep up: spans never hold a request.
+        let _ = self
+            .tx
+            .try_send(spans_of(r, method, SystemTime::now(), Instant::now()));
+    }
+}
+
+/// A string attribute.
+fn attr(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_owned())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// An integer attribute.
+fn int(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The spans of a request that ended at `now` (`wall` on the system clock).
+fn spans_of(r: &AccessRecord, method: &str, wall: SystemTime, now: Instant) -> Vec<Span> {
+    let unix = |t: Instant| {
+        let at = wall - now.saturating_duration_since(t);
+        at.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    let route = r.route.map(|r| r.path()).unwrap_or("-");
+    let mut attributes = vec![
+        attr("http.request.method", method),
+        attr("http.route", route),
+        int("http.response.status_code", i64::from(r.status)),
+        attr("moltghost.request_id", &r.request_id),
+    ];
+    for (key, value) in [
+        ("moltghost.agent", &r.agent),
+        ("moltghost.account", &r.account),
+        ("moltghost.key_id", &r.key_id),
+    ] {
+        if let Some(v) = value {
+            attributes.push(attr(key, v));
+        }
+    }
+    if let Some((input, output)) = r.usage {
+        attributes.push(int("gen_ai.usage.input_tokens", input as i64));
+        attributes.push(int("gen_ai.usage.output_tokens", output as i64));
+    }
+    if let Some(code) = r.error {
+        attributes.push(attr("error.type", code));
+    }
+    let failed = r.status >= 500;
+    let root = Span {
+        trace_id: r.trace.trace_id.to_vec(),
+        span_id: r.trace.span_id.to_vec(),
+        parent_span_id: r.trace_parent.map(|p| p.to_vec()).unwrap_or_default(),
+        flags: u32::from(r.trace.flags),
+        name: format!("{method} {route}"),
+        kind: SpanKind::Server as i32,
+        start_time_unix_nano: unix(r.started),
+        end_time_unix_nano: unix(now),
+        attributes,
+        status: Some(Status {
+            code: if failed {
+                status::StatusCode::Error
+            } else {
+                status::StatusCode::Unset
+            } as i32,
+            message: r.error.unwrap_or_default().to_owned(),
+        }),
+        ..Default::default()
+    };
+    let mut spans = vec![root];
+    let mut child = |name: &str, kind: SpanKind, from: Instant, to: Instant| {
+        let mut id: [u8; 8] = rand::random();
+        id[7] |= 1; // never all zeros
+        spans.push(Span {
+            trace_id: r.trace.trace_id.to_vec(),
+            span_id: id.to_vec(),
+            parent_span_id: r.trace.span_id.to_vec(),
+            flags: u32::from(r.trace.flags),
+            name: name.to_owned(),
+            kind: kind as i32,
+            start_time_unix_nano: unix(from),
+            end_time_unix_nano: unix(to),
+            ..Default::default()
+        });
+    };
+    let sent = r.upstream_sent.unwrap_or(now);
+    child("edge", SpanKind::Internal, r.started, sent);
+    if let Some(sent) = r.upstream_sent {
+        let header = r.first_byte.unwrap_or(now);
+        child("upstream", SpanKind::Client, sent, header);
+        if let Some(first) = r.first_byte {
+            if let Some(token) = r.first_token {
+                child("first token", SpanKind::Internal, first, token);
+            }
+            child("relay", SpanKind::Internal, first, now);
+        }
+    }
+    spans
+}
+
+impl Exporter {
+    /// Batches what [`Spans::record`] queued and posts it, until the queue closes.
+    pub async fn run(mut self) {
+        let (url, resource) = (&self.url, &self.resource);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client");
+        let mut failing = false;
+        loop {
+            let Some(first) = self.rx.recv().await else {
+                return;
+            };
+            let mut batch = first;
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while batch.len() < BATCH {
+                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(more)) => batch.extend(more),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let body = ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    resource: Some(resource.clone()),
+                    scope_spans: vec![ScopeSpans {
+                        scope: Some(InstrumentationScope {
+                            name: "moltghost".into(),
+                            version: env!("CARGO_PKG_VERSION").into(),
+                            ..Default::default()
+                        }),
+                        spans: batch,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            }
+            .encode_to_vec();
+            let sent = client
+                .post(url)
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.error_for_status().map_err(|e| e.to_string()));
+            // Logged when export starts or stops failing, not for every batch.
+            match sent {
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, collector = %url, "trace export failing; spans are dropped");
+                }
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!(collector = %url, "trace export works again");
+                }
+                _ => {}
+            }
+        }
+    }
+}

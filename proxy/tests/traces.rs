@@ -1,0 +1,182 @@
+//! OpenTelemetry traces: the edge's request spans reach an OTLP/HTTP collector of the test's
+//! own (decoded with `opentelemetry-proto`), in the client's trace, with the span the runtime
+//! got as its parent.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use common::Stack;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use serde_json::json;
+
+type Received = Arc<Mutex<Vec<Span>>>;
+
+/// A collector on loopback that keeps every span it is sent (and checks each batch names the
+/// edge as its service).
+async fn collector() -> (u16, Received) {
+    let spans: Received = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(|State(spans): State<Received>, body: Bytes| async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                for rs in req.resource_spans {
+                    let resource = rs.resource.expect("a resource");
+                    assert!(resource.attributes.iter().any(|a| a.key == "service.name"
+                        && matches!(&a.value.as_ref().unwrap().value, Some(Any::StringValue(v)) if v == "moltghost-edge")));
+                    for ss in rs.scope_spans {
+                        spans.lock().unwrap().extend(ss.spans);
+                    }
+                }
+                ""
+            }),
+        )
+        .with_state(spans.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, spans)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A span's attribute, as text.
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    let v = span.attributes.iter().find(|a| a.key == key)?;
+    match v.value.as_ref()?.value.as_ref()? {
+        Any::StringValue(s) => Some(s.clone()),
+        Any::IntValue(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
+    let (port, received) = collector().await;
+    let s = Stack::start(&format!(
+        "[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n"
+    ))
+    .await;
+    let c = s.client();
+    let client_trace = "0af7651916cd43dd8448eb211c80319c";
+    let r = c
+        .post(s.url("abc123", "/v1/chat/completions"))
+        .header(
+            "traceparent",
+            format!("00-{client_trace}-b7ad6b7169203331-01"),
+        )
+        .header("x-mock-echo", "traceparent")
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let runtime_parent = r.headers()["x-mock-echoed"]
+        .to_str()
+        .unwrap()
+        .split('-')
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    r.bytes().await.unwrap();
+    // A stream, in a trace of the edge's own.
+    let r = c
+        .post(s.url("abc123", "/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+
+    let t0 = Instant::now();
+    let spans = loop {
+        let spans = received.lock().unwrap().clone();
+        if spans
+            .iter()
+            .filter(|s| s.kind == SpanKind::Server as i32)
+            .count()
+            >= 2
+        {
+            break spans;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "spans received: {spans:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let roots: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server as i32)
+        .collect();
+    let traced = roots
+        .iter()
+        .find(|r| hex(&r.trace_id) == client_trace)
+        .expect("the client's trace continued");
+    assert_eq!(
+        hex(&traced.parent_span_id),
+        "b7ad6b7169203331",
+        "the client's span is the parent"
+    );
+    assert_eq!(
+        hex(&traced.span_id),
+        runtime_parent,
+        "the runtime's parent is the edge's span"
+    );
+    assert_eq!(traced.name, "POST /v1/chat/completions");
+    assert_eq!(
+        attribute(traced, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        attribute(traced, "moltghost.agent").as_deref(),
+        Some("abc123")
+    );
+    assert!(attribute(traced, "moltghost.key_id").is_some());
+    assert_eq!(
+        attribute(traced, "gen_ai.usage.output_tokens").as_deref(),
+        Some("3")
+    );
+    assert!(attribute(traced, "gen_ai.usage.input_tokens").is_some());
+    // Never a key.
+    let secret = s.key.rsplit('_').next().unwrap();
+    assert!(!format!("{spans:?}").contains(secret));
+
+    let children = |root: &Span| -> Vec<String> {
+        let mut names: Vec<String> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == root.span_id && s.trace_id == root.trace_id)
+            .inspect(|s| {
+                assert!(s.start_time_unix_nano >= root.start_time_unix_nano, "{s:?}");
+                assert!(s.end_time_unix_nano <= root.end_time_unix_nano, "{s:?}");
+            })
+            .map(|s| s.name.clone())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(children(traced), ["edge", "relay", "upstream"]);
+    let stream = roots
+        .iter()
+        .find(|r| hex(&r.trace_id) != client_trace)
+        .unwrap();
+    assert!(
+        stream.parent_span_id.is_empty(),
+        "a trace of the edge's own"
+    );
+    assert_eq!(
+        children(stream),
+        ["edge", "first token", "relay", "upstream"]
+    );
+}
