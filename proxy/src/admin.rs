@@ -219,6 +219,7 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         st.control.plane.registry.load().generation,
     );
     body.push_str(&st.control.tunnels.prometheus());
+    body.push_str(&st.control.plane.quota.prometheus(crate::store::now()));
     body.push_str(&crate::plugins::prometheus(
         &st.control.plane.plugins.load(),
     ));

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::access::AccessRecord;
 
-/// Spans queued for export at most (past it a request's spans are dropped).
+/// Requests whose spans wait for export at most (past it a request's spans are dropped).
 const QUEUE: usize = 4096;
 /// Spans sent in one request to the collector at most.
 const BATCH: usize = 512;

@@ -113,6 +113,13 @@ async fn metrics_count_what_was_served() {
         Some(3.0)
     );
     assert_eq!(value(&text, "moltghost_open_streams"), Some(0.0));
+    // The account's quota, nearly whole: a few hundred tokens of its plan's month are used.
+    let left = value(
+        &text,
+        r#"moltghost_quota_remaining_ratio{account="default"}"#,
+    )
+    .unwrap();
+    assert!(left > 0.9 && left < 1.0, "{left}");
     assert_eq!(value(&text, "moltghost_store_up"), Some(1.0));
     assert!(
         text.contains("# TYPE moltghost_request_duration_seconds histogram"),

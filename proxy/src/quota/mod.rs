@@ -330,6 +330,33 @@ impl QuotaBook {
         self.settings
     }
 
+    /// `moltghost_quota_remaining_ratio`: for each account this edge served this month (as of
+    /// `now`), the share of its quota left fleet-wide as the edge last heard from the store
+    /// (Prometheus text, appended to `/metrics`).
+    pub fn prometheus(&self, now: i64) -> String {
+        use std::fmt::Write;
+        let month = month_index(now);
+        let mut out = String::from(
+            "# HELP moltghost_quota_remaining_ratio Share of the account's monthly quota left fleet-wide, as this edge last heard\n\
+             # TYPE moltghost_quota_remaining_ratio gauge\n",
+        );
+        let map = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, a) in map.iter() {
+            let st = a.lock();
+            if st.month != month || st.limit == 0 {
+                continue;
+            }
+            let left = st.limit.saturating_sub(st.others + st.used + st.reserved);
+            let id = id.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "moltghost_quota_remaining_ratio{{account=\"{id}\"}} {}",
+                left as f64 / st.limit as f64
+            );
+        }
+        out
+    }
+
     /// The account's state, rolled to the month of `now`.
     fn account(&self, id: &str, now: i64, at: Instant) -> (Arc<str>, Arc<Account>) {
         let month = month_index(now);
@@ -712,6 +739,26 @@ mod tests {
         pool.give_back(30, 30);
         book.gave_back("a", "2026-11", pool);
         assert_eq!(pool.pool, 30);
+    }
+
+    #[test]
+    fn the_share_left_is_exported_per_account() {
+        let book = book();
+        let mut pool = Rows::default();
+        let _ = book.reserve("a\"x", 1_000, 100, false, T, Instant::now());
+        draw(&book, &mut pool, "a\"x", T);
+        let _r = book
+            .reserve("a\"x", 1_000, 150, false, T, Instant::now())
+            .unwrap();
+        let text = book.prometheus(T);
+        assert!(
+            text.contains("moltghost_quota_remaining_ratio{account=\"a\\\"x\"} 0.85"),
+            "{text}"
+        );
+        assert!(
+            !book.prometheus(T + 60).contains("account="),
+            "last month's"
+        );
     }
 
     #[test]
