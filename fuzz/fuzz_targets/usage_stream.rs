@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
     if whole.reported.is_none() {
         assert_eq!(whole.completion_tokens() == 0, whole.content_bytes == 0);
     }
+    let _ = usage::model_of(rest);
     if let Ok(req) = usage::inspect_openai(rest) {
         let _ = req.prompt_estimate();
         if let Ok(body) = usage::request_usage(rest) {

@@ -50,6 +50,8 @@ pub struct AccessRecord {
     pub tokens: Option<u64>,
     /// Of them, (prompt, completion), when the request was metered.
     pub usage: Option<(u64, u64)>,
+    /// The model the request named (read only when traces are exported).
+    pub model: Option<String>,
     /// The plugins' decisions, comma-separated, when plugins ran.
     pub plugins: Option<String>,
     /// Time spent in plugins, when plugins ran.
@@ -78,6 +80,7 @@ impl AccessRecord {
             first_token: None,
             tokens: None,
             usage: None,
+            model: None,
             plugins: None,
             plugin_time: None,
             trace: TraceParent {

@@ -145,6 +145,9 @@ fn spans_of(r: &AccessRecord, method: &str, wall: SystemTime, now: Instant) -> V
             attributes.push(attr(key, v));
         }
     }
+    if let Some(model) = &r.model {
+        attributes.push(attr("gen_ai.request.model", model));
+    }
     if let Some((input, output)) = r.usage {
         attributes.push(int("gen_ai.usage.input_tokens", input as i64));
         attributes.push(int("gen_ai.usage.output_tokens", output as i64));

@@ -76,7 +76,7 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
             format!("00-{client_trace}-b7ad6b7169203331-01"),
         )
         .header("x-mock-echo", "traceparent")
-        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
         .send()
         .await
         .unwrap();
@@ -147,6 +147,10 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
     assert_eq!(
         attribute(traced, "gen_ai.usage.output_tokens").as_deref(),
         Some("3")
+    );
+    assert_eq!(
+        attribute(traced, "gen_ai.request.model").as_deref(),
+        Some("m")
     );
     assert!(attribute(traced, "gen_ai.usage.input_tokens").is_some());
     // Never a key.

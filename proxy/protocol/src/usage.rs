@@ -230,6 +230,17 @@ mod tests {
     }
 }
 
+/// The `model` a JSON request names (for traces), if it names one as a string.
+pub fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Model<'a> {
+        #[serde(default, borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    let m: Model<'_> = serde_json::from_slice(body).ok()?;
+    m.model.map(std::borrow::Cow::into_owned)
+}
+
 /// What the edge needs to know of an OpenAI chat or text completion request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenAiRequest {
@@ -377,6 +388,12 @@ mod request_tests {
         assert!(inspect_openai(b"[1]").is_err());
         assert!(inspect_openai(br#"{"stream":"yes"}"#).is_err());
         assert!(inspect_openai(br#"{"max_tokens":-1}"#).is_err());
+        assert_eq!(
+            model_of(br#"{"model":"llama3.1-70b","messages":[]}"#).as_deref(),
+            Some("llama3.1-70b")
+        );
+        assert_eq!(model_of(br#"{"model":7}"#), None);
+        assert_eq!(model_of(b"[]"), None);
         let body = request_usage(br#"{"stream":true}"#).unwrap();
         assert!(inspect_openai(&body).unwrap().include_usage);
         assert!(request_usage(br#"{"stream_options":3}"#).is_err());

@@ -102,6 +102,10 @@ impl Pipeline {
         if let Some(authority) = rewrites.authority {
             prepared.outbound.authority = authority;
         }
+        if self.plane.spans.is_some() && prepared.cost.is_some() {
+            // Only for traces: a second look at the body is not worth it otherwise.
+            ctx.record.model = usage::model_of(&prepared.outbound.body);
+        }
         Ok(Preparation::Forward(Box::new(prepared)))
     }
 
