@@ -1,5 +1,5 @@
-//! Request spans, exported over OTLP/HTTP (protobuf) to the collector `traces.otlp_endpoint`
-//! names. A request's spans are built once it ends, from the instants its [`AccessRecord`]
+//! Request spans, exported over OTLP (HTTP with protobuf, or gRPC: `traces.otlp_protocol`) to
+//! the collector `traces.otlp_endpoint` names. A request's spans are built once it ends, from the instants its [`AccessRecord`]
 //! already holds (no span object lives on the request path), and handed to a background task
 //! that batches them and posts them: the request never waits for the collector, and a full
 //! queue drops spans rather than hold anything.
@@ -30,11 +30,24 @@ const BATCH: usize = 512;
 /// How long a span waits for its batch to fill.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// How spans travel to the collector (OpenTelemetry's names for them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Protocol {
+    /// `http/protobuf`: `POST <endpoint>/v1/traces`.
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// `grpc`: the `TraceService/Export` unary call, HTTP/2 without TLS upgrade.
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
 /// Where spans go and how many (`[traces]`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TraceSettings {
-    /// The collector's OTLP/HTTP base URL (`/v1/traces` is added); `None`: no export.
+    /// The collector's OTLP base URL; `None`: no export.
     pub otlp_endpoint: Option<String>,
+    /// How spans travel to it.
+    pub otlp_protocol: Protocol,
     /// The share of traces exported, decided by trace id (0 to 1), among those the client did
     /// not mark unsampled.
     pub sampling_ratio: f64,
@@ -44,6 +57,7 @@ impl Default for TraceSettings {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
+            otlp_protocol: Protocol::HttpProtobuf,
             sampling_ratio: 1.0,
         }
     }
@@ -61,8 +75,9 @@ pub struct Spans {
 #[derive(Debug)]
 pub struct Exporter {
     rx: mpsc::Receiver<Vec<Span>>,
-    /// `<otlp_endpoint>/v1/traces`.
+    /// `<otlp_endpoint>/v1/traces`, or the gRPC method's URL.
     url: String,
+    protocol: Protocol,
     /// `service.name` and the edge's id, on every batch.
     resource: Resource,
 }
@@ -73,9 +88,14 @@ impl Spans {
         let endpoint = settings.otlp_endpoint.as_ref()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let threshold = (settings.sampling_ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+        let path = match settings.otlp_protocol {
+            Protocol::HttpProtobuf => "/v1/traces",
+            Protocol::Grpc => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        };
         let exporter = Exporter {
             rx,
-            url: format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+            url: format!("{}{path}", endpoint.trim_end_matches('/')),
+            protocol: settings.otlp_protocol,
             resource: Resource {
                 attributes: vec![
                     attr("service.name", "moltghost-edge"),
@@ -98,6 +118,27 @@ impl Spans {
             .tx
             .try_send(spans_of(r, method, SystemTime::now(), Instant::now()));
     }
+}
+
+/// One `TraceService/Export` call, made as the plugins' gRPC calls are.
+async fn grpc_export(url: &str, message: Vec<u8>) -> Result<(), String> {
+    use crate::plugins::{callout::CallRequest, grpc};
+    let call = CallRequest {
+        token: 0,
+        url: url::Url::parse(url).map_err(|e| e.to_string())?,
+        method: http::Method::POST,
+        headers: vec![
+            ("content-type".into(), b"application/grpc".to_vec()),
+            ("te".into(), b"trailers".to_vec()),
+        ],
+        body: grpc::frame(&message).to_vec(),
+        timeout: Duration::from_secs(10),
+        grpc: true,
+    };
+    grpc::perform(call, 64 << 10)
+        .await
+        .map(drop)
+        .map_err(|s| format!("gRPC status {}: {}", s.code, s.message))
 }
 
 /// A string attribute.
@@ -244,14 +285,17 @@ impl Exporter {
                 }],
             }
             .encode_to_vec();
-            let sent = client
-                .post(url)
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.error_for_status().map_err(|e| e.to_string()));
+            let sent = match self.protocol {
+                Protocol::HttpProtobuf => client
+                    .post(url)
+                    .header("content-type", "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.error_for_status().map(drop).map_err(|e| e.to_string())),
+                Protocol::Grpc => grpc_export(url, body).await,
+            };
             // Logged when export starts or stops failing, not for every batch.
             match sent {
                 Err(e) if !failing => {

@@ -184,3 +184,103 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
         ["edge", "first token", "relay", "upstream"]
     );
 }
+
+/// A gRPC collector on loopback (HTTP/2 without TLS, as OTLP/gRPC runs in a cluster): it checks
+/// the method and the framing, keeps the spans, and answers a trailers-only OK.
+async fn grpc_collector() -> (u16, Received) {
+    let spans: Received = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let kept = spans.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(socket).await.unwrap();
+                // Each call on a task of its own: the connection must go on being polled
+                // for a call's body to arrive.
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    tokio::spawn(export(req, respond, kept.clone()));
+                }
+            });
+        }
+    });
+    (port, spans)
+}
+
+/// One `Export` call: checks and decodes it, keeps its spans, answers a trailers-only OK.
+async fn export(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    kept: Received,
+) {
+    assert_eq!(
+        req.uri().path(),
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    );
+    assert_eq!(req.headers()["content-type"], "application/grpc");
+    let mut body = req.into_body();
+    let mut message = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        message.extend_from_slice(&chunk);
+    }
+    let len = u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize;
+    assert_eq!(
+        (message[0], message.len()),
+        (0, 5 + len),
+        "one uncompressed frame"
+    );
+    let req = ExportTraceServiceRequest::decode(&message[5..]).unwrap();
+    for rs in req.resource_spans {
+        for ss in rs.scope_spans {
+            kept.lock().unwrap().extend(ss.spans);
+        }
+    }
+    let ok = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "0")
+        .body(())
+        .unwrap();
+    respond.send_response(ok, true).unwrap();
+}
+
+/// `traces.otlp_protocol = "grpc"`: the same spans, by the `TraceService/Export` call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_spans_reach_a_grpc_collector() {
+    let (port, received) = grpc_collector().await;
+    let s = Stack::start(&format!(
+        "[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"grpc\"\n"
+    ))
+    .await;
+    let r = s
+        .client()
+        .post(s.url("abc123", "/v1/chat/completions"))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let spans = received.lock().unwrap().clone();
+        if let Some(root) = spans.iter().find(|s| s.kind == SpanKind::Server as i32) {
+            assert_eq!(hex(&root.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(hex(&root.parent_span_id), "00f067aa0ba902b7");
+            assert!(spans.iter().any(|s| s.name == "upstream"), "{spans:?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no span by gRPC: {spans:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

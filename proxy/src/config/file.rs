@@ -174,6 +174,7 @@ pub struct FilePlugin {
 #[serde(deny_unknown_fields)]
 pub struct FileTraces {
     pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: Option<String>,
     pub sampling_ratio: Option<f64>,
 }
 

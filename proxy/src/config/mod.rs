@@ -431,6 +431,8 @@ mod tests {
         assert!(e.0.contains("store.max_connections"), "{e}");
         let e = Config::from_toml("[traces]\notlp_endpoint = \"grpc://c\"").unwrap_err();
         assert!(e.0.contains("traces.otlp_endpoint"), "{e}");
+        let e = Config::from_toml("[traces]\notlp_protocol = \"thrift\"").unwrap_err();
+        assert!(e.0.contains("traces.otlp_protocol"), "{e}");
         let e = Config::from_toml("[traces]\nsampling_ratio = 2.0").unwrap_err();
         assert!(e.0.contains("traces.sampling_ratio"), "{e}");
         let e = Config::from_toml("[store]\nsession_url = \"postgres://pg/db\"").unwrap_err();

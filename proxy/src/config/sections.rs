@@ -16,7 +16,7 @@ use super::{
 use crate::lifecycle::AgentState;
 use crate::plugins::PluginConfig;
 use crate::quota::LeaseSettings;
-use crate::traces::TraceSettings;
+use crate::traces::{Protocol, TraceSettings};
 use crate::upstream::UpstreamTarget;
 
 /// The whole config from the whole file.
@@ -74,12 +74,23 @@ fn traces(f: FileTraces) -> Result<TraceSettings, ConfigError> {
             ));
         }
     }
+    let otlp_protocol = match f.otlp_protocol.as_deref() {
+        None | Some("http/protobuf") => Protocol::HttpProtobuf,
+        Some("grpc") => Protocol::Grpc,
+        Some(other) => {
+            return Err(bad(
+                "traces.otlp_protocol",
+                format!("expected \"http/protobuf\" or \"grpc\", got {other:?}"),
+            ))
+        }
+    };
     let sampling_ratio = f.sampling_ratio.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&sampling_ratio) {
         return Err(bad("traces.sampling_ratio", "must be between 0 and 1"));
     }
     Ok(TraceSettings {
         otlp_endpoint: f.otlp_endpoint,
+        otlp_protocol,
         sampling_ratio,
     })
 }
