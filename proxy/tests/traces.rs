@@ -19,8 +19,7 @@ use serde_json::json;
 
 type Received = Arc<Mutex<Vec<Span>>>;
 
-/// A collector on loopback that keeps every span it is sent (and checks each batch names the
-/// edge as its service).
+/// An OTLP/HTTP collector on loopback that keeps every span it is sent.
 async fn collector() -> (u16, Received) {
     let spans: Received = Arc::default();
     let app = axum::Router::new()
@@ -28,14 +27,7 @@ async fn collector() -> (u16, Received) {
             "/v1/traces",
             axum::routing::post(|State(spans): State<Received>, body: Bytes| async move {
                 let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-                for rs in req.resource_spans {
-                    let resource = rs.resource.expect("a resource");
-                    assert!(resource.attributes.iter().any(|a| a.key == "service.name"
-                        && matches!(&a.value.as_ref().unwrap().value, Some(Any::StringValue(v)) if v == "moltghost-edge")));
-                    for ss in rs.scope_spans {
-                        spans.lock().unwrap().extend(ss.spans);
-                    }
-                }
+                keep(req, &spans);
                 ""
             }),
         )
@@ -44,6 +36,18 @@ async fn collector() -> (u16, Received) {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (port, spans)
+}
+
+/// Keeps the spans of an export, checking that each batch names the edge as its service.
+fn keep(req: ExportTraceServiceRequest, kept: &Received) {
+    for rs in req.resource_spans {
+        let resource = rs.resource.expect("a resource");
+        assert!(resource.attributes.iter().any(|a| a.key == "service.name"
+            && matches!(&a.value.as_ref().unwrap().value, Some(Any::StringValue(v)) if v == "moltghost-edge")));
+        for ss in rs.scope_spans {
+            kept.lock().unwrap().extend(ss.spans);
+        }
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -135,23 +139,15 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
         "the runtime's parent is the edge's span"
     );
     assert_eq!(traced.name, "POST /v1/chat/completions");
-    assert_eq!(
-        attribute(traced, "http.response.status_code").as_deref(),
-        Some("200")
-    );
-    assert_eq!(
-        attribute(traced, "moltghost.agent").as_deref(),
-        Some("abc123")
-    );
+    for (key, want) in [
+        ("http.response.status_code", "200"),
+        ("moltghost.agent", "abc123"),
+        ("gen_ai.usage.output_tokens", "3"),
+        ("gen_ai.request.model", "m"),
+    ] {
+        assert_eq!(attribute(traced, key).as_deref(), Some(want), "{key}");
+    }
     assert!(attribute(traced, "moltghost.key_id").is_some());
-    assert_eq!(
-        attribute(traced, "gen_ai.usage.output_tokens").as_deref(),
-        Some("3")
-    );
-    assert_eq!(
-        attribute(traced, "gen_ai.request.model").as_deref(),
-        Some("m")
-    );
     assert!(attribute(traced, "gen_ai.usage.input_tokens").is_some());
     // Never a key.
     let secret = s.key.rsplit('_').next().unwrap();
@@ -233,11 +229,7 @@ async fn export(
         "one uncompressed frame"
     );
     let req = ExportTraceServiceRequest::decode(&message[5..]).unwrap();
-    for rs in req.resource_spans {
-        for ss in rs.scope_spans {
-            kept.lock().unwrap().extend(ss.spans);
-        }
-    }
+    keep(req, &kept);
     let ok = http::Response::builder()
         .status(200)
         .header("content-type", "application/grpc")
