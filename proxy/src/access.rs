@@ -40,6 +40,10 @@ pub struct AccessRecord {
     pub status: u16,
     /// The error code, if the request was refused or failed.
     pub error: Option<&'static str>,
+    /// When admission ended (key, agent, lifecycle, request rate).
+    pub admitted: Option<Instant>,
+    /// When preparation ended (body, request plugins, translation).
+    pub prepared: Option<Instant>,
     /// When the edge started sending the request to the runtime.
     pub upstream_sent: Option<Instant>,
     /// When the first response byte from the runtime arrived.
@@ -75,6 +79,8 @@ impl AccessRecord {
             key_id: None,
             status: 0,
             error: None,
+            admitted: None,
+            prepared: None,
             upstream_sent: None,
             first_byte: None,
             first_token: None,

@@ -6,9 +6,11 @@
 //!
 //! The tree, in the request's trace (the client's, continued, or the edge's own): the request's
 //! span (`SERVER`, the edge's span id that the runtime got as its parent), and its phases as
-//! children: `edge` (key, limits, body, request plugins, until the runtime is asked),
-//! `upstream` (`CLIENT`: connect and the runtime's response header), `first token` (for
-//! streams) and `relay` (the answer, until it ends and its usage is settled).
+//! children: `admission` (key, agent, lifecycle, request rate), `prepare` (the body, request
+//! plugins, translation), `open` (stream cap, quota reservation, a wait for a lease draw
+//! included, caller identity), `upstream` (`CLIENT`: connect and the runtime's response
+//! header), `first token` (for streams) and `relay` (the answer, until it ends and its usage
+//! is settled). A request refused before the runtime has what it reached, then `edge`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -233,8 +235,22 @@ fn spans_of(r: &AccessRecord, method: &str, wall: SystemTime, now: Instant) -> V
             ..Default::default()
         });
     };
+    // The edge's own phases, each ending where the next starts (a phase the request never
+    // reached is left out).
     let sent = r.upstream_sent.unwrap_or(now);
-    child("edge", SpanKind::Internal, r.started, sent);
+    let mut from = r.started;
+    for (name, until) in [
+        ("admission", r.admitted),
+        ("prepare", r.prepared),
+        ("open", r.upstream_sent),
+    ] {
+        let Some(until) = until else { break };
+        child(name, SpanKind::Internal, from, until);
+        from = until;
+    }
+    if from < sent {
+        child("edge", SpanKind::Internal, from, sent);
+    }
     if let Some(sent) = r.upstream_sent {
         let header = r.first_byte.unwrap_or(now);
         child("upstream", SpanKind::Client, sent, header);

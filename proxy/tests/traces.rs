@@ -166,7 +166,10 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
         names.sort();
         names
     };
-    assert_eq!(children(traced), ["edge", "relay", "upstream"]);
+    assert_eq!(
+        children(traced),
+        ["admission", "open", "prepare", "relay", "upstream"]
+    );
     let stream = roots
         .iter()
         .find(|r| hex(&r.trace_id) != client_trace)
@@ -177,7 +180,14 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
     );
     assert_eq!(
         children(stream),
-        ["edge", "first token", "relay", "upstream"]
+        [
+            "admission",
+            "first token",
+            "open",
+            "prepare",
+            "relay",
+            "upstream"
+        ]
     );
 }
 

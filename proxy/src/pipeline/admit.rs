@@ -60,6 +60,7 @@ impl Pipeline {
                 cfg.limits.rate_limit_status,
             )?);
         }
+        ctx.record.admitted = Some(std::time::Instant::now());
         Ok(())
     }
 }

@@ -106,6 +106,7 @@ impl Pipeline {
             // Only for traces: a second look at the body is not worth it otherwise.
             ctx.record.model = usage::model_of(&prepared.outbound.body);
         }
+        ctx.record.prepared = Some(std::time::Instant::now());
         Ok(Preparation::Forward(Box::new(prepared)))
     }
 
