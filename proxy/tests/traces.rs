@@ -286,3 +286,68 @@ async fn request_spans_reach_a_grpc_collector() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A WebSocket's messages are spans of their own, children of the upgrade request's span, in
+/// the client's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_websocket_message_is_a_child_span_of_the_upgrade() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let (port, received) = collector().await;
+    let s = Stack::start(&format!(
+        "[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n"
+    ))
+    .await;
+    let mut req = format!("ws://127.0.0.1:{}/ws", s.port)
+        .into_client_request()
+        .unwrap();
+    for (k, v) in [
+        ("host", format!("abc123.agent.localhost:{}", s.port)),
+        ("authorization", format!("Bearer {}", s.key)),
+        (
+            "traceparent",
+            "00-5bf92f3577b34da6a3ce929d0e0e4736-10f067aa0ba902b7-01".into(),
+        ),
+    ] {
+        req.headers_mut().insert(k, v.parse().unwrap());
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    for _ in 0..2 {
+        let ask = json!({"action": "message", "messages": [{"role": "user", "content": "Hello!"}]});
+        ws.send(Message::text(ask.to_string())).await.unwrap();
+        loop {
+            let Some(Ok(Message::Text(t))) = ws.next().await else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["done"] == true {
+                break;
+            }
+        }
+    }
+    ws.close(None).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let spans = received.lock().unwrap().clone();
+        let server: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.kind == SpanKind::Server as i32)
+            .collect();
+        let upgrade = server.iter().find(|s| s.name.starts_with("GET "));
+        let messages: Vec<&&Span> = server
+            .iter()
+            .filter(|s| s.name.starts_with("WS "))
+            .collect();
+        if let (Some(upgrade), 2) = (upgrade, messages.len()) {
+            assert_eq!(hex(&upgrade.trace_id), "5bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(hex(&upgrade.parent_span_id), "10f067aa0ba902b7");
+            for m in messages {
+                assert_eq!(m.trace_id, upgrade.trace_id);
+                assert_eq!(m.parent_span_id, upgrade.span_id, "{m:?}");
+            }
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{spans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
