@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use moltghost_protocol::trace::{self, TraceParent};
+use moltghost_protocol::trace::{Hex, TraceParent};
 
 use crate::routing::Route;
 
@@ -154,9 +154,9 @@ impl AccessRecord {
             ttft_us = since(self.first_token, self.started),
             plugins = self.plugins.as_deref(),
             plugin_us = self.plugin_time.map(|t| t.as_micros() as u64),
-            trace_id = %trace::hex(&self.trace.trace_id),
-            span_id = %trace::hex(&self.trace.span_id),
-            parent_span_id = self.trace_parent.map(|p| trace::hex(&p)),
+            trace_id = %Hex(&self.trace.trace_id),
+            span_id = %Hex(&self.trace.span_id),
+            parent_span_id = self.trace_parent.as_ref().map(|p| tracing::field::display(Hex(p))),
         );
     }
 }

@@ -51,16 +51,21 @@ impl TraceParent {
     pub fn header(&self) -> String {
         format!(
             "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
+            Hex(&self.trace_id),
+            Hex(&self.span_id),
             self.flags
         )
     }
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Bytes shown as lowercase hex, written straight into whatever formats it (a log line, a
+/// header) without a string of its own.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 /// Two lowercase hex digits (the standard allows no uppercase).
@@ -82,8 +87,11 @@ mod tests {
     #[test]
     fn reads_and_writes_the_standards_example() {
         let t = TraceParent::parse(EXAMPLE).unwrap();
-        assert_eq!(hex(&t.trace_id), "0af7651916cd43dd8448eb211c80319c");
-        assert_eq!(hex(&t.span_id), "b7ad6b7169203331");
+        assert_eq!(
+            Hex(&t.trace_id).to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(Hex(&t.span_id).to_string(), "b7ad6b7169203331");
         assert_eq!(t.flags, 1);
         assert_eq!(t.header(), EXAMPLE);
     }
