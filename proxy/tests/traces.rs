@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::State;
 use common::Stack;
+use moltghost_protocol::trace::Hex;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -51,7 +52,39 @@ fn keep(req: ExportTraceServiceRequest, kept: &Received) {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Hex(b).to_string()
+}
+
+/// An edge that exports its spans to the collector on `port` by `protocol`.
+async fn edge_exporting(port: u16, protocol: &str) -> Stack {
+    Stack::start(&format!(
+        "[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"{protocol}\"\n"
+    ))
+    .await
+}
+
+/// The spans received once `enough` says so (within 10 s: the exporter batches for 1 s).
+async fn spans_until(received: &Received, enough: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+    let t0 = Instant::now();
+    loop {
+        let spans = received.lock().unwrap().clone();
+        if enough(&spans) {
+            return spans;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "spans received: {spans:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The requests' own spans (`SERVER`), without their phases.
+fn requests(spans: &[Span]) -> Vec<&Span> {
+    spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server as i32)
+        .collect()
 }
 
 /// A span's attribute, as text.
@@ -67,10 +100,7 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
     let (port, received) = collector().await;
-    let s = Stack::start(&format!(
-        "[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n"
-    ))
-    .await;
+    let s = edge_exporting(port, "http/protobuf").await;
     let c = s.client();
     let client_trace = "0af7651916cd43dd8448eb211c80319c";
     let r = c
@@ -103,27 +133,8 @@ async fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
 
-    let t0 = Instant::now();
-    let spans = loop {
-        let spans = received.lock().unwrap().clone();
-        if spans
-            .iter()
-            .filter(|s| s.kind == SpanKind::Server as i32)
-            .count()
-            >= 2
-        {
-            break spans;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "spans received: {spans:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let roots: Vec<&Span> = spans
-        .iter()
-        .filter(|s| s.kind == SpanKind::Server as i32)
-        .collect();
+    let spans = spans_until(&received, |s| requests(s).len() >= 2).await;
+    let roots = requests(&spans);
     let traced = roots
         .iter()
         .find(|r| hex(&r.trace_id) == client_trace)
@@ -253,10 +264,7 @@ async fn export(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_spans_reach_a_grpc_collector() {
     let (port, received) = grpc_collector().await;
-    let s = Stack::start(&format!(
-        "[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"grpc\"\n"
-    ))
-    .await;
+    let s = edge_exporting(port, "grpc").await;
     let r = s
         .client()
         .post(s.url("abc123", "/v1/chat/completions"))
@@ -270,21 +278,11 @@ async fn request_spans_reach_a_grpc_collector() {
         .unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    let t0 = Instant::now();
-    loop {
-        let spans = received.lock().unwrap().clone();
-        if let Some(root) = spans.iter().find(|s| s.kind == SpanKind::Server as i32) {
-            assert_eq!(hex(&root.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
-            assert_eq!(hex(&root.parent_span_id), "00f067aa0ba902b7");
-            assert!(spans.iter().any(|s| s.name == "upstream"), "{spans:?}");
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no span by gRPC: {spans:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let spans = spans_until(&received, |s| !requests(s).is_empty()).await;
+    let root = requests(&spans)[0];
+    assert_eq!(hex(&root.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(hex(&root.parent_span_id), "00f067aa0ba902b7");
+    assert!(spans.iter().any(|s| s.name == "upstream"), "{spans:?}");
 }
 
 /// A WebSocket's messages are spans of their own, children of the upgrade request's span, in
@@ -294,10 +292,7 @@ async fn each_websocket_message_is_a_child_span_of_the_upgrade() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
     let (port, received) = collector().await;
-    let s = Stack::start(&format!(
-        "[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n"
-    ))
-    .await;
+    let s = edge_exporting(port, "http/protobuf").await;
     let mut req = format!("ws://127.0.0.1:{}/ws", s.port)
         .into_client_request()
         .unwrap();
@@ -326,28 +321,19 @@ async fn each_websocket_message_is_a_child_span_of_the_upgrade() {
         }
     }
     ws.close(None).await.unwrap();
-    let t0 = Instant::now();
-    loop {
-        let spans = received.lock().unwrap().clone();
-        let server: Vec<&Span> = spans
-            .iter()
-            .filter(|s| s.kind == SpanKind::Server as i32)
-            .collect();
-        let upgrade = server.iter().find(|s| s.name.starts_with("GET "));
-        let messages: Vec<&&Span> = server
-            .iter()
-            .filter(|s| s.name.starts_with("WS "))
-            .collect();
-        if let (Some(upgrade), 2) = (upgrade, messages.len()) {
-            assert_eq!(hex(&upgrade.trace_id), "5bf92f3577b34da6a3ce929d0e0e4736");
-            assert_eq!(hex(&upgrade.parent_span_id), "10f067aa0ba902b7");
-            for m in messages {
-                assert_eq!(m.trace_id, upgrade.trace_id);
-                assert_eq!(m.parent_span_id, upgrade.span_id, "{m:?}");
-            }
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "{spans:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // The upgrade request's span comes when the socket ends; each message's at its answer.
+    let spans = spans_until(&received, |s| {
+        let server = requests(s);
+        server.iter().any(|r| r.name.starts_with("GET "))
+            && server.iter().filter(|r| r.name.starts_with("WS ")).count() == 2
+    })
+    .await;
+    let server = requests(&spans);
+    let upgrade = server.iter().find(|r| r.name.starts_with("GET ")).unwrap();
+    assert_eq!(hex(&upgrade.trace_id), "5bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(hex(&upgrade.parent_span_id), "10f067aa0ba902b7");
+    for m in server.iter().filter(|r| r.name.starts_with("WS ")) {
+        assert_eq!(m.trace_id, upgrade.trace_id);
+        assert_eq!(m.parent_span_id, upgrade.span_id, "{m:?}");
     }
 }
