@@ -8,8 +8,8 @@ use moltghost_protocol::trace::{Hex, TraceParent};
 
 use crate::routing::Route;
 
-/// The sampled flag of a trace the edge starts: the runtime and the pod decide for themselves
-/// whether to record it (the edge exports no spans of its own yet).
+/// The flags of a trace the edge starts: sampled, so that the runtime and the pod record it;
+/// the edge's own export samples by `traces.sampling_ratio` (`crate::traces`).
 const SAMPLED: u8 = 1;
 
 /// `bytes`, or the same with its last byte set when all are zero (W3C forbids all-zero ids).

@@ -244,12 +244,7 @@ impl Control {
     /// times, the fleet's figures, quota leases, certificates, SIGHUP reloads, and the drain
     /// signal.
     pub async fn follow(self: Arc<Self>, store: Store, shutdown: ShutdownWatch) {
-        let asks = self
-            .lease_asks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(asks) = asks {
+        if let Some(asks) = take_once(&self.lease_asks) {
             let leasing = crate::leasing::Leasing::new(
                 self.plane.clone(),
                 store.clone(),
@@ -434,6 +429,12 @@ impl Control {
             }
         }
     }
+}
+
+/// What a `Control` holds until the task that owns it starts (the lease asks, the span
+/// exporter): taken once.
+pub(crate) fn take_once<T>(slot: &std::sync::Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 async fn connect_listener(url: &str) -> Option<sqlx::postgres::PgListener> {

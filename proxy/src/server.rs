@@ -104,10 +104,7 @@ fn prepare(
         .expect("a tokio runtime");
     let snapshot = rt
         .block_on(async {
-            let s = &cfg.fixed.store;
-            let store =
-                Store::open_pooled(&s.url, dir, s.max_connections, s.session_url.as_deref())
-                    .await?;
+            let store = Store::open_configured(&cfg.fixed.store, dir).await?;
             control::seed(&store, cfg).await?;
             let shipped = Journal::ship_orphans(dir, &store).await?;
             if shipped > 0 {
@@ -242,21 +239,13 @@ struct ControlPlane {
 impl BackgroundService for ControlPlane {
     async fn start(&self, shutdown: ShutdownWatch) {
         let control = self.control.clone();
-        let exporter = control
-            .span_exporter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(exporter) = exporter {
+        if let Some(exporter) = crate::control::take_once(&control.span_exporter) {
             // Not joined: it posts spans until the process ends, the store reachable or not.
             tokio::spawn(exporter.run());
         }
         let store = loop {
             let cfg = control.cfg();
-            let s = &cfg.fixed.store;
-            let dir = &cfg.fixed.edge.data_dir;
-            match Store::open_pooled(&s.url, dir, s.max_connections, s.session_url.as_deref()).await
-            {
+            match Store::open_configured(&cfg.fixed.store, &cfg.fixed.edge.data_dir).await {
                 Ok(s) => break s,
                 Err(e) => {
                     control.status().failed(&e);

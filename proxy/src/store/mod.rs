@@ -244,11 +244,26 @@ impl Store {
         Self::open_pooled(url, data_dir, None, None).await
     }
 
+    /// The store `[store]` describes (`settings`), relative paths inside `data_dir`.
+    pub async fn open_configured(
+        settings: &crate::config::StoreSettings,
+        data_dir: &Path,
+    ) -> Result<Self, StoreError> {
+        let s = settings;
+        Self::open_pooled(
+            &s.url,
+            data_dir,
+            s.max_connections,
+            s.session_url.as_deref(),
+        )
+        .await
+    }
+
     /// As [`Store::open`], with at most `max_connections` in the pool (`None`: 8 to
     /// PostgreSQL, 4 to SQLite), and, where `url` is a pooler in transaction mode (PgBouncer),
     /// `session_url` for what needs a session of its own: the migrations' advisory lock and
     /// LISTEN (`None`: `url` itself).
-    pub async fn open_pooled(
+    async fn open_pooled(
         url: &str,
         data_dir: &Path,
         max_connections: Option<u32>,
@@ -713,7 +728,8 @@ impl Store {
         Ok(())
     }
 
-    /// Tokens used in `month` per account: (account, by this edge, by the others).
+    /// The ledger's running totals for `month` per account: (account, by this edge, by the
+    /// others). A quota pool opens from their sum (`store/leases.rs`); this read checks them.
     pub async fn month_totals(
         &self,
         month: &str,
