@@ -633,3 +633,84 @@ async fn a_plugin_talks_over_a_grpc_stream_and_keeps_one_open_in_the_background(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The Go SDK's `postpone_requests` pattern (`postpone/`): every request pauses and leaves its
+/// context with the root context, whose tick on the same worker chooses each one
+/// (`set_effective_context`) and resumes, answers or resets it. On the way back the plugin
+/// round-trips a text through the foreign functions `compress` and `uncompress`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_resumes_answers_or_resets_the_requests_its_root_context_postponed() {
+    let s = Stack::start(&format!(
+        "{}{}{}",
+        plugin(
+            "later",
+            "postpone",
+            "agents = [\"later\"]\nconfig = { tick_ms = 150 }"
+        ),
+        plugin(
+            "turned-away",
+            "postpone",
+            "agents = [\"turned-away\"]\nconfig = { tick_ms = 150, then = \"answer\" }"
+        ),
+        plugin(
+            "dropped",
+            "postpone",
+            "agents = [\"dropped\"]\nconfig = { tick_ms = 150, then = \"reset\" }"
+        ),
+    ))
+    .await;
+    add_agents(&s, &["later", "turned-away", "dropped"]).await;
+    let served = || s.stats.requests.load(Relaxed);
+
+    // Several at once, streamed or not: each waits for the next tick, then goes on whole.
+    let started = Instant::now();
+    let all = (0..6).map(|i| {
+        let s = &s;
+        async move {
+            let r = s
+                .post_as("later", "/v1/chat/completions", Some(&s.key))
+                .json(&hi(i % 2 == 0))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let waited: u64 = r.headers()["x-postponed-ms"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let foreign = r.headers()["x-foreign"].to_str().unwrap().to_owned();
+            let body = r.text().await.unwrap();
+            (status, waited, foreign, body)
+        }
+    });
+    for (status, waited, foreign, body) in futures_util::future::join_all(all).await {
+        assert_eq!(status, 200, "{body}");
+        assert!(waited <= 1_000, "waited {waited} ms for a 150 ms tick");
+        assert_eq!(foreign, "roundtrip-ok declare_property:not-found");
+        assert!(body.contains("chat.completion"), "{body}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Answered from the tick: the plugin's 429 and body; the runtime never saw it.
+    let before = served();
+    let r = s
+        .post_as("turned-away", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-postponed-by"], "tick");
+    assert_eq!(r.text().await.unwrap(), "come back later\n");
+    assert_eq!(served(), before, "an answered request reached the runtime");
+
+    // Reset from the tick: no answer at all, and nothing reached the runtime.
+    let r = s
+        .post_as("dropped", "/v1/chat/completions", Some(&s.key))
+        .json(&hi(false))
+        .send()
+        .await;
+    assert!(r.is_err(), "a reset request was answered: {r:?}");
+    assert_eq!(served(), before, "a reset request reached the runtime");
+}

@@ -9,18 +9,14 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use tokio::sync::mpsc::{self, UnboundedReceiver};
-use tokio::time::Instant;
 
 use super::callout::{self, Answer};
 use super::grpc_stream::{StreamEvent, Streams};
 use super::host::{Exchange, Vm};
+use super::ticks::{next_event, Schedule};
 use super::{engine, Plugin};
-
-/// How often an idle background thread looks whether its plugin is still loaded.
-const IDLE: Duration = Duration::from_millis(200);
 
 /// Starts `plugin`'s background thread.
 pub(super) fn start(plugin: &Arc<Plugin>) {
@@ -51,20 +47,13 @@ fn run(weak: Weak<Plugin>, mut woken: UnboundedReceiver<u32>) {
             vm: None,
             streams: None,
         };
-        let mut next_tick = Instant::now();
+        let mut schedule = Schedule::new();
         loop {
             let Some(p) = weak.upgrade() else { return };
             if p.cfg.service && bg.vm.is_none() {
                 bg.deliver(&p, |_| Ok(())).await;
             }
-            let period = Duration::from_millis(u64::from(p.shared.tick_ms.load(Relaxed)));
-            let wait = if period.is_zero() {
-                IDLE
-            } else {
-                next_tick
-                    .saturating_duration_since(Instant::now())
-                    .min(IDLE)
-            };
+            let wait = schedule.wait(&p);
             drop(p);
             let event = tokio::select! {
                 queue = woken.recv() => match queue {
@@ -80,26 +69,17 @@ fn run(weak: Weak<Plugin>, mut woken: UnboundedReceiver<u32>) {
                 Event::Stream(token, e) => {
                     let answer = Answer::Stream(e);
                     bg.deliver(&p, |v| {
-                        v.call_response(token, answer, &mut Exchange::default())
+                        v.call_response(token, answer, None, &mut Exchange::default())
                     })
                     .await;
                 }
-                Event::Timeout if !period.is_zero() && Instant::now() >= next_tick => {
-                    next_tick = Instant::now() + period;
+                Event::Timeout if schedule.due(&p) => {
                     bg.deliver(&p, Vm::tick).await;
                 }
                 Event::Timeout => {}
             }
         }
     });
-}
-
-/// The next event of the open streams; pending while there are none.
-async fn next_event(streams: &mut Option<Streams>) -> (u32, StreamEvent) {
-    match streams {
-        Some(s) => s.next().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The background instance and the streams its root context opened.
@@ -149,7 +129,7 @@ impl Background {
                 return Ok(());
             }
             for (token, answer) in callout::perform_all(calls, limit).await {
-                vm.call_response(token, answer, &mut Exchange::default())?;
+                vm.call_response(token, answer, None, &mut Exchange::default())?;
             }
         }
     }

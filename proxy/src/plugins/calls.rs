@@ -14,6 +14,7 @@ use wasmtime::{Caller, Extern, Linker, Memory};
 
 use super::abi::{self, BufferType, Headers, MapType, Status};
 use super::host::{Exchange, Host, LocalResponse};
+use super::resume::Resume;
 
 /// The plugin's memory.
 fn memory(caller: &mut Caller<'_, Host>) -> Option<Memory> {
@@ -76,8 +77,34 @@ pub(super) fn give(
     Ok(Status::Ok)
 }
 
+/// The request the current callback acts on; `None` (the calls answer `NotFound`) in a root
+/// context's own callback, or when it chose another request's context, which it may only
+/// resume, answer or reset.
 fn exchange<'a>(caller: &'a mut Caller<'_, Host>) -> Option<&'a mut Exchange> {
-    caller.data_mut().exchange.as_mut()
+    caller.data_mut().request()
+}
+
+/// The exchange as map `t` needs it: a call's answer belongs to the callback, whatever context
+/// it chose; a request's maps only to that request's own context.
+fn exchange_for<'a>(caller: &'a mut Caller<'_, Host>, t: MapType) -> Option<&'a mut Exchange> {
+    let host = caller.data_mut();
+    match t {
+        MapType::CallResponseHeaders | MapType::CallResponseTrailers => host.exchange.as_mut(),
+        _ => host.request(),
+    }
+}
+
+/// Carries `resume` to the other request's context the callback chose, if it chose one
+/// (`true`): that request acts on it once the callback returns.
+fn resumes_other(caller: &mut Caller<'_, Host>, resume: Resume) -> bool {
+    let host = caller.data_mut();
+    match host.foreign() {
+        Some(context) => {
+            host.resume_other(context, resume);
+            true
+        }
+        None => false,
+    }
 }
 
 /// A map a plugin changes: the request's or the answer's headers are then marked edited.
@@ -135,7 +162,8 @@ pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     metrics(l)?;
     super::callout::define(l)?;
     super::grpc::define(l)?;
-    super::queues::define(l)
+    super::queues::define(l)?;
+    super::foreign::define(l)
 }
 
 /// Logging, time, ticks, and the stream and context calls.
@@ -200,10 +228,18 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             Status::Ok as i32
         },
     )?;
+    // As on Envoy: the rest of the callback acts on that context (another request's, to
+    // resume, answer or reset it; see `resume.rs`); a context this VM does not have is refused.
     l.func_wrap(
         "env",
         "proxy_set_effective_context",
-        |_: Caller<'_, Host>, _ctx: i32| -> i32 { Status::Ok as i32 },
+        |mut c: Caller<'_, Host>, context: i32| -> i32 {
+            if c.data_mut().set_effective(context) {
+                Status::Ok as i32
+            } else {
+                Status::BadArgument as i32
+            }
+        },
     )?;
     l.func_wrap("env", "proxy_done", |_: Caller<'_, Host>| -> i32 {
         Status::Ok as i32
@@ -216,6 +252,9 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, Host>, stream: i32| -> i32 {
             match stream {
                 0 | 1 => {
+                    if resumes_other(&mut c, Resume::Continue) {
+                        return Status::Ok as i32;
+                    }
                     let ex = try_raw!(exchange(&mut c), Status::NotFound);
                     ex.continued = true;
                     Status::Ok as i32
@@ -234,6 +273,9 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             match stream {
                 // HttpRequest, HttpResponse.
                 0 | 1 => {
+                    if resumes_other(&mut c, Resume::Reset) {
+                        return Status::Ok as i32;
+                    }
                     let ex = try_raw!(exchange(&mut c), Status::NotFound);
                     ex.reset = true;
                     Status::Ok as i32
@@ -247,6 +289,9 @@ fn log_and_time(l: &mut Linker<Host>) -> wasmtime::Result<()> {
     // ABI 0.2.0's names for the same.
     for name in ["proxy_continue_request", "proxy_continue_response"] {
         l.func_wrap("env", name, |mut c: Caller<'_, Host>| -> i32 {
+            if resumes_other(&mut c, Resume::Continue) {
+                return Status::Ok as i32;
+            }
             let ex = try_raw!(exchange(&mut c), Status::NotFound);
             ex.continued = true;
             Status::Ok as i32
@@ -270,7 +315,7 @@ fn header_maps(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, Host>, t: i32, ret_ptr: i32, ret_size: i32| -> wasmtime::Result<i32> {
             let t = try_status!(MapType::from_raw(t), Status::BadArgument);
             let bytes = {
-                let ex = try_status!(exchange(&mut c), Status::NotFound);
+                let ex = try_status!(exchange_for(&mut c, t), Status::NotFound);
                 match map(ex, t) {
                     Some(m) => abi::encode_map(m.iter().map(|(k, v)| (k.as_str(), v.as_slice()))),
                     None => abi::encode_map(std::iter::empty()),
@@ -293,7 +338,7 @@ fn header_maps(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             {
                 return Ok(Status::BadArgument as i32);
             }
-            let ex = try_status!(exchange(&mut c), Status::NotFound);
+            let ex = try_status!(exchange_for(&mut c, t), Status::NotFound);
             let m = try_status!(edit(ex, t), Status::BadArgument);
             *m = pairs;
             Ok(Status::Ok as i32)
@@ -318,7 +363,7 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let key = try_status!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
             let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
             let value = {
-                let ex = try_status!(exchange(&mut c), Status::NotFound);
+                let ex = try_status!(exchange_for(&mut c, t), Status::NotFound);
                 let m = try_status!(map(ex, t), Status::NotFound);
                 try_status!(
                     m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()),
@@ -345,7 +390,7 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 {
                     return Status::BadArgument as i32;
                 }
-                let ex = try_raw!(exchange(&mut c), Status::NotFound);
+                let ex = try_raw!(exchange_for(&mut c, t), Status::NotFound);
                 let m = try_raw!(edit(ex, t), Status::BadArgument);
                 if mode == 1 {
                     m.retain(|(k, _)| *k != key);
@@ -362,7 +407,7 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let t = try_raw!(MapType::from_raw(t), Status::BadArgument);
             let key = try_raw!(read(&mut c, kp, kl), Status::InvalidMemoryAccess);
             let key = String::from_utf8_lossy(&key).to_ascii_lowercase();
-            let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            let ex = try_raw!(exchange_for(&mut c, t), Status::NotFound);
             let m = try_raw!(edit(ex, t), Status::BadArgument);
             m.retain(|(k, _)| *k != key);
             Status::Ok as i32
@@ -374,7 +419,7 @@ fn header_values(l: &mut Linker<Host>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, Host>, t: i32, ret: i32| -> i32 {
             let t = try_raw!(MapType::from_raw(t), Status::BadArgument);
             let n = {
-                let ex = try_raw!(exchange(&mut c), Status::NotFound);
+                let ex = try_raw!(exchange_for(&mut c, t), Status::NotFound);
                 // Envoy answers the map's size in bytes (names and values), not its count.
                 map(ex, t).map_or(0, |m| m.iter().map(|(k, v)| k.len() + v.len()).sum())
             };
@@ -461,8 +506,8 @@ fn buffer(host: &Host, t: BufferType) -> Option<Bytes> {
     match t {
         BufferType::PluginConfiguration => Some(Bytes::from(host.shared.config.clone())),
         BufferType::VmConfiguration => Some(Bytes::from(host.shared.vm_config.clone())),
-        BufferType::RequestBody => host.exchange.as_ref().map(|e| e.request_body.clone()),
-        BufferType::ResponseBody => host.exchange.as_ref().map(|e| e.response_body.clone()),
+        BufferType::RequestBody => host.request_ref().map(|e| e.request_body.clone()),
+        BufferType::ResponseBody => host.request_ref().map(|e| e.response_body.clone()),
         BufferType::CallResponseBody => host
             .exchange
             .as_ref()
@@ -497,13 +542,19 @@ fn local_response(l: &mut Linker<Host>) -> wasmtime::Result<()> {
                 .into_iter()
                 .filter(|(k, v)| abi::valid_header_name(k) && abi::valid_header_value(v))
                 .collect();
-            let ex = try_raw!(exchange(&mut c), Status::NotFound);
-            ex.local_response = Some(LocalResponse {
+            let local = LocalResponse {
                 status: status as u16,
                 details: String::from_utf8_lossy(&details).into_owned(),
                 body,
                 headers,
-            });
+            };
+            let host = c.data_mut();
+            if let Some(context) = host.foreign() {
+                host.resume_other(context, Resume::Respond(local));
+                return Status::Ok as i32;
+            }
+            let ex = try_raw!(exchange(&mut c), Status::NotFound);
+            ex.local_response = Some(local);
             Status::Ok as i32
         },
     )?;
@@ -525,7 +576,7 @@ fn properties(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let path = try_status!(read(&mut c, pp, pl), Status::InvalidMemoryAccess);
             let name = try_status!(abi::property_name(&path), Status::BadArgument);
             let host = c.data();
-            let value = super::properties::get(&name, host.exchange.as_ref(), &host.shared);
+            let value = super::properties::get(&name, host.request_ref(), &host.shared);
             let value = try_status!(value, Status::NotFound);
             Ok(give(&mut c, &value, ret_ptr, ret_size)? as i32)
         },

@@ -1,10 +1,9 @@
 //! The Proxy-Wasm host on wasmtime: one plugin VM (compile, link, instantiate, run a phase).
 //! The host calls it links are defined in [`super::calls`] (the ABI's `env` imports, in groups)
-//! and [`super::wasi`]; whatever else a module imports (foreign functions, calls of other ABI
-//! versions) answers `InternalFailure` (`ENOSYS` for WASI), a status the SDKs handle, never a
-//! failure to load.
+//! and [`super::wasi`]; whatever else a module imports (calls of other ABI versions) answers
+//! `InternalFailure` (`ENOSYS` for WASI), a status the SDKs handle, never a failure to load.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use super::abi::{self, Headers, Status};
 use super::callout::{Answer, CallRequest, CallResponse};
 use super::deadline::{self, CallClock, Expiry};
 use super::grpc_stream::{StreamEvent, StreamOp};
+use super::resume::Resume;
 pub use super::shared::Shared;
 
 /// What a request exposes to plugins: headers, body, answer, and the properties.
@@ -79,6 +79,14 @@ pub struct Host {
     pub(super) shared: Arc<Shared>,
     /// The request being served by the current call, if any.
     pub exchange: Option<Exchange>,
+    /// The context whose request `exchange` is (`None`: the root context's own callback).
+    own: Option<i32>,
+    /// The context the current callback chose to act on (`proxy_set_effective_context`).
+    effective: Option<i32>,
+    /// The live contexts of this VM (the root context's included).
+    contexts: HashSet<i32>,
+    /// What the current callback asked of other requests' contexts.
+    resumes: Vec<(i32, Resume)>,
     /// Standard output and error written so far without a newline.
     pub(super) stdio: [Vec<u8>; 2],
     /// HTTP calls the plugin asked for, to be made once the current call returns.
@@ -116,6 +124,8 @@ pub struct Outbox {
     pub calls: Vec<CallRequest>,
     /// What to do with its gRPC streams.
     pub streams: Vec<StreamOp>,
+    /// What it asked of other requests' contexts, by context id.
+    pub resumes: Vec<(i32, Resume)>,
 }
 
 impl Outbox {
@@ -278,11 +288,54 @@ pub fn link(engine: &Engine, module: Module, memory_limit: usize) -> Result<Comp
 }
 
 impl Host {
+    /// The context the current callback acts on when it is not the one whose request is
+    /// visible: another request's (set by `proxy_set_effective_context`), reached only to
+    /// resume, answer or reset it.
+    pub(super) fn foreign(&self) -> Option<i32> {
+        let own = self.own.unwrap_or(ROOT_CONTEXT);
+        self.effective.filter(|&e| e != own)
+    }
+
+    /// The request the current callback acts on, if it may see one.
+    pub(super) fn request(&mut self) -> Option<&mut Exchange> {
+        if self.foreign().is_some() {
+            return None;
+        }
+        self.exchange.as_mut()
+    }
+
+    /// As [`Self::request`], to read.
+    pub(super) fn request_ref(&self) -> Option<&Exchange> {
+        if self.foreign().is_some() {
+            return None;
+        }
+        self.exchange.as_ref()
+    }
+
+    /// `proxy_set_effective_context`: `false` for a context this VM does not have.
+    pub(super) fn set_effective(&mut self, context: i32) -> bool {
+        let known = self.contexts.contains(&context);
+        if known {
+            self.effective = Some(context);
+        }
+        known
+    }
+
+    /// Asks `resume` of another request's context (the paused request gets it through
+    /// [`super::resume::wake`]).
+    pub(super) fn resume_other(&mut self, context: i32, resume: Resume) {
+        self.resumes.push((context, resume));
+    }
+
     fn new(limits: StoreLimits, shared: Arc<Shared>, deadline: Duration) -> Self {
         Self {
             limits,
             shared,
             exchange: None,
+            own: None,
+            effective: None,
+            contexts: HashSet::from([ROOT_CONTEXT]),
+            resumes: Vec::new(),
             stdio: Default::default(),
             calls_out: Vec::new(),
             next_token: 0,
@@ -458,6 +511,7 @@ impl Vm {
         deadline::note_call();
         let host = self.store.data_mut();
         host.deadline = self.deadline;
+        host.effective = None;
         host.clock.reset();
         self.store.set_epoch_deadline(ticks(self.deadline));
     }
@@ -471,7 +525,15 @@ impl Vm {
             .context_create
             .call(&mut self.store, (id, ROOT_CONTEXT))
             .map_err(|e| format!("{e:#}"))?;
+        self.store.data_mut().contexts.insert(id);
         Ok(id)
+    }
+
+    /// Whether requests other than `context`'s have contexts in this VM (one of them could
+    /// resume it).
+    pub fn others_live(&self, context: i32) -> bool {
+        let contexts = &self.store.data().contexts;
+        contexts.iter().any(|&c| c != context && c != ROOT_CONTEXT)
     }
 
     /// Runs one request phase with `exchange` visible to the plugin, and returns it with the
@@ -504,19 +566,19 @@ impl Vm {
         let Some(f) = f else {
             return Ok(abi::Action::Continue);
         };
-        self.store.data_mut().exchange = Some(std::mem::take(exchange));
+        self.lend(Some(context), exchange);
         self.arm();
         let r = f.call(
             &mut self.store,
             (context, size as i32, i32::from(end_of_stream)),
         );
-        *exchange = self.store.data_mut().exchange.take().unwrap_or_default();
+        self.take_back(exchange);
         r.map(abi::Action::from_raw).map_err(|e| format!("{e:#}"))
     }
 
     /// Ends a request context: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
     pub fn finish(&mut self, context: i32, exchange: &mut Exchange) -> Result<(), String> {
-        self.store.data_mut().exchange = Some(std::mem::take(exchange));
+        self.lend(Some(context), exchange);
         let mut result = Ok(());
         for step in 0..3 {
             self.arm();
@@ -542,8 +604,23 @@ impl Vm {
                 break;
             }
         }
-        *exchange = self.store.data_mut().exchange.take().unwrap_or_default();
+        self.take_back(exchange);
+        self.store.data_mut().contexts.remove(&context);
         result
+    }
+
+    /// Makes `exchange`, the request of `context`, visible to the next call.
+    fn lend(&mut self, context: Option<i32>, exchange: &mut Exchange) {
+        let host = self.store.data_mut();
+        host.exchange = Some(std::mem::take(exchange));
+        host.own = context;
+    }
+
+    /// Takes back what [`Self::lend`] lent, as the call left it.
+    fn take_back(&mut self, exchange: &mut Exchange) {
+        let host = self.store.data_mut();
+        *exchange = host.exchange.take().unwrap_or_default();
+        host.own = None;
     }
 
     /// The calls the plugin asked for, and what it asked of its streams, since this was last
@@ -553,18 +630,21 @@ impl Vm {
         Outbox {
             calls: std::mem::take(&mut host.calls_out),
             streams: std::mem::take(&mut host.stream_ops),
+            resumes: std::mem::take(&mut host.resumes),
         }
     }
 
     /// Delivers the answer to call `token` on the root context, as Envoy does (the SDKs find
-    /// the calling context by the token), with `exchange` visible so that the callback can
-    /// resume or answer its request: an HTTP answer to `proxy_on_http_call_response`, a gRPC
+    /// the calling context by the token), with `exchange`, the request of `context` (`None`
+    /// for the root context's own calls), visible so that the callback can resume or answer
+    /// its request: an HTTP answer to `proxy_on_http_call_response`, a gRPC
     /// reply to `proxy_on_grpc_receive`, a gRPC failure to `proxy_on_grpc_close`. A cancelled
     /// call's answer is dropped.
     pub fn call_response(
         &mut self,
         token: u32,
         answer: Answer,
+        context: Option<i32>,
         exchange: &mut Exchange,
     ) -> Result<(), String> {
         let host = self.store.data_mut();
@@ -604,8 +684,8 @@ impl Vm {
             },
         };
         exchange.call_response = Some(response);
+        self.lend(context, exchange);
         let host = self.store.data_mut();
-        host.exchange = Some(std::mem::take(exchange));
         if let Some(s) = status {
             host.call_status = s;
         }
@@ -629,9 +709,8 @@ impl Vm {
                 }
             }
         };
-        let host = self.store.data_mut();
-        host.call_status = (0, String::new());
-        *exchange = host.exchange.take().unwrap_or_default();
+        self.store.data_mut().call_status = (0, String::new());
+        self.take_back(exchange);
         exchange.call_response = None;
         r.map_err(|e| format!("{e:#}"))
     }
@@ -780,10 +859,10 @@ impl Vm {
             })
             .collect();
         let mut results: Vec<Val> = ty.results().map(|_| Val::I32(0)).collect();
-        self.store.data_mut().exchange = Some(std::mem::take(exchange));
+        self.lend(None, exchange);
         self.arm();
         let r = instance_func.call(&mut self.store, &params, &mut results);
-        *exchange = self.store.data_mut().exchange.take().unwrap_or_default();
+        self.take_back(exchange);
         r.map_err(|e| format!("{e:#}"))
     }
 
@@ -799,7 +878,7 @@ mod tests {
     #[test]
     fn a_call_this_host_does_not_offer_is_logged_once_and_answers_a_status() {
         const CALLS_OUT: &str = r#"(module
-          (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
+          (import "env" "proxy_call_of_a_later_abi" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
           (memory (export "memory") 1)
           (func (export "_initialize")
             (if (i32.ne (call $ff (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 10))
@@ -818,7 +897,7 @@ mod tests {
         });
         let lines: Vec<&str> = text
             .lines()
-            .filter(|l| l.contains("proxy_call_foreign_function"))
+            .filter(|l| l.contains("proxy_call_of_a_later_abi"))
             .collect();
         assert_eq!(lines.len(), 1, "{text}");
         assert!(lines[0].contains("callout"), "{text}");

@@ -21,14 +21,17 @@ mod background;
 pub mod callout;
 mod calls;
 mod deadline;
+mod foreign;
 pub mod grpc;
 pub mod grpc_stream;
 mod headers;
 pub mod host;
 pub mod properties;
 pub mod queues;
+mod resume;
 mod run;
 pub mod shared;
+mod ticks;
 mod wasi;
 
 pub use headers::{

@@ -10,7 +10,12 @@ use super::abi::{Action, Headers};
 use super::callout::{self, Answer};
 use super::grpc_stream::Streams;
 use super::host::{Exchange, LocalResponse, Outbox, Phase, Vm};
-use super::{with_vm, PluginSet, RequestFacts};
+use super::resume::{self, Resume};
+use super::{ticks, with_vm, PluginSet, RequestFacts};
+
+/// How long a request paused with nothing of its own pending waits for another context of its
+/// VM to resume it (as long as a call out may take).
+const PAUSE_LIMIT: Duration = callout::MAX_TIMEOUT;
 
 /// How a request's run through the plugins ended a phase.
 #[derive(Debug)]
@@ -72,9 +77,9 @@ struct Part {
 /// plugins after it see the headers; one that pauses the answer's headers holds them back
 /// (the client gets them with the first bytes of the body that pass); one that pauses the
 /// answer's body before its end buffers it (up to `buffer_kb`) and gets it whole with the
-/// next chunk. A pause is resumed by `proxy_continue_stream` from an HTTP call's callback, or
-/// by the next phase; a plugin that pauses at the end of a stream with no call pending could
-/// never be resumed, and fails (its fail policy decides).
+/// next chunk. A pause is resumed by `proxy_continue_stream` from an HTTP call's callback, by
+/// another context of the VM (see [`resume`]), or by the next phase; a plugin that pauses at
+/// the end of a stream with nothing that could resume it fails (its fail policy decides).
 pub struct PluginRun {
     set: Arc<PluginSet>,
     parts: Vec<Part>,
@@ -153,6 +158,7 @@ impl PluginRun {
                 .extend(self.authorization.iter().cloned());
         }
         let context = &mut self.parts[k].context;
+        let mut created = false;
         let outcome = with_vm(&plugin, |vm, generation| {
             let id = match *context {
                 Some((id, g)) if g == generation => id,
@@ -161,13 +167,18 @@ impl PluginRun {
                 None => {
                     let id = vm.create_context()?;
                     *context = Some((id, generation));
+                    created = true;
                     id
                 }
             };
             let r = f(vm, id, exchange);
-            let outbox = vm.take_outbox();
+            let mut outbox = vm.take_outbox();
+            resume::wake(plugin.uid, generation, std::mem::take(&mut outbox.resumes));
             r.map(|v| (v, outbox))
         });
+        if created {
+            ticks::start_here(&plugin);
+        }
         if shown {
             exchange
                 .request_headers
@@ -285,7 +296,9 @@ impl PluginRun {
         token: u32,
         answer: Answer,
     ) -> Result<Option<Vec<callout::CallRequest>>, Verdict> {
-        match self.call(k, |vm, _, ex| vm.call_response(token, answer, ex))? {
+        match self.call(k, |vm, id, ex| {
+            vm.call_response(token, answer, Some(id), ex)
+        })? {
             Some(((), outbox)) => Ok(Some(self.open_streams(k, outbox))),
             None => Ok(None),
         }
@@ -313,12 +326,50 @@ impl PluginRun {
         outbox.open_streams(&mut self.parts[k].streams, limit)
     }
 
-    /// Plugin `k` paused at the end of a stream with nothing pending that could resume it.
-    fn stalled(&mut self, k: usize) -> Result<(), Verdict> {
-        let name = &self.set.plugins[self.parts[k].plugin].cfg.name;
-        tracing::warn!(plugin = %name, "plugin paused at the end of the stream with no HTTP call pending: nothing can resume it");
-        self.failed::<()>(k, "paused with nothing to resume it")
-            .map(|_| ())
+    /// Plugin `k` paused at the end of a stream with nothing of its own pending. As on Envoy,
+    /// another context of its VM may resume, answer or reset it (its root context's tick, or
+    /// another request's callback); when one could (the plugin ticks, or other requests share
+    /// its VM) it waits for that, at most [`PAUSE_LIMIT`]. Otherwise, or past the limit, the
+    /// plugin failed (its fail policy decides).
+    async fn wait_resumed(&mut self, k: usize) -> Result<(), Verdict> {
+        let plugin = self.set.plugins[self.parts[k].plugin].clone();
+        let Some((id, g)) = self.parts[k].context else {
+            return Ok(());
+        };
+        let mut could = plugin
+            .shared
+            .tick_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0;
+        if !could {
+            on_context_vm(&plugin, g, |vm| {
+                could = vm.others_live(id);
+                Ok(())
+            });
+        }
+        let resumed = if could {
+            resume::wait(plugin.uid, g, id, PAUSE_LIMIT).await
+        } else {
+            None
+        };
+        let name = &plugin.cfg.name;
+        match resumed {
+            Some(Resume::Continue) => Ok(()),
+            Some(Resume::Reset) => {
+                self.decisions.push(format!("{name}:reset"));
+                Err(Verdict::Reset)
+            }
+            Some(Resume::Respond(local)) => {
+                self.decisions
+                    .push(format!("{name}:respond {}", local.status));
+                Err(Verdict::Respond(local))
+            }
+            None => {
+                tracing::warn!(plugin = %name, waited = could, "plugin paused at the end of the stream and nothing resumed it");
+                self.failed::<()>(k, "paused with nothing to resume it")
+                    .map(|_| ())
+            }
+        }
     }
 
     /// The request: headers (names lowercase) and the whole body, before any upstream
@@ -357,7 +408,7 @@ impl PluginRun {
                 continue;
             }
             if !has_body {
-                self.stalled(k)?;
+                self.wait_resumed(k).await?;
                 continue;
             }
             self.request_bodies(bodied..k + 1).await?;
@@ -373,7 +424,7 @@ impl PluginRun {
     async fn request_bodies(&mut self, range: std::ops::Range<usize>) -> Result<(), Verdict> {
         for k in range {
             if self.step(k, Phase::RequestBody, true).await? == Action::Pause {
-                self.stalled(k)?;
+                self.wait_resumed(k).await?;
             }
         }
         Ok(())
@@ -430,7 +481,7 @@ impl PluginRun {
             }
             if action == Action::Pause {
                 if end {
-                    self.stalled(k)?;
+                    self.wait_resumed(k).await?;
                     continue;
                 }
                 if data.len() > plugin.cfg.buffer_bytes {
