@@ -14,12 +14,14 @@ use crate::upstream::{Upstream, UpstreamTarget};
 
 /// Builds the snapshot from the store's contents. Agents whose upstream does not parse, and
 /// accounts on a plan the config does not declare, are logged and served as unreachable or
-/// refused: one bad row never stops the edge.
+/// refused: one bad row never stops the edge. Tunnels to pods no agent uses are closed, but
+/// for `plugin_pods`, those plugins call.
 pub fn build_snapshot(
     c: &Contents,
     cfg: &Config,
     last_used: &LastUsed,
     tunnels: &crate::tunnel::bridge::Tunnels,
+    plugin_pods: impl Iterator<Item = String>,
 ) -> Snapshot {
     let settings = cfg.peer_settings();
     let accounts: HashMap<String, Arc<Account>> = c
@@ -60,6 +62,7 @@ pub fn build_snapshot(
         &agents
             .values()
             .filter_map(|a: &Arc<Agent>| a.upstream.tunnel().map(|t| t.id.clone()))
+            .chain(plugin_pods)
             .collect(),
     );
     let mut keys = HashMap::with_capacity(c.keys.len());
@@ -202,10 +205,13 @@ impl Control {
             None
         } else {
             let configs = next.plugins.clone();
-            let node = Arc::new(next.node(&self.plane.ledger.edge_id));
+            let reach = crate::plugins::Reach {
+                node: Arc::new(next.node(&self.plane.ledger.edge_id)),
+                pods: Some((self.tunnels.clone(), self.plane.identity.clone())),
+            };
             Some(
                 tokio::task::spawn_blocking(move || {
-                    crate::plugins::PluginSet::load(&configs, &node)
+                    crate::plugins::PluginSet::load(&configs, &reach)
                 })
                 .await
                 .map_err(|e| e.to_string())??,
@@ -236,6 +242,7 @@ impl Control {
             &self.cfg(),
             &self.last_used,
             &self.tunnels,
+            self.plane.plugins.load().pod_tunnels(),
         ));
         Ok(())
     }
@@ -288,7 +295,14 @@ impl Control {
         let revision = store.revision().await?;
         if revision as u64 != self.plane.registry.load().generation {
             let contents = store.contents().await?;
-            let next = build_snapshot(&contents, &self.cfg(), &self.last_used, &self.tunnels);
+            let plugins = self.plane.plugins.load();
+            let next = build_snapshot(
+                &contents,
+                &self.cfg(),
+                &self.last_used,
+                &self.tunnels,
+                plugins.pod_tunnels(),
+            );
             tracing::debug!(generation = next.generation, "snapshot reloaded");
             self.plane.registry.publish(next);
         }

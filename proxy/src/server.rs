@@ -85,7 +85,8 @@ fn prepare(
         "admin_secret",
     )
     .map_err(|e| StartError(format!("admin secret in {}: {e}", dir.display())))?;
-    let identity = IdentityKey::load(dir).map_err(|e| StartError(format!("identity key: {e}")))?;
+    let identity =
+        Arc::new(IdentityKey::load(dir).map_err(|e| StartError(format!("identity key: {e}")))?);
     let last_used = Arc::new(LastUsed::default());
     let tunnels = start_tunnels(cfg, dir)?;
 
@@ -115,7 +116,11 @@ fn prepare(
             }
             let contents = store.contents().await?;
             Ok::<_, crate::store::StoreError>(control::build_snapshot(
-                &contents, cfg, &last_used, &tunnels,
+                &contents,
+                cfg,
+                &last_used,
+                &tunnels,
+                std::iter::empty(),
             ))
         })
         .map_err(|e| {
@@ -124,8 +129,11 @@ fn prepare(
                 crate::store::redacted(&cfg.fixed.store.url)
             ))
         })?;
-    let plugins = crate::plugins::PluginSet::load(&cfg.plugins, &Arc::new(cfg.node(&edge_id)))
-        .map_err(StartError)?;
+    let reach = crate::plugins::Reach {
+        node: Arc::new(cfg.node(&edge_id)),
+        pods: Some((tunnels.clone(), identity.clone())),
+    };
+    let plugins = crate::plugins::PluginSet::load(&cfg.plugins, &reach).map_err(StartError)?;
     let certs = match &cfg.tls {
         Some(t) => Some(Arc::new(
             crate::tls::CertResolver::new(t.certificates.clone())
@@ -145,7 +153,7 @@ fn prepare(
         quota,
         ledger: Arc::new(Ledger::new(journal, edge_id)),
         metrics: crate::metrics::Metrics::new(),
-        identity: Arc::new(identity),
+        identity,
         plugins: arc_swap::ArcSwap::from_pointee(plugins),
         store_status: Arc::new(StoreStatus::default()),
         spans,

@@ -136,6 +136,7 @@ async fn grpc_export(url: &str, message: Vec<u8>) -> Result<(), String> {
         body: grpc::frame(&message).to_vec(),
         timeout: Duration::from_secs(10),
         grpc: true,
+        via: None,
     };
     grpc::perform(call, 64 << 10)
         .await

@@ -613,3 +613,84 @@ async fn tun_mode_carries_the_tunnel_with_the_pods_kernel_tcp() {
     );
     println!("tun mode over 1% loss: {:?}", relay.stats());
 }
+
+/// A plugin's HTTP calls to a pod (`upstreams = { pod = "wg://KEY@host:port" }`) go through the
+/// edge's tunnel to the pod's sidecar, which lets them in only with an identity the edge
+/// signed: a request's call carries that request's caller, a root context's tick call one
+/// naming the plugin. Reloading the agents (which closes tunnels no agent uses) keeps it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_calls_a_pod_through_its_tunnel_with_a_signed_identity() {
+    let p = PodStack::start("pod5", "").await;
+    let conf = p.s.dir.path().join("edge.toml");
+    let base = std::fs::read_to_string(&conf).unwrap();
+    let plugin = common::plugin(
+        "pod-check",
+        "callout",
+        &format!(
+            "agents = [\"checked\"]\n\
+             config = {{ upstream = \"pod\", path = \"/v1/models\", method = \"GET\", tick_path = \"/v1/models\" }}\n\
+             upstreams = {{ pod = \"{}\" }}",
+            p.pod.upstream()
+        ),
+    );
+    std::fs::write(&conf, format!("{base}{plugin}")).unwrap();
+    let r = p.s.reload().await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    p.s.admin_post(
+        "/v1/admin/agents",
+        json!({"name": "checked", "endpoint_id": "checked", "upstream": format!("http://{}", p.s.runtime)}),
+    )
+    .await;
+
+    // The request's call: the pod answered 200 (its sidecar took the identity), so the plugin
+    // resumed, and the answer says what the runtime behind the pod said.
+    let ask = || async {
+        let r = p.chat("checked", false, &p.s.key).send().await.unwrap();
+        let status = r.status().as_u16();
+        let answer = r
+            .headers()
+            .get("x-callout-answer")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let tick = r
+            .headers()
+            .get("x-callout-tick")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, answer, tick, r.text().await.unwrap())
+    };
+    let (status, answer, _, body) = ask().await;
+    assert_eq!(status, 200, "{body}");
+    let answer = answer.expect("the plugin resumed without the pod's answer");
+    assert!(answer.contains("\"object\":\"list\""), "{answer}");
+
+    // The root context's tick calls went the same way.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, tick, _) = ask().await;
+        assert_eq!(status, 200);
+        if tick
+            .as_deref()
+            .is_some_and(|t| t.contains("\"object\":\"list\""))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tick answer from the pod: {tick:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The pod's agent moves elsewhere: the snapshot is rebuilt and tunnels no agent uses are
+    // closed, but the plugin's stays open.
+    let moved = reqwest::Client::new()
+        .patch(format!("{}/v1/admin/agents/pod5", p.s.admin_url()))
+        .bearer_auth(common::admin_token())
+        .json(&json!({"upstream": format!("http://{}", p.s.runtime)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), 200, "{}", moved.text().await.unwrap());
+    let (status, answer, _, body) = ask().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(answer.is_some_and(|a| a.contains("\"object\":\"list\"")));
+}

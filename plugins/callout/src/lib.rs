@@ -5,8 +5,8 @@
 //! what `proxy_get_status` says). If the call cannot even be made (an upstream the
 //! edge does not know), the plugin answers 502 with the status the host gave.
 //!
-//! Configuration: `{"upstream": "auth", "path": "/check", "timeout_ms": 1000, "tick_path":
-//! "/tick"}`. The client's `x-callout-want` header is passed on to the upstream (the tests'
+//! Configuration: `{"upstream": "auth", "path": "/check", "method": "POST", "timeout_ms": 1000,
+//! "tick_path": "/tick"}`. The client's `x-callout-want` header is passed on to the upstream (the tests'
 //! upstream answers with it). With `tick_path`, the root context also calls the upstream there
 //! every 50 ms from `on_tick` and keeps the last answer in shared data, which every answer
 //! carries in `x-callout-tick` (a background refresh, as plugins that fetch keys or lists do).
@@ -26,6 +26,8 @@ struct Config {
     upstream: String,
     #[serde(default = "check")]
     path: String,
+    #[serde(default = "post")]
+    method: String,
     #[serde(default = "second")]
     timeout_ms: u64,
     #[serde(default)]
@@ -40,6 +42,10 @@ const TICK_ANSWER: &str = "callout.tick";
 
 fn check() -> String {
     "/check".into()
+}
+
+fn post() -> String {
+    "POST".into()
 }
 
 fn second() -> u64 {
@@ -186,7 +192,7 @@ impl HttpContext for Request {
             None => self.dispatch_http_call(
                 &self.config.upstream,
                 vec![
-                    (":method", "POST"),
+                    (":method", self.config.method.as_str()),
                     (":path", &self.config.path),
                     (":authority", "auth.internal"),
                     ("x-callout-want", &want),

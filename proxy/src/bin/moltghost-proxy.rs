@@ -65,8 +65,11 @@ fn main() -> ExitCode {
     };
     if args.check {
         // Plugins are compiled, started and configured, as the edge would at start.
-        let node = std::sync::Arc::new(cfg.node(""));
-        if let Err(e) = moltghost::plugins::PluginSet::load(&cfg.plugins, &node) {
+        let reach = moltghost::plugins::Reach {
+            node: std::sync::Arc::new(cfg.node("")),
+            pods: None,
+        };
+        if let Err(e) = moltghost::plugins::PluginSet::load(&cfg.plugins, &reach) {
             eprintln!("moltghost-proxy: invalid configuration: {e}");
             return ExitCode::from(2);
         }

@@ -1,5 +1,7 @@
 //! HTTP calls out (`proxy_http_call`), as Envoy's wasm filter makes them: to an upstream the
-//! plugin's configuration names (`upstreams = { name = "http://..." }`, Envoy's cluster), with
+//! plugin's configuration names (`upstreams = { name = "http://..." }`, Envoy's cluster; a pod
+//! behind WireGuard, `wg://KEY@host:port`, is reached through the edge's tunnel, see
+//! [`super::pod_call`]), with
 //! the plugin's headers (`:method`, `:path` and `:authority` required), body and timeout. The
 //! host call only records the call and hands back a token; the request's walk through the
 //! plugins ([`super::PluginRun`]) makes it once the phase returns, without blocking the worker,
@@ -40,6 +42,8 @@ pub struct CallRequest {
     pub timeout: Duration,
     /// A gRPC unary call ([`super::grpc`]), not an HTTP call.
     pub grpc: bool,
+    /// Through a pod's tunnel, not straight to `url`.
+    pub via: Option<super::pod_call::Via>,
 }
 
 /// What a call's callback is given.
@@ -66,20 +70,34 @@ pub struct CallResponse {
     pub trailers: Headers,
 }
 
-/// The upstreams a plugin's configuration names, checked once: each an `http` or `https` URL.
-pub fn upstreams(table: &HashMap<String, String>) -> Result<HashMap<String, url::Url>, String> {
-    table
-        .iter()
-        .map(|(name, raw)| {
-            let url = url::Url::parse(raw).map_err(|e| format!("upstream `{name}`: {e}"))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                return Err(format!(
-                    "upstream `{name}`: {raw:?} is not an http:// or https:// URL"
-                ));
-            }
-            Ok((name.clone(), url))
-        })
-        .collect()
+/// The upstreams a plugin's configuration names, by name, checked once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallUpstreams {
+    /// `http://` and `https://` URLs.
+    pub urls: HashMap<String, url::Url>,
+    /// Pods behind WireGuard (`wg://KEY@host:port[/base]`, as an agent's upstream).
+    pub pods: HashMap<String, crate::upstream::UpstreamTarget>,
+}
+
+/// Parses a plugin's `upstreams`: each an `http` or `https` URL, or a pod.
+pub fn upstreams(table: &HashMap<String, String>) -> Result<CallUpstreams, String> {
+    let mut out = CallUpstreams::default();
+    for (name, raw) in table {
+        if raw.starts_with("wg://") {
+            let pod = crate::upstream::UpstreamTarget::parse(raw)
+                .map_err(|e| format!("upstream `{name}`: {e}"))?;
+            out.pods.insert(name.clone(), pod);
+            continue;
+        }
+        let url = url::Url::parse(raw).map_err(|e| format!("upstream `{name}`: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(format!(
+                "upstream `{name}`: {raw:?} is not an http://, https:// or wg:// URL"
+            ));
+        }
+        out.urls.insert(name.clone(), url);
+    }
+    Ok(out)
 }
 
 /// Defines `proxy_http_call` and `proxy_get_status`.
@@ -129,12 +147,20 @@ pub(super) fn define(l: &mut Linker<Host>) -> wasmtime::Result<()> {
             let Some(headers) = abi::decode_map(&headers) else {
                 return Status::ParseFailure as i32;
             };
-            let Some(base) = upstream_url(c.data(), &upstream) else {
+            let via = std::str::from_utf8(&upstream)
+                .ok()
+                .and_then(|name| super::pod_call::via(c.data(), name));
+            let base = match &via {
+                Some(v) => Some(v.base().clone()),
+                None => upstream_url(c.data(), &upstream),
+            };
+            let Some(base) = base else {
                 return Status::BadArgument as i32;
             };
-            let Some(request) = request(&base, headers, body, timeout_ms) else {
+            let Some(mut request) = request(&base, headers, body, timeout_ms) else {
                 return Status::BadArgument as i32;
             };
+            request.via = via;
             record(&mut c, request, token_ptr)
         },
     )?;
@@ -226,6 +252,7 @@ fn request(
         body,
         timeout: timeout(timeout_ms),
         grpc: false,
+        via: None,
     })
 }
 
@@ -248,7 +275,16 @@ pub async fn perform(call: CallRequest, max_body: usize) -> Answer {
 
 /// Makes an HTTP call; an answer whose body passes `max_body` bytes, like any failure, comes
 /// back empty (as Envoy reports a failed call).
-async fn http(call: CallRequest, max_body: usize) -> CallResponse {
+async fn http(mut call: CallRequest, max_body: usize) -> CallResponse {
+    let failed = || CallResponse {
+        failed: true,
+        ..CallResponse::default()
+    };
+    if let Some(via) = call.via.take() {
+        let timeout = call.timeout;
+        let answer = tokio::time::timeout(timeout, super::pod_call::http(call, via, max_body));
+        return answer.await.ok().flatten().unwrap_or_else(failed);
+    }
     let client = CLIENT.with(Clone::clone);
     let mut builder = client
         .request(call.method, call.url)
@@ -278,10 +314,7 @@ async fn http(call: CallRequest, max_body: usize) -> CallResponse {
             trailers: Vec::new(),
         })
     };
-    answer.await.unwrap_or_else(|| CallResponse {
-        failed: true,
-        ..CallResponse::default()
-    })
+    answer.await.unwrap_or_else(failed)
 }
 
 /// Makes `calls` concurrently: each token with its answer, in the order asked.
@@ -330,10 +363,24 @@ mod tests {
     }
 
     #[test]
-    fn upstreams_must_be_http_urls() {
-        let ok = HashMap::from([("a".to_string(), "https://x.test:8443".to_string())]);
-        assert!(upstreams(&ok).is_ok());
-        for bad in ["ftp://x", "not a url", "unix:/tmp/s"] {
+    fn upstreams_must_be_http_urls_or_pods() {
+        let key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        let ok = HashMap::from([
+            ("a".to_string(), "https://x.test:8443".to_string()),
+            ("p".to_string(), format!("wg://{key}@127.0.0.1:51820/auth")),
+        ]);
+        let parsed = upstreams(&ok).unwrap();
+        assert_eq!(parsed.urls.len(), 1);
+        assert_eq!(
+            parsed.pods["p"].to_string(),
+            format!("wg://{key}@127.0.0.1:51820/auth")
+        );
+        for bad in [
+            "ftp://x",
+            "not a url",
+            "unix:/tmp/s",
+            "wg://nokey@127.0.0.1:1",
+        ] {
             let t = HashMap::from([("a".to_string(), bad.to_string())]);
             assert!(upstreams(&t).is_err(), "{bad}");
         }

@@ -171,6 +171,7 @@ fn unary(url: url::Url, mut headers: abi::Headers, message: &[u8], timeout_ms: i
         body: frame(message).to_vec(),
         timeout,
         grpc: true,
+        via: None,
     }
 }
 

@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod grpc_stream;
 mod headers;
 pub mod host;
+pub mod pod_call;
 pub mod properties;
 pub mod queues;
 mod resume;
@@ -80,7 +81,7 @@ pub struct PluginConfig {
     /// Envoy's VM configuration, handed to `proxy_on_vm_start` (a table arrives as JSON).
     pub vm_config: String,
     /// Where the plugin's HTTP calls may go, by name (Envoy's clusters).
-    pub upstreams: HashMap<String, url::Url>,
+    pub upstreams: callout::CallUpstreams,
     /// The most of an answer (or of an HTTP call's answer) the plugin may hold back.
     pub buffer_bytes: usize,
     /// A service plugin (Envoy's singleton): only its root context runs, on the plugin's
@@ -150,6 +151,20 @@ fn compiled_module(wasm: &[u8]) -> Result<wasmtime::Module, String> {
     Ok(m)
 }
 
+/// What of the edge plugins reach: the edge as Envoy's `node` and, for calls to pods, its
+/// tunnels and the key that signs caller identities (absent when a configuration is only
+/// checked: pods are then not opened).
+#[derive(Clone, Default)]
+pub struct Reach {
+    /// The edge (`node.*` properties).
+    pub node: Arc<Node>,
+    /// The tunnels and the identity key.
+    pub pods: Option<(
+        Arc<crate::tunnel::bridge::Tunnels>,
+        Arc<crate::identity::IdentityKey>,
+    )>,
+}
+
 /// A loaded plugin.
 pub struct Plugin {
     uid: u64,
@@ -163,18 +178,27 @@ pub struct Plugin {
 
 impl Plugin {
     /// Compiles and test-starts the plugin: an error here refuses the configuration.
-    pub fn load(cfg: PluginConfig, node: Arc<Node>) -> Result<Arc<Self>, String> {
+    pub fn load(cfg: PluginConfig, reach: &Reach) -> Result<Arc<Self>, String> {
         let wasm = std::fs::read(&cfg.path)
             .map_err(|e| format!("plugin `{}`: {}: {e}", cfg.name, cfg.path.display()))?;
         let module =
             |wasm: &[u8]| compiled_module(wasm).map_err(|e| format!("plugin `{}`: {e}", cfg.name));
         let compiled = host::link(engine(), module(&wasm)?, cfg.memory_bytes)
             .map_err(|e| format!("plugin `{}`: {e}", cfg.name))?;
+        let mut pods = HashMap::new();
+        if let Some((tunnels, identity)) = &reach.pods {
+            for (name, target) in &cfg.upstreams.pods {
+                let route = pod_call::PodRoute::open(target, tunnels, identity.clone())
+                    .map_err(|e| format!("plugin `{}`: upstream `{name}`: {e}", cfg.name))?;
+                pods.insert(name.clone(), Arc::new(route));
+            }
+        }
         let shared = Arc::new(
             Shared::new(&cfg.name, cfg.config.clone().into_bytes())
                 .with_vm(&cfg.root_id, &cfg.vm_id, cfg.vm_config.clone().into_bytes())
-                .with_upstreams(cfg.upstreams.clone())
-                .with_node(node),
+                .with_upstreams(cfg.upstreams.urls.clone())
+                .with_pods(pods)
+                .with_node(reach.node.clone()),
         );
         // Started and configured once now, so that a bad plugin fails the load, not a request.
         compiled
@@ -217,13 +241,21 @@ pub struct PluginSet {
 }
 
 impl PluginSet {
-    /// Loads every plugin, on edge `node`; the first that fails refuses the whole set.
-    pub fn load(configs: &[PluginConfig], node: &Arc<Node>) -> Result<Self, String> {
+    /// Loads every plugin, with what of the edge they reach; the first that fails refuses the
+    /// whole set.
+    pub fn load(configs: &[PluginConfig], reach: &Reach) -> Result<Self, String> {
         let plugins = configs
             .iter()
-            .map(|c| Plugin::load(c.clone(), node.clone()))
+            .map(|c| Plugin::load(c.clone(), reach))
             .collect::<Result<_, _>>()?;
         Ok(Self { plugins })
+    }
+
+    /// The tunnels the plugins call pods through, by id (kept open while they are loaded).
+    pub fn pod_tunnels(&self) -> impl Iterator<Item = String> + '_ {
+        self.plugins
+            .iter()
+            .flat_map(|p| p.shared.pods.values().map(|r| r.tunnel.id.clone()))
     }
 
     /// The plugins.

@@ -38,6 +38,8 @@ pub struct Shared {
     pub vm_config: Vec<u8>,
     /// Where `proxy_http_call` may go, by name (Envoy's clusters).
     pub upstreams: HashMap<String, url::Url>,
+    /// The pods among them, reached through their tunnels (HTTP calls only).
+    pub pods: HashMap<String, Arc<super::pod_call::PodRoute>>,
     /// The edge as Envoy's `node` (its id and metadata).
     pub node: Arc<super::properties::Node>,
     data: Arc<Mutex<Data>>,
@@ -81,6 +83,7 @@ impl Shared {
             vm_id: String::new(),
             vm_config: Vec::new(),
             upstreams: HashMap::new(),
+            pods: HashMap::new(),
             node: Arc::default(),
             data: data_of(""),
             metrics: Mutex::new(Vec::new()),
@@ -104,6 +107,12 @@ impl Shared {
     /// The same, with these upstreams for HTTP calls.
     pub fn with_upstreams(mut self, upstreams: HashMap<String, url::Url>) -> Self {
         self.upstreams = upstreams;
+        self
+    }
+
+    /// The same, with these pods among the upstreams.
+    pub fn with_pods(mut self, pods: HashMap<String, Arc<super::pod_call::PodRoute>>) -> Self {
+        self.pods = pods;
         self
     }
 
