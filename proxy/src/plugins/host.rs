@@ -210,9 +210,9 @@ pub struct Vm {
 /// `proxy_on_configure`): start-up work such as a Go runtime's is not a request's.
 const START_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Epoch ticks (one a millisecond) in `d`.
+/// Epoch ticks (one every [`deadline::TICK`]) in `d`, at least one.
 fn ticks(d: Duration) -> u64 {
-    d.as_millis().max(1) as u64
+    d.as_nanos().div_ceil(deadline::TICK.as_nanos()).max(1) as u64
 }
 
 /// A compiled plugin, ready to instantiate quickly.

@@ -89,7 +89,7 @@ pub struct PluginConfig {
     pub service: bool,
 }
 
-/// The process's wasmtime engine: epoch interruption (ticked every millisecond by a thread of
+/// The process's wasmtime engine: epoch interruption (ticked every 5 ms by a thread of
 /// its own while calls run, every 20 ms when none has for a while: [`deadline::next_tick`])
 /// and the pooling instance allocator.
 pub fn engine() -> &'static Engine {
