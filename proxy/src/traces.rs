@@ -12,25 +12,12 @@
 //! header), `first token` (for streams) and `relay` (the answer, until it ends and its usage
 //! is settled). A request refused before the runtime has what it reached, then `edge`.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{
-    span::SpanKind, status, ResourceSpans, ScopeSpans, Span, Status,
-};
-use prost::Message;
-use tokio::sync::mpsc;
+use moltghost_common::otlp::{self, attr, int, SpanExporter, SpanQueue};
+use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status, Span, Status};
 
 use crate::access::AccessRecord;
-
-/// Requests whose spans wait for export at most (past it a request's spans are dropped).
-const QUEUE: usize = 4096;
-/// Spans sent in one request to the collector at most.
-const BATCH: usize = 512;
-/// How long a span waits for its batch to fill.
-const LINGER: Duration = Duration::from_secs(1);
 
 /// How spans travel to the collector (OpenTelemetry's names for them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -68,45 +55,35 @@ impl Default for TraceSettings {
 /// The request path's side: turns finished requests into spans and queues them.
 #[derive(Debug)]
 pub struct Spans {
-    tx: mpsc::Sender<Vec<Span>>,
+    queue: SpanQueue,
     /// Trace ids whose low 64 bits are under this are exported.
     threshold: u64,
 }
 
-/// The background side: batches the queued spans and posts them to the collector.
+/// The background side: batches the queued spans and sends them to the collector by the
+/// configured protocol.
 #[derive(Debug)]
 pub struct Exporter {
-    rx: mpsc::Receiver<Vec<Span>>,
-    /// `<otlp_endpoint>/v1/traces`, or the gRPC method's URL.
-    url: String,
+    inner: SpanExporter,
     protocol: Protocol,
-    /// `service.name` and the edge's id, on every batch.
-    resource: Resource,
 }
 
 impl Spans {
     /// The two sides for `settings`, or `None` when export is off.
     pub fn new(settings: &TraceSettings, edge_id: &str) -> Option<(Self, Exporter)> {
         let endpoint = settings.otlp_endpoint.as_ref()?;
-        let (tx, rx) = mpsc::channel(QUEUE);
         let threshold = (settings.sampling_ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
         let path = match settings.otlp_protocol {
             Protocol::HttpProtobuf => "/v1/traces",
             Protocol::Grpc => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
         };
+        let url = format!("{}{path}", endpoint.trim_end_matches('/'));
+        let (queue, inner) = otlp::channel(url, "moltghost-edge", edge_id);
         let exporter = Exporter {
-            rx,
-            url: format!("{}{path}", endpoint.trim_end_matches('/')),
+            inner,
             protocol: settings.otlp_protocol,
-            resource: Resource {
-                attributes: vec![
-                    attr("service.name", "moltghost-edge"),
-                    attr("service.instance.id", edge_id),
-                ],
-                ..Default::default()
-            },
         };
-        Some((Self { tx, threshold }, exporter))
+        Some((Self { queue, threshold }, exporter))
     }
 
     /// Queues the spans of request `r` (its `method`), if its trace is sampled.
@@ -115,10 +92,8 @@ impl Spans {
         if r.trace.flags & 1 == 0 || low > self.threshold {
             return;
         }
-        // Dropped when the collector cannot keep up: spans never hold a request.
-        let _ = self
-            .tx
-            .try_send(spans_of(r, method, SystemTime::now(), Instant::now()));
+        self.queue
+            .push(spans_of(r, method, SystemTime::now(), Instant::now()));
     }
 }
 
@@ -144,35 +119,9 @@ async fn grpc_export(url: &str, message: Vec<u8>) -> Result<(), String> {
         .map_err(|s| format!("gRPC status {}: {}", s.code, s.message))
 }
 
-/// A string attribute.
-fn attr(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
-        ..Default::default()
-    }
-}
-
-/// An integer attribute.
-fn int(key: &str, value: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(value)),
-        }),
-        ..Default::default()
-    }
-}
-
 /// The spans of a request that ended at `now` (`wall` on the system clock).
 fn spans_of(r: &AccessRecord, method: &str, wall: SystemTime, now: Instant) -> Vec<Span> {
-    let unix = |t: Instant| {
-        let at = wall - now.saturating_duration_since(t);
-        at.duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    };
+    let unix = |t: Instant| otlp::unix_nanos(wall - now.saturating_duration_since(t));
     let route = r.route.map(|r| r.path()).unwrap_or("-");
     let mut attributes = vec![
         attr("http.request.method", method),
@@ -222,11 +171,9 @@ fn spans_of(r: &AccessRecord, method: &str, wall: SystemTime, now: Instant) -> V
     };
     let mut spans = vec![root];
     let mut child = |name: &str, kind: SpanKind, from: Instant, to: Instant| {
-        let mut id: [u8; 8] = rand::random();
-        id[7] |= 1; // never all zeros
         spans.push(Span {
             trace_id: r.trace.trace_id.to_vec(),
-            span_id: id.to_vec(),
+            span_id: otlp::span_id().to_vec(),
             parent_span_id: r.trace.span_id.to_vec(),
             flags: u32::from(r.trace.flags),
             name: name.to_owned(),
@@ -266,65 +213,23 @@ fn spans_of(r: &AccessRecord, method: &str, wall: SystemTime, now: Instant) -> V
 }
 
 impl Exporter {
-    /// Batches what [`Spans::record`] queued and posts it, until the queue closes.
-    pub async fn run(mut self) {
-        let (url, resource) = (&self.url, &self.resource);
+    /// Batches what [`Spans::record`] queued and sends it, until the queue closes.
+    pub async fn run(self) {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
             .expect("an HTTP client");
-        let mut failing = false;
-        loop {
-            let Some(first) = self.rx.recv().await else {
-                return;
-            };
-            let mut batch = first;
-            let deadline = tokio::time::Instant::now() + LINGER;
-            while batch.len() < BATCH {
-                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                    Ok(Some(more)) => batch.extend(more),
-                    Ok(None) | Err(_) => break,
+        let protocol = self.protocol;
+        self.inner
+            .run(|url, body| {
+                let client = client.clone();
+                async move {
+                    match protocol {
+                        Protocol::HttpProtobuf => otlp::post_protobuf(&client, url, body).await,
+                        Protocol::Grpc => grpc_export(&url, body).await,
+                    }
                 }
-            }
-            let body = ExportTraceServiceRequest {
-                resource_spans: vec![ResourceSpans {
-                    resource: Some(resource.clone()),
-                    scope_spans: vec![ScopeSpans {
-                        scope: Some(InstrumentationScope {
-                            name: "moltghost".into(),
-                            version: env!("CARGO_PKG_VERSION").into(),
-                            ..Default::default()
-                        }),
-                        spans: batch,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-            }
-            .encode_to_vec();
-            let sent = match self.protocol {
-                Protocol::HttpProtobuf => client
-                    .post(url)
-                    .header("content-type", "application/x-protobuf")
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.error_for_status().map(drop).map_err(|e| e.to_string())),
-                Protocol::Grpc => grpc_export(url, body).await,
-            };
-            // Logged when export starts or stops failing, not for every batch.
-            match sent {
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %e, collector = %url, "trace export failing; spans are dropped");
-                }
-                Ok(_) if failing => {
-                    failing = false;
-                    tracing::info!(collector = %url, "trace export works again");
-                }
-                _ => {}
-            }
-        }
+            })
+            .await;
     }
 }

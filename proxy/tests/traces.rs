@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use common::Stack;
+use common::{PodProc, Stack};
 use moltghost_protocol::trace::Hex;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
@@ -39,12 +39,13 @@ async fn collector() -> (u16, Received) {
     (port, spans)
 }
 
-/// Keeps the spans of an export, checking that each batch names the edge as its service.
+/// Keeps the spans of an export, checking that each batch names the edge (or a pod's sidecar)
+/// as its service.
 fn keep(req: ExportTraceServiceRequest, kept: &Received) {
     for rs in req.resource_spans {
         let resource = rs.resource.expect("a resource");
         assert!(resource.attributes.iter().any(|a| a.key == "service.name"
-            && matches!(&a.value.as_ref().unwrap().value, Some(Any::StringValue(v)) if v == "moltghost-edge")));
+            && matches!(&a.value.as_ref().unwrap().value, Some(Any::StringValue(v)) if v == "moltghost-edge" || v == "moltghost-pod")));
         for ss in rs.scope_spans {
             kept.lock().unwrap().extend(ss.spans);
         }
@@ -336,4 +337,68 @@ async fn each_websocket_message_is_a_child_span_of_the_upgrade() {
         assert_eq!(m.trace_id, upgrade.trace_id);
         assert_eq!(m.parent_span_id, upgrade.span_id, "{m:?}");
     }
+}
+
+/// Through a pod: the sidecar (`--otlp-endpoint`) adds a span of its own between the edge's
+/// request span and the runtime, which gets the sidecar's span as its parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_sidecar_adds_its_span_between_the_edge_and_the_runtime() {
+    let (port, received) = collector().await;
+    let (tunnel_cfg, edge_public, _) = common::edge_tunnel_key();
+    let s = Stack::start(&format!(
+        "{tunnel_cfg}[traces]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n"
+    ))
+    .await;
+    let addr = ([127, 0, 0, 1], common::free_udp_port()).into();
+    let collector_url = format!("http://127.0.0.1:{port}");
+    let pod = PodProc::start_with(
+        addr,
+        &edge_public,
+        s.runtime,
+        &s.admin_url(),
+        &["--otlp-endpoint", &collector_url],
+    );
+    s.admin_post(
+        "/v1/admin/agents",
+        json!({"name": "traced-pod", "endpoint_id": "traced-pod", "upstream": pod.upstream()}),
+    )
+    .await;
+    let r = s
+        .post_as("traced-pod", "/v1/chat/completions", Some(&s.key))
+        .header("x-mock-echo", "traceparent")
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let runtime_got = r.headers()["x-mock-echoed"].to_str().unwrap().to_owned();
+    r.bytes().await.unwrap();
+
+    let spans = spans_until(&received, |s| {
+        s.iter().any(|x| x.name == "pod") && s.iter().any(|x| x.name.starts_with("POST "))
+    })
+    .await;
+    let pod_span = spans.iter().find(|x| x.name == "pod").unwrap();
+    let edge = spans.iter().find(|x| x.name.starts_with("POST ")).unwrap();
+    assert_eq!(pod_span.trace_id, edge.trace_id);
+    assert_eq!(
+        pod_span.parent_span_id, edge.span_id,
+        "the pod's parent is the edge's span"
+    );
+    assert_eq!(pod_span.kind, SpanKind::Server as i32);
+    assert_eq!(
+        runtime_got,
+        format!("00-{}-{}-01", hex(&edge.trace_id), hex(&pod_span.span_id)),
+        "the runtime's parent is the pod's span"
+    );
+    assert_eq!(
+        attribute(pod_span, "moltghost.agent").as_deref(),
+        Some("traced-pod")
+    );
+    assert_eq!(
+        attribute(pod_span, "url.path").as_deref(),
+        Some("/v1/chat/completions")
+    );
+    assert!(pod_span.start_time_unix_nano >= edge.start_time_unix_nano);
+    assert!(pod_span.end_time_unix_nano <= edge.end_time_unix_nano);
 }

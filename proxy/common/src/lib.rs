@@ -1,10 +1,13 @@
 //! What every MoltGhost binary shares (the edge, the CLI, the pod sidecar), and nothing that
 //! would make one of them link what it does not use: the JSON log set-up, secrets kept on disk,
-//! the caller identity the edge signs and the pod verifies, and admin API tokens.
+//! the caller identity the edge signs and the pod verifies, admin API tokens, and span export
+//! over OTLP.
 
 pub mod admin_token;
 pub mod identity;
 pub mod logwriter;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod secrets;
 
 /// Seconds since the Unix epoch.

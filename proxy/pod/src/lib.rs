@@ -5,10 +5,14 @@
 //! tunnel). Inside the tunnel every request must carry a valid caller identity signed by the
 //! edge (`x-moltghost-identity`): defence in depth, should anything else ever reach the tunnel.
 //! The runtime receives the caller as plain headers instead.
+//!
+//! With `--otlp-endpoint`, a request the edge's trace samples gets a span of the sidecar's own
+//! (`pod`, the edge's span its parent, from the identity check until the request is handed to
+//! the runtime), and the runtime gets that span as its parent in `traceparent`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use boringtun::noise::{Packet, Tunn};
@@ -17,7 +21,9 @@ use moltghost_protocol::head;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use moltghost_common::identity::{CallerIdentity, IdentityVerifier};
+use moltghost_common::otlp::{self, SpanQueue};
 use moltghost_protocol::error::EdgeError;
+use moltghost_protocol::trace::TraceParent;
 use moltghost_tunnel::{bind_udp, keys, Link, LinkConfig, Role, POD_PORT};
 
 /// Where the sidecar gets the edge's identity keys.
@@ -49,6 +55,9 @@ pub struct PodConfig {
     /// `--tun NAME`: carry the connections with the kernel's TCP through this TUN device
     /// (address 10.7.0.2/24) instead of smoltcp.
     pub tun: Option<String>,
+    /// `--otlp-endpoint`: the OpenTelemetry collector (OTLP over HTTP) the sidecar's spans go
+    /// to; none when absent.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A running sidecar.
@@ -97,11 +106,26 @@ pub async fn start(cfg: PodConfig) -> Result<Pod, String> {
             )
         })
         .collect();
+    let spans = cfg.otlp_endpoint.as_ref().map(|endpoint| {
+        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        let public = keys::public_of(&cfg.secret);
+        let (queue, exporter) = otlp::channel(url, "moltghost-pod", &public);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        tokio::spawn(exporter.run(move |url, body| {
+            let client = client.clone();
+            async move { otlp::post_protobuf(&client, url, body).await }
+        }));
+        queue
+    });
     let forward = Arc::new(Forward {
         upstream: cfg.upstream,
         verifier: verifier.clone(),
         jwks: cfg.jwks.clone(),
         refreshed: std::sync::Mutex::new(None),
+        spans,
     });
     for link in &links {
         tokio::spawn(link.clone().run_timers());
@@ -256,6 +280,67 @@ struct Forward {
     verifier: Arc<ArcSwap<IdentityVerifier>>,
     jwks: JwksSource,
     refreshed: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Where the sidecar's spans go, when it exports them.
+    spans: Option<SpanQueue>,
+}
+
+/// The sidecar's span of one request the edge's trace samples: its parent (the edge's span)
+/// and its own id, which the runtime gets as its parent.
+struct PodSpan {
+    parent: TraceParent,
+    own: TraceParent,
+    started: SystemTime,
+    method: String,
+    path: String,
+}
+
+impl PodSpan {
+    /// The span for `h`, when spans are exported and the edge's `traceparent` is sampled.
+    fn start(spans: &Option<SpanQueue>, h: &head::RequestHead<'_>) -> Option<Self> {
+        spans.as_ref()?;
+        let value = h
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))?
+            .1;
+        let parent = TraceParent::parse(std::str::from_utf8(value).ok()?)?;
+        if parent.flags & 1 == 0 {
+            return None;
+        }
+        Some(Self {
+            parent,
+            own: TraceParent {
+                span_id: otlp::span_id(),
+                ..parent
+            },
+            started: SystemTime::now(),
+            method: h.method.to_owned(),
+            path: h.path.to_owned(),
+        })
+    }
+
+    /// The finished span: the request was handed to the runtime now.
+    fn finish(self, caller: &CallerIdentity) -> opentelemetry_proto::tonic::trace::v1::Span {
+        use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
+        Span {
+            trace_id: self.parent.trace_id.to_vec(),
+            span_id: self.own.span_id.to_vec(),
+            parent_span_id: self.parent.span_id.to_vec(),
+            flags: u32::from(self.parent.flags),
+            name: "pod".into(),
+            kind: SpanKind::Server as i32,
+            start_time_unix_nano: otlp::unix_nanos(self.started),
+            end_time_unix_nano: otlp::unix_nanos(SystemTime::now()),
+            attributes: vec![
+                otlp::attr("http.request.method", &self.method),
+                otlp::attr("url.path", &self.path),
+                otlp::attr("moltghost.account", &caller.sub),
+                otlp::attr("moltghost.key_id", &caller.key),
+                otlp::attr("moltghost.agent", &caller.agent),
+            ],
+            ..Default::default()
+        }
+    }
 }
 
 type EdgeWriter<S> = Arc<tokio::sync::Mutex<tokio::io::WriteHalf<S>>>;
@@ -339,15 +424,17 @@ impl Forward {
                 }
             };
             out.clear();
-            head::rewrite(
-                &h,
-                &[
-                    ("x-moltghost-account", &caller.sub),
-                    ("x-moltghost-key-id", &caller.key),
-                    ("x-moltghost-agent", &caller.agent),
-                ],
-                &mut out,
-            );
+            let span = PodSpan::start(&self.spans, &h);
+            let traceparent = span.as_ref().map(|s| s.own.header());
+            let mut add = vec![
+                ("x-moltghost-account", caller.sub.as_str()),
+                ("x-moltghost-key-id", caller.key.as_str()),
+                ("x-moltghost-agent", caller.agent.as_str()),
+            ];
+            if let Some(t) = &traceparent {
+                add.push(("traceparent", t));
+            }
+            head::rewrite(&h, &add, &mut out);
             let (head_len, body_len, upgrade) = (h.len, h.body_len, h.upgrade);
             buf.drain(..head_len);
             if runtime.is_none() {
@@ -387,6 +474,9 @@ impl Forward {
                         left -= n as u64;
                     }
                 }
+            }
+            if let (Some(span), Some(queue)) = (span, &self.spans) {
+                queue.push(vec![span.finish(&caller)]);
             }
             if upgrade {
                 // A switched protocol (a WebSocket): bytes both ways from here on.

@@ -76,6 +76,11 @@ struct RunArgs {
     /// recovers from packet loss faster.
     #[arg(long, value_name = "NAME")]
     tun: Option<String>,
+    /// Export a span for each request the edge's trace samples to this OpenTelemetry
+    /// collector (OTLP over HTTP with protobuf, e.g. http://collector:4318); the runtime then
+    /// gets the sidecar's span as its parent. Off when absent.
+    #[arg(long, env = "MOLTGHOST_POD_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +138,7 @@ fn run(args: RunArgs, secret: boringtun::x25519::StaticSecret) -> Result<(), Str
             jwks,
             mtu: args.mtu,
             tun: args.tun,
+            otlp_endpoint: args.otlp_endpoint,
         })
         .await?;
         let _ = tokio::signal::ctrl_c().await;

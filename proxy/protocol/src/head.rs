@@ -93,16 +93,18 @@ pub fn parse(buf: &[u8]) -> Result<Option<RequestHead<'_>>, HeadError> {
     }))
 }
 
-/// Writes `head` for the runtime into `out`: every `x-moltghost-*` header the request carried
-/// is dropped and `add` takes their place.
+/// Writes `head` for the runtime into `out`: every `x-moltghost-*` header the request carried,
+/// and every header `add` names (the pod's `traceparent`), is dropped and `add` takes their
+/// place.
 pub fn rewrite(head: &RequestHead<'_>, add: &[(&str, &str)], out: &mut Vec<u8>) {
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let ours = |n: &str| n.len() >= 12 && n[..12].eq_ignore_ascii_case("x-moltghost-");
+    let replaced = |n: &str| add.iter().any(|(a, _)| a.eq_ignore_ascii_case(n));
     for (name, value) in &head.headers {
-        if ours(name) {
+        if ours(name) || replaced(name) {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -147,6 +149,17 @@ mod tests {
         assert!(!text.contains("tok") && !text.contains("forged") && !text.contains("x-bad"));
         assert!(text.contains("x-moltghost-account: acc\r\n"));
         assert_eq!(parse(&out).unwrap().unwrap().body_len, 5);
+        let traced = b"GET / HTTP/1.1\r\nTraceparent: edge\r\nhost: x\r\n\r\n";
+        let mut out = Vec::new();
+        rewrite(
+            &parse(traced).unwrap().unwrap(),
+            &[("traceparent", "pod")],
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nhost: x\r\ntraceparent: pod\r\n\r\n"
+        );
         assert!(parse(b"GET / HTTP/1.1\r\nhost: x\r\n").unwrap().is_none());
         assert_eq!(
             parse(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n").unwrap_err(),
