@@ -18,6 +18,9 @@ use super::resume::Resume;
 
 /// The plugin's memory.
 fn memory(caller: &mut Caller<'_, Host>) -> Option<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Some(m);
+    }
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Some(m),
         _ => None,
@@ -54,17 +57,26 @@ pub(super) fn give(
     ret_ptr: i32,
     ret_size: i32,
 ) -> wasmtime::Result<Status> {
-    let alloc = ["proxy_on_memory_allocate", "malloc"]
-        .iter()
-        .find_map(|n| caller.get_export(n).and_then(Extern::into_func));
-    let Some(alloc) = alloc else {
-        return Ok(Status::InternalFailure);
-    };
-    let alloc = alloc.typed::<i32, i32>(&*caller)?;
     let addr = if bytes.is_empty() {
         0
     } else {
-        alloc.call(&mut *caller, bytes.len() as i32)?
+        // The allocator found at instantiation, taken for the call (no lookup by name, no type
+        // check per call); looked up here only before it was found, or in a nested call.
+        let alloc = match caller.data_mut().alloc.take() {
+            Some(f) => f,
+            None => {
+                let found = ["proxy_on_memory_allocate", "malloc"]
+                    .iter()
+                    .find_map(|n| caller.get_export(n).and_then(Extern::into_func));
+                let Some(f) = found else {
+                    return Ok(Status::InternalFailure);
+                };
+                f.typed::<i32, i32>(&*caller)?
+            }
+        };
+        let addr = alloc.call(&mut *caller, bytes.len() as i32);
+        caller.data_mut().alloc.get_or_insert(alloc);
+        addr?
     };
     if !bytes.is_empty() && (addr == 0 || write_bytes(caller, addr, bytes).is_none()) {
         return Ok(Status::InvalidMemoryAccess);

@@ -93,6 +93,10 @@ pub struct Host {
     pub(super) calls_out: Vec<CallRequest>,
     /// The last HTTP call token handed out.
     pub(super) next_token: u32,
+    /// The plugin's memory and allocator (`proxy_on_memory_allocate` or `malloc`), found once
+    /// at instantiation: host calls use them on every request.
+    pub(super) memory: Option<wasmtime::Memory>,
+    pub(super) alloc: Option<TypedFunc<i32, i32>>,
     /// What `proxy_get_status` answers: the status of the call whose callback runs.
     pub(super) call_status: (u32, String),
     /// Calls the plugin cancelled while they were in flight: their answers are dropped.
@@ -339,6 +343,8 @@ impl Host {
             stdio: Default::default(),
             calls_out: Vec::new(),
             next_token: 0,
+            memory: None,
+            alloc: None,
             call_status: (0, String::new()),
             cancelled: Vec::new(),
             stream_ops: Vec::new(),
@@ -416,6 +422,12 @@ impl Compiled {
             .pre
             .instantiate(&mut store)
             .map_err(|e| format!("instantiation failed: {e:#}"))?;
+        let memory = instance.get_memory(&mut store, "memory");
+        let alloc = ["proxy_on_memory_allocate", "malloc"]
+            .iter()
+            .find_map(|n| instance.get_typed_func::<i32, i32>(&mut store, n).ok());
+        let host = store.data_mut();
+        (host.memory, host.alloc) = (memory, alloc);
         let func = |store: &mut Store<Host>, name: &str| instance.get_func(&mut *store, name);
         for init in ["_initialize", "_start"] {
             if let Some(f) = func(&mut store, init) {
