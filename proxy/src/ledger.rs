@@ -1,8 +1,10 @@
 //! The durable usage ledger. Each finished request is appended to a local journal file *before*
 //! the last bytes of its answer are sent: a `write` to the page cache, which survives a
 //! `kill -9` of the edge, and no wait on the store. A background shipper moves the journal into
-//! the store's `usage_ledger` in batches; rows are keyed by the edge's own request id, so a
-//! journal replayed after a crash never counts twice.
+//! the store in batches ([`Store::ship_usage`]: per-minute rollups, and a row per request for
+//! audit). Each journal segment is a stream the store knows how far it has counted (by byte
+//! offset), in the transaction that counts its rows, so a journal replayed after a crash never
+//! counts twice.
 //!
 //! Each process writes its own journal (`usage.<pid>.journal`, then further segments
 //! `usage.<pid>-<n>.journal` once one is large), so that during an upgrade the old and the new
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::quota::month_of;
-use crate::store::{now, Store, StoreError, UsageRow};
+use crate::store::{now, Shipment, Store, StoreError, UsageRow};
 use crate::usage::Usage;
 
 /// Who a metered request is for, and the id the client knows it by.
@@ -48,6 +50,10 @@ pub struct Ledger {
     id_prefix: String,
     /// Rows the journal could not take, until it can or the store has them.
     kept: Mutex<Vec<UsageRow>>,
+    /// Rows sent to the store directly and not confirmed yet. They never go back to the
+    /// journal: a failed shipment may still have committed, and only a retry of the same
+    /// stream (named by its first row) is sure to count them once.
+    direct: Mutex<Vec<UsageRow>>,
     /// Whether the last write to the journal failed.
     failing: AtomicBool,
 }
@@ -62,6 +68,7 @@ impl Ledger {
             next: AtomicU64::new(0),
             id_prefix,
             kept: Mutex::new(Vec::new()),
+            direct: Mutex::new(Vec::new()),
             failing: AtomicBool::new(false),
         }
     }
@@ -131,9 +138,10 @@ impl Ledger {
 
     /// The shipper's part while the journal fails: the kept rows go back into the journal once
     /// it takes writes (after a line break, which ends a torn line), and the edge takes metered
-    /// requests again; until then they go to the store directly (rows are keyed by their id, so
-    /// one that reaches both is counted once). Returns whether the journal is writable.
+    /// requests again; until then they go to the store directly. Returns whether the journal is
+    /// writable.
     pub async fn recover(&self, store: &Store) -> Result<bool, StoreError> {
+        self.ship_direct(store, Vec::new()).await?;
         if self.is_writable() {
             return Ok(true);
         }
@@ -159,13 +167,32 @@ impl Ledger {
             }
             std::mem::take(&mut *kept)
         };
-        if let Err(e) = store.insert_usage(&rest).await {
-            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            let newer = std::mem::replace(&mut *kept, rest);
-            kept.extend(newer);
+        self.ship_direct(store, rest).await?;
+        Ok(false)
+    }
+
+    /// Ships the rows sent directly before and not confirmed, then `more`, as one stream named
+    /// by its first row; on failure keeps them all for the next try.
+    async fn ship_direct(&self, store: &Store, more: Vec<UsageRow>) -> Result<(), StoreError> {
+        let mut rows = std::mem::take(&mut *self.direct.lock().unwrap_or_else(|e| e.into_inner()));
+        rows.extend(more);
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let stream = format!("{}-direct", first.request_id);
+        let rows: Vec<(u64, UsageRow)> = (0..).zip(rows).collect();
+        let shipment = Shipment {
+            stream: &stream,
+            edge_id: &self.edge_id,
+            end: rows.len() as u64,
+            rows: &rows,
+        };
+        if let Err(e) = store.ship_usage(&shipment).await {
+            *self.direct.lock().unwrap_or_else(|e| e.into_inner()) =
+                rows.into_iter().map(|(_, r)| r).collect();
             return Err(e);
         }
-        Ok(false)
+        Ok(())
     }
 }
 
@@ -260,21 +287,39 @@ impl SegmentPath {
         if complete == 0 {
             return Ok((0, start));
         }
-        let rows: Vec<UsageRow> = bytes[..complete]
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| match serde_json::from_slice(l) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::error!(error = %e, "skipping a torn usage journal line");
-                    None
-                }
-            })
-            .collect();
-        store.insert_usage(&rows).await?;
+        let rows = rows_at(start, &bytes[..complete]);
         let end = start + complete as u64;
+        let mut counted = 0;
+        if !rows.is_empty() {
+            let stream = match start {
+                0 => rows[0].1.request_id.clone(),
+                _ => self.stream().map_err(io)?,
+            };
+            counted = store
+                .ship_usage(&Shipment {
+                    stream: &stream,
+                    edge_id: &rows[0].1.edge_id,
+                    rows: &rows,
+                    end,
+                })
+                .await?;
+        }
         self.set_shipped(end).map_err(io)?;
-        Ok((rows.len(), end))
+        Ok((counted, end))
+    }
+
+    /// The segment's stream name: its first row's id, unique across the fleet and restarts.
+    fn stream(&self) -> std::io::Result<String> {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(File::open(&self.path)?).split(b'\n');
+        while let Some(line) = lines.next().transpose()? {
+            if let Ok(row) = serde_json::from_slice::<UsageRow>(&line) {
+                return Ok(row.request_id);
+            }
+        }
+        Err(std::io::Error::other(
+            "a shipped journal segment without a row",
+        ))
     }
 
     /// Removes the segment's files (everything in it is shipped).
@@ -282,6 +327,24 @@ impl SegmentPath {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(&self.offset_path);
     }
+}
+
+/// The complete lines of a journal read from offset `start`, parsed, each with its offset. A
+/// torn line (a crash in mid-write, ended by the line break written on recovery) is skipped.
+fn rows_at(start: u64, complete: &[u8]) -> Vec<(u64, UsageRow)> {
+    let mut rows = Vec::new();
+    let mut at = start;
+    for line in complete.split(|b| *b == b'\n') {
+        let next = at + line.len() as u64 + 1;
+        if !line.is_empty() {
+            match serde_json::from_slice(line) {
+                Ok(r) => rows.push((at, r)),
+                Err(e) => tracing::error!(error = %e, "skipping a torn usage journal line"),
+            }
+        }
+        at = next;
+    }
+    rows
 }
 
 impl Journal {

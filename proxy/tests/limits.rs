@@ -774,43 +774,106 @@ async fn a_dead_edges_lease_comes_back_to_the_fleet() {
     );
 }
 
-/// Ledger rows of one edge and account, `ids` numbering them.
-fn rows(ids: std::ops::Range<u32>, tokens: u64) -> Vec<moltghost::store::UsageRow> {
-    ids.map(|i| moltghost::store::UsageRow {
-        request_id: format!("e1-{i}"),
-        client_request_id: format!("req-{i}"),
-        edge_id: "e1".into(),
-        account_id: "acct".into(),
-        key_id: "k1".into(),
-        agent_id: "abc123".into(),
-        month: "2026-12".into(),
-        prompt_tokens: 1,
-        completion_tokens: tokens - 1,
-        total_tokens: tokens,
-        estimated: false,
-        outcome: "completed".into(),
-        created_at: 1_790_000_000,
+/// Ledger rows of one edge and account, `ids` numbering them, each at the position of its
+/// number in one stream; the keys take turns among three.
+fn rows(ids: std::ops::Range<u32>, tokens: u64) -> Vec<(u64, moltghost::store::UsageRow)> {
+    ids.map(|i| {
+        let row = moltghost::store::UsageRow {
+            request_id: format!("e1-{i}"),
+            client_request_id: format!("req-{i}"),
+            edge_id: "e1".into(),
+            account_id: "acct".into(),
+            key_id: format!("k{}", i % 3),
+            agent_id: "abc123".into(),
+            month: "2026-12".into(),
+            prompt_tokens: 1,
+            completion_tokens: tokens - 1,
+            total_tokens: tokens,
+            estimated: false,
+            outcome: "completed".into(),
+            // 20 requests a second: 150 s, three minutes.
+            created_at: 1_790_000_000 + i64::from(i / 20),
+        };
+        (u64::from(i), row)
     })
     .collect()
 }
 
-/// The shipper writes rows in multi-row statements: thousands at once (more than one
-/// statement's worth) are all written, and a replayed journal counts none twice, on SQLite and
-/// on PostgreSQL.
+/// The shipper writes a stream's rows in multi-row statements: thousands at once (more than one
+/// statement's worth) are all counted, a replay of the stream counts none twice, the rollups
+/// hold one row per key and minute, and support finds a request by its x-request-id; with
+/// `store.request_rows` off, only the rollups and totals are written. On SQLite and on
+/// PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shipped_rows_are_written_in_batches_and_counted_once() {
+async fn shipped_rows_are_rolled_up_per_minute_and_counted_once() {
+    use moltghost::store::{Shipment, Store, UsageBy};
     let dir = tempfile::tempdir().unwrap();
     let pg = PgDb::create().await;
     let mut urls = vec![format!("sqlite://{}", dir.path().join("s.db").display())];
     urls.extend(pg.as_ref().map(|p| p.url.clone()));
     for url in urls {
-        let store = moltghost::store::Store::open(&url, dir.path())
-            .await
+        for request_rows in [true, false] {
+            let config = moltghost::config::Config::from_toml(&format!(
+                "[store]\nurl = \"{url}\"\nrequest_rows = {request_rows}"
+            ))
             .unwrap();
-        store.insert_usage(&rows(0..2_500, 3)).await.unwrap();
-        // A replay of the last 1,000 with 500 new ones after them.
-        store.insert_usage(&rows(1_500..3_000, 3)).await.unwrap();
-        let totals = store.month_totals("2026-12", "e1").await.unwrap();
-        assert_eq!(totals, vec![("acct".to_string(), 9_000, 0)], "{url}");
+            let store = Store::open_configured(&config.fixed.store, dir.path())
+                .await
+                .unwrap();
+            let stream = format!("e1-stream-{request_rows}");
+            let ship = |rows: Vec<(u64, moltghost::store::UsageRow)>| {
+                let (store, stream) = (store.clone(), stream.clone());
+                async move {
+                    let end = rows.last().map_or(0, |r| r.0 + 1);
+                    store
+                        .ship_usage(&Shipment {
+                            stream: &stream,
+                            edge_id: "e1",
+                            rows: &rows,
+                            end,
+                        })
+                        .await
+                        .unwrap()
+                }
+            };
+            assert_eq!(ship(rows(0..2_500, 3)).await, 2_500);
+            // A replay of the last 1,000 with 500 new ones after them, then of all of it.
+            assert_eq!(ship(rows(1_500..3_000, 3)).await, 500, "{url}");
+            assert_eq!(ship(rows(0..3_000, 3)).await, 0, "{url}");
+            let totals = store.month_totals("2026-12", "e1").await.unwrap();
+            let runs = if request_rows { 1 } else { 2 };
+            assert_eq!(totals, vec![("acct".to_string(), runs * 9_000, 0)], "{url}");
+            let report = store
+                .usage_report("2026-12", Some("acct"), UsageBy::Key)
+                .await
+                .unwrap();
+            let per_key: Vec<(String, u64, u64)> = report
+                .iter()
+                .map(|l| (l.group.clone(), l.requests, l.total_tokens))
+                .collect();
+            assert_eq!(
+                per_key,
+                (0..3)
+                    .map(|k| (format!("k{k}"), runs * 1_000, runs * 3_000))
+                    .collect::<Vec<_>>(),
+                "{url}"
+            );
+            let found = store.usage_of_request("req-2999").await.unwrap();
+            assert_eq!(found.len(), 1, "{url}: found once, from the first run");
+            assert_eq!(found[0].total_tokens, 3);
+        }
+        if let Some(pg) = &pg {
+            if url == pg.url {
+                // Three keys over three minutes: nine rollup rows per run, not 3,000.
+                use sqlx::{Connection, Row};
+                let mut conn = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+                let n: i64 = sqlx::query("SELECT COUNT(*) FROM usage_rollups")
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(n, 9);
+            }
+        }
     }
 }

@@ -133,6 +133,7 @@ pub struct FileStore {
     pub poll_interval: Option<String>,
     pub last_used_flush: Option<String>,
     pub max_connections: Option<u32>,
+    pub request_rows: Option<bool>,
 }
 
 /// One of `[[plugins]]`.

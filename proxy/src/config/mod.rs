@@ -121,6 +121,9 @@ pub struct StoreSettings {
     /// The most connections the edge's pool opens (`None`: 8 to PostgreSQL, 4 to SQLite);
     /// the change listener takes one more.
     pub max_connections: Option<u32>,
+    /// Whether the store keeps a row per metered request (`usage_requests`) beside the
+    /// per-minute rollups: support finds a request by its `x-request-id`.
+    pub request_rows: bool,
 }
 
 /// Limits that size structures or tasks made once at start.

@@ -167,6 +167,7 @@ fn store(f: FileStore) -> Result<StoreSettings, ConfigError> {
         poll_interval: duration("store.poll_interval", &f.poll_interval, millis(500))?,
         last_used_flush: duration("store.last_used_flush", &f.last_used_flush, secs(10))?,
         max_connections: f.max_connections,
+        request_rows: f.request_rows.unwrap_or(true),
     })
 }
 

@@ -12,8 +12,10 @@ use sqlx::{Any, AnyPool, Row};
 
 mod leases;
 mod status;
+mod usage;
 pub use leases::LeaseOf;
 pub use status::StoreStatus;
+pub use usage::{Shipment, UsageBy, UsageLine, UsageRow};
 
 /// The notification channel on PostgreSQL.
 pub const CHANNEL: &str = "moltghost_changes";
@@ -108,43 +110,6 @@ pub struct Contents {
     pub keys: Vec<KeyRow>,
 }
 
-/// Ledger rows per INSERT statement: 13 parameters each, within SQLite's 32,766 and
-/// PostgreSQL's 65,535 parameters per statement.
-const USAGE_CHUNK: usize = 1000;
-
-/// The INSERT of `n` ledger rows, skipping those already there and returning the written ones'
-/// (account, month, edge, total tokens). SQLite gets anonymous `?` placeholders: it looks each
-/// `$N` up by name in a list, which makes a statement of thousands of them take a second to
-/// prepare (measured: 680 ms for 1,000 rows, 10 ms with `?`).
-fn insert_usage_sql(n: usize, postgres: bool) -> String {
-    const COLUMNS: usize = 13;
-    let mut sql = String::with_capacity(200 + n * 80);
-    sql.push_str(
-        "INSERT INTO usage_ledger (request_id, client_request_id, edge_id, account_id, key_id, \
-         agent_id, month, prompt_tokens, completion_tokens, total_tokens, estimated, outcome, \
-         created_at) VALUES ",
-    );
-    for row in 0..n {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for col in 0..COLUMNS {
-            if col > 0 {
-                sql.push_str(", ");
-            }
-            if postgres {
-                sql.push('$');
-                sql.push_str(&(row * COLUMNS + col + 1).to_string());
-            } else {
-                sql.push('?');
-            }
-        }
-        sql.push(')');
-    }
-    sql.push_str(
-        " ON CONFLICT (request_id) DO NOTHING RETURNING account_id, month, edge_id, total_tokens",
-    );
-    sql
-}
-
 /// The store.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -152,6 +117,8 @@ pub struct Store {
     postgres: bool,
     /// Where sessions of their own are opened (`store.session_url`, else the pool's URL).
     session_url: String,
+    /// Whether shipments append a row per request (`store.request_rows`).
+    request_rows: bool,
 }
 
 fn account(r: &AnyRow) -> Result<AccountRow, sqlx::Error> {
@@ -250,13 +217,17 @@ impl Store {
         data_dir: &Path,
     ) -> Result<Self, StoreError> {
         let s = settings;
-        Self::open_pooled(
+        let store = Self::open_pooled(
             &s.url,
             data_dir,
             s.max_connections,
             s.session_url.as_deref(),
         )
-        .await
+        .await?;
+        Ok(Self {
+            request_rows: s.request_rows,
+            ..store
+        })
     }
 
     /// As [`Store::open`], with at most `max_connections` in the pool (`None`: 8 to
@@ -314,6 +285,7 @@ impl Store {
             pool,
             postgres,
             session_url: session_url.map_or(url, str::to_owned),
+            request_rows: true,
         };
         // One portable schema serves both backends. The migrator holds an advisory lock (so
         // that edges starting together migrate once), which lives in a session.
@@ -670,93 +642,6 @@ impl Store {
 
     // ------------------------------------------------------------------ usage and fleet
 
-    /// Writes ledger rows; rows already there (a replayed journal) are skipped. The running
-    /// totals move by the rows actually written, in the same transaction.
-    ///
-    /// One multi-row statement per [`USAGE_CHUNK`] rows, not one per row: the shipper moves
-    /// thousands of rows a second at full load, and a round trip per row cost the edge's
-    /// workers CPU on a small machine (the tail of issue 17).
-    pub async fn insert_usage(&self, rows: &[UsageRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut added: std::collections::HashMap<(String, String, String), i64> =
-            std::collections::HashMap::new();
-        let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(USAGE_CHUNK) {
-            let sql = insert_usage_sql(chunk.len(), self.postgres);
-            // Only the full chunk's statement is worth keeping prepared: the last one's size
-            // differs from batch to batch, and each would fill the statement cache.
-            let mut q = query(&sql).persistent(chunk.len() == USAGE_CHUNK);
-            for r in chunk {
-                q = q
-                    .bind(&r.request_id)
-                    .bind(&r.client_request_id)
-                    .bind(&r.edge_id)
-                    .bind(&r.account_id)
-                    .bind(&r.key_id)
-                    .bind(&r.agent_id)
-                    .bind(&r.month)
-                    .bind(r.prompt_tokens as i64)
-                    .bind(r.completion_tokens as i64)
-                    .bind(r.total_tokens as i64)
-                    .bind(i32::from(r.estimated))
-                    .bind(&r.outcome)
-                    .bind(r.created_at);
-            }
-            // RETURNING names only the rows written, not those a replay found already there.
-            for row in q.fetch_all(&mut *tx).await? {
-                let total: i64 = row.try_get(3)?;
-                *added
-                    .entry((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
-                    .or_default() += total;
-            }
-        }
-        for ((account, month, edge), total) in added {
-            query(
-                "INSERT INTO usage_totals (account_id, month, edge_id, total_tokens) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (account_id, month, edge_id) DO UPDATE SET total_tokens = usage_totals.total_tokens + excluded.total_tokens",
-            )
-            .bind(account)
-            .bind(month)
-            .bind(edge)
-            .bind(total)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// The ledger's running totals for `month` per account: (account, by this edge, by the
-    /// others). A quota pool opens from their sum (`store/leases.rs`); this read checks them.
-    pub async fn month_totals(
-        &self,
-        month: &str,
-        edge_id: &str,
-    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        let rows = query(
-            "SELECT account_id, \
-                    CAST(SUM(CASE WHEN edge_id = $1 THEN total_tokens ELSE 0 END) AS BIGINT), \
-                    CAST(SUM(CASE WHEN edge_id = $2 THEN 0 ELSE total_tokens END) AS BIGINT) \
-             FROM usage_totals WHERE month = $3 GROUP BY account_id",
-        )
-        .bind(edge_id)
-        .bind(edge_id)
-        .bind(month);
-        let rows = self.read(rows).await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<String, _>(0)?,
-                    r.try_get::<i64, _>(1)? as u64,
-                    r.try_get::<i64, _>(2)? as u64,
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
-    }
-
     /// Publishes this edge's per-key request rates, and reads the other edges' fresh ones
     /// (updated within `fresh_secs`).
     pub async fn exchange_fleet_state(
@@ -791,79 +676,6 @@ impl Store {
             .collect::<Result<_, sqlx::Error>>()?;
         Ok(FleetState { rates })
     }
-
-    /// Usage summed by `by` (`account`, `key` or `agent`) for `month`, optionally one account's.
-    pub async fn usage_report(
-        &self,
-        month: &str,
-        account: Option<&str>,
-        by: UsageBy,
-    ) -> Result<Vec<UsageLine>, StoreError> {
-        let col = match by {
-            UsageBy::Account => "account_id",
-            UsageBy::Key => "key_id",
-            UsageBy::Agent => "agent_id",
-        };
-        let sql = format!(
-            "SELECT account_id, {col}, CAST(COUNT(*) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
-             CAST(SUM(total_tokens) AS BIGINT), CAST(SUM(estimated) AS BIGINT) \
-             FROM usage_ledger WHERE month = $1 AND ($2 = '' OR account_id = $3) GROUP BY account_id, {col} ORDER BY account_id, {col}"
-        );
-        let acct = account.unwrap_or("");
-        let rows = self
-            .read(query(&sql).bind(month).bind(acct).bind(acct))
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageLine {
-                    account_id: r.try_get(0)?,
-                    group: r.try_get(1)?,
-                    requests: r.try_get::<i64, _>(2)? as u64,
-                    prompt_tokens: r.try_get::<i64, _>(3)? as u64,
-                    completion_tokens: r.try_get::<i64, _>(4)? as u64,
-                    total_tokens: r.try_get::<i64, _>(5)? as u64,
-                    estimated_requests: r.try_get::<i64, _>(6)? as u64,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
-    }
-
-    /// The ledger rows of the request the client knows by `client_request_id` (its
-    /// `x-request-id`): none when it used no tokens (or its edge has not shipped it yet), more
-    /// than one only when a client gave several requests the same id.
-    pub async fn usage_of_request(
-        &self,
-        client_request_id: &str,
-    ) -> Result<Vec<UsageRow>, StoreError> {
-        let rows = query(
-            "SELECT request_id, client_request_id, edge_id, account_id, key_id, agent_id, month, \
-             prompt_tokens, completion_tokens, total_tokens, estimated, outcome, created_at \
-             FROM usage_ledger WHERE client_request_id = $1 ORDER BY created_at, request_id",
-        )
-        .bind(client_request_id);
-        let rows = self.read(rows).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageRow {
-                    request_id: r.try_get(0)?,
-                    client_request_id: r.try_get(1)?,
-                    edge_id: r.try_get(2)?,
-                    account_id: r.try_get(3)?,
-                    key_id: r.try_get(4)?,
-                    agent_id: r.try_get(5)?,
-                    month: r.try_get(6)?,
-                    prompt_tokens: r.try_get::<i64, _>(7)? as u64,
-                    completion_tokens: r.try_get::<i64, _>(8)? as u64,
-                    total_tokens: r.try_get::<i64, _>(9)? as u64,
-                    estimated: r.try_get::<i32, _>(10)? != 0,
-                    outcome: r.try_get(11)?,
-                    created_at: r.try_get(12)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
-    }
 }
 
 /// A bound parameter of [`Store::update_one`].
@@ -872,75 +684,11 @@ enum Param {
     Int(i64),
 }
 
-/// One ledger row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct UsageRow {
-    /// The edge's unique id for the row (a replay of the journal never counts twice).
-    pub request_id: String,
-    /// The request's id as the client was given it (`x-request-id`; empty in rows journaled
-    /// before it was kept).
-    #[serde(default)]
-    pub client_request_id: String,
-    /// Which edge served it.
-    pub edge_id: String,
-    /// Paying account.
-    pub account_id: String,
-    /// Key used.
-    pub key_id: String,
-    /// Agent called.
-    pub agent_id: String,
-    /// `YYYY-MM`, UTC.
-    pub month: String,
-    /// Prompt tokens.
-    pub prompt_tokens: u64,
-    /// Completion tokens.
-    pub completion_tokens: u64,
-    /// Total.
-    pub total_tokens: u64,
-    /// Whether the edge estimated the counts (the runtime gave none).
-    pub estimated: bool,
-    /// How the request ended.
-    pub outcome: String,
-    /// Unix seconds.
-    pub created_at: i64,
-}
-
 /// What the other edges of a fleet are doing.
 #[derive(Debug, Default, Clone)]
 pub struct FleetState {
     /// Per key: the others' one-minute request counts.
     pub rates: Vec<(String, u64)>,
-}
-
-/// How a usage report is grouped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UsageBy {
-    /// Per account.
-    Account,
-    /// Per key.
-    Key,
-    /// Per agent.
-    Agent,
-}
-
-/// One line of a usage report.
-#[derive(Debug, Clone, Serialize)]
-pub struct UsageLine {
-    /// Account.
-    pub account_id: String,
-    /// The group's id (account, key or agent).
-    pub group: String,
-    /// Requests.
-    pub requests: u64,
-    /// Prompt tokens.
-    pub prompt_tokens: u64,
-    /// Completion tokens.
-    pub completion_tokens: u64,
-    /// Total tokens.
-    pub total_tokens: u64,
-    /// Requests whose counts the edge estimated.
-    pub estimated_requests: u64,
 }
 
 #[cfg(test)]
