@@ -9,13 +9,14 @@
 #   EDGES=20 ROUNDS=20 RATE=400 loadtest/fleet.sh
 #   BIN=/some/release loadtest/fleet.sh        # the binaries in BIN
 #   STORE_CONNECTIONS=2 loadtest/fleet.sh      # each edge's pool capped (store.max_connections)
+#   REQUEST_ROWS=false loadtest/fleet.sh       # the ledger as rollups only (store.request_rows)
 #   RATE_SECONDS=60 EDGES=3 loadtest/fleet.sh  # also rate accuracy: a 600-a-minute plan
 #                                              # offered 1.5x, 90% through one edge (60 s:
 #                                              # the plan's window is a minute)
 #   QUOTA=20000 EDGES=10 loadtest/fleet.sh     # also quota exactness: a burst of
 #                                              # QUOTA_WORKERS (10) clients per edge against
 #                                              # a 20,000-token monthly quota
-# Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>].json.
+# Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>][-quota<QUOTA>][-rollups].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -46,6 +47,7 @@ for i in $(seq 1 "$N"); do
   { bench_edge_conf $port $admin e$i bench "http://127.0.0.1:$RT_PORT"
     printf '[store]\nurl = "%s/%s"\n' "$PG" "$DB"
     [ -z "${STORE_CONNECTIONS:-}" ] || printf 'max_connections = %s\n' "$STORE_CONNECTIONS"
+    [ -z "${REQUEST_ROWS:-}" ] || printf 'request_rows = %s\n' "$REQUEST_ROWS"
     printf '[[plans]]\nname = "rated"\nrequests_per_minute = %s\ntokens_per_month = 100000000000\nconcurrent_streams = 1000\n' "${RATE_RPM:-600}"
     printf '[[plans]]\nname = "metered"\nrequests_per_minute = 10000000\ntokens_per_month = %s\nconcurrent_streams = 1000\n' "${QUOTA:-20000}"
   } > "$WORK/e$i.toml"
@@ -56,7 +58,7 @@ for i in $(seq 1 "$N"); do
 done
 echo "== $N edges up on database $DB"
 mkdir -p loadtest/results/fleet
-OUT=loadtest/results/fleet/fleet-$N-${RATE:-200}$([ "${RATE_SECONDS:-0}" = 0 ] || echo "-rpm${RATE_RPM:-600}")$([ "${QUOTA:-0}" = 0 ] || echo "-quota${QUOTA}").json
+OUT=loadtest/results/fleet/fleet-$N-${RATE:-200}$([ "${RATE_SECONDS:-0}" = 0 ] || echo "-rpm${RATE_RPM:-600}")$([ "${QUOTA:-0}" = 0 ] || echo "-quota${QUOTA}")$([ "${REQUEST_ROWS:-true}" = true ] || echo "-rollups").json
 printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2,"upstream":"http://127.0.0.1:%s","rate_rpm":%s,"rate_seconds":%s,"quota":%s,"quota_workers":%s}' \
   "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" "$RT_PORT" "${RATE_RPM:-600}" "${RATE_SECONDS:-0}" "${QUOTA:-0}" "${QUOTA_WORKERS:-10}" \
   | python3 loadtest/fleet.py | tee "$OUT"
