@@ -515,4 +515,48 @@ mod tests {
             vec![("acct".to_string(), 3 * (rows as u64 + 10), 0)]
         );
     }
+
+    /// A shipment whose commit the edge never learned of (its offset file not written, as
+    /// after a crash or a lost acknowledgement) is shipped again later, from any earlier
+    /// offset and with newer rows after it: every row is still counted exactly once.
+    #[tokio::test]
+    async fn a_journal_shipped_again_from_any_earlier_offset_counts_each_row_once() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("sqlite://s.db", dir.path()).await.unwrap();
+        let ledger = Ledger::new(Journal::open(dir.path()).unwrap(), "e1".into());
+        let payer = Payer {
+            request_id: "req".into(),
+            account_id: "acct".into(),
+            key_id: "k1".into(),
+            agent_id: "abc123".into(),
+        };
+        let offsets = dir
+            .path()
+            .join(format!("usage.{}.journal.shipped", std::process::id()));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        let (mut recorded, mut ends) = (0u64, vec![0u64]);
+        for _ in 0..40 {
+            for _ in 0..rng.gen_range(0..20) {
+                let tokens = rng.gen_range(1..50);
+                let usage = Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: tokens,
+                    total_tokens: tokens,
+                };
+                ledger.record(&payer, usage, false, "completed");
+                recorded += tokens;
+            }
+            ledger.journal.ship(&store).await.unwrap();
+            ends.push(std::fs::read_to_string(&offsets).unwrap().parse().unwrap());
+            if rng.gen_bool(0.5) {
+                // The edge forgets: its offset goes back to one it wrote earlier.
+                let back = ends[rng.gen_range(0..ends.len())];
+                std::fs::write(&offsets, back.to_string()).unwrap();
+            }
+        }
+        ledger.journal.ship(&store).await.unwrap();
+        let totals = store.month_totals(&month_of(now()), "e1").await.unwrap();
+        assert_eq!(totals, vec![("acct".to_string(), recorded, 0)]);
+    }
 }
