@@ -235,8 +235,66 @@ def quota_burst():
             "refusals": {str(k): v for k, v in sorted(refusals.items())}}
 
 
+def many_accounts_burst(n):
+    """`n` accounts on the metered plan, each with a key; every edge's workers take the
+    accounts in turn, each request to the next account, until every account has refused them:
+    tokens delivered per account against its quota, and the refusals (a 503 is a draw that took
+    longer than `limits.lease_wait`)."""
+    a = edges[0]
+    keys = []
+    for j in range(n):
+        name = f"many-{j}"
+        admin(a, "POST", "/v1/admin/accounts", {"name": name, "plan": "metered"})
+        admin(a, "POST", "/v1/admin/agents", {"name": name, "endpoint_id": name,
+                                              "upstream": cfg["upstream"], "account": name})
+        keys.append(admin(a, "POST", "/v1/admin/keys", {"name": name, "account": name})["key"])
+    time.sleep(1.5)  # every edge has them
+    body = json.dumps({"model": "m", "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "hi there"}]})
+    delivered = [0] * n
+    refusals = {}
+    lock = threading.Lock()
+
+    def drive(i, e):
+        def worker(w):
+            conn = http.client.HTTPConnection("127.0.0.1", e["port"], timeout=10)
+            live = list(range(n))
+            turn = w + i
+            while live:
+                j = live[turn % len(live)]
+                turn += 1
+                status, tokens = chat(conn, e["port"], keys[j], f"many-{j}.agent.localhost", body)
+                with lock:
+                    if status != 200:
+                        refusals[status] = refusals.get(status, 0) + 1
+                        live.remove(j)
+                    else:
+                        delivered[j] += tokens
+            conn.close()
+        workers = [threading.Thread(target=worker, args=(w,)) for w in range(cfg["quota_workers"])]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    before = pg_stats()
+    t0 = time.monotonic()
+    each_edge(drive)
+    span = time.monotonic() - t0
+    after = pg_stats()
+    return {"accounts": n, "quota_each": cfg["quota"], "workers_per_edge": cfg["quota_workers"],
+            "seconds": span, "delivered": sum(delivered),
+            "accounts_over": sum(1 for d in delivered if d > cfg["quota"]),
+            "max_over": max(0, max(delivered) - cfg["quota"]),
+            "least_delivered": min(delivered), "unused": max(0, n * cfg["quota"] - sum(delivered)),
+            "refusals": {str(k): v for k, v in sorted(refusals.items())},
+            "store": window(before, after)}
+
+
 result = {"edges": len(edges), "revocation": revocation()}
-if cfg.get("quota"):
+if cfg.get("quota") and cfg.get("accounts", 1) > 1:
+    result["accounts"] = many_accounts_burst(cfg["accounts"])
+elif cfg.get("quota"):
     result["quota"] = quota_burst()
 if cfg.get("rate_seconds"):
     result["rate"] = rate_accuracy()

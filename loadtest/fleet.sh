@@ -16,6 +16,9 @@
 #   QUOTA=20000 EDGES=10 loadtest/fleet.sh     # also quota exactness: a burst of
 #                                              # QUOTA_WORKERS (10) clients per edge against
 #                                              # a 20,000-token monthly quota
+#   QUOTA=2000 ACCOUNTS=40 EDGES=10 loadtest/fleet.sh  # the same over 40 accounts at once,
+#                                              # each with that quota (leases drawn by every
+#                                              # edge for every account)
 # Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>][-quota<QUOTA>][-rollups].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +61,7 @@ for i in $(seq 1 "$N"); do
 done
 echo "== $N edges up on database $DB"
 mkdir -p loadtest/results/fleet
-OUT=loadtest/results/fleet/fleet-$N-${RATE:-200}$([ "${RATE_SECONDS:-0}" = 0 ] || echo "-rpm${RATE_RPM:-600}")$([ "${QUOTA:-0}" = 0 ] || echo "-quota${QUOTA}")$([ "${REQUEST_ROWS:-true}" = true ] || echo "-rollups").json
-printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2,"upstream":"http://127.0.0.1:%s","rate_rpm":%s,"rate_seconds":%s,"quota":%s,"quota_workers":%s}' \
-  "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" "$RT_PORT" "${RATE_RPM:-600}" "${RATE_SECONDS:-0}" "${QUOTA:-0}" "${QUOTA_WORKERS:-10}" \
+OUT=loadtest/results/fleet/fleet-$N-${RATE:-200}$([ "${RATE_SECONDS:-0}" = 0 ] || echo "-rpm${RATE_RPM:-600}")$([ "${QUOTA:-0}" = 0 ] || echo "-quota${QUOTA}")$([ "${ACCOUNTS:-1}" = 1 ] || echo "-accounts${ACCOUNTS}")$([ "${REQUEST_ROWS:-true}" = true ] || echo "-rollups").json
+printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2,"upstream":"http://127.0.0.1:%s","rate_rpm":%s,"rate_seconds":%s,"quota":%s,"quota_workers":%s,"accounts":%s}' \
+  "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" "$RT_PORT" "${RATE_RPM:-600}" "${RATE_SECONDS:-0}" "${QUOTA:-0}" "${QUOTA_WORKERS:-10}" "${ACCOUNTS:-1}" \
   | python3 loadtest/fleet.py | tee "$OUT"

@@ -1,5 +1,6 @@
 //! The control plane's side of quota leases ([`crate::quota`]): one task per edge process that
-//! draws when the request path asks, and every `limits.lease_ttl / 4` renews the leases in use,
+//! draws when the request path asks (up to [`DRAWS_AT_ONCE`] accounts at once), and every
+//! `limits.lease_ttl / 4` renews the leases in use,
 //! gives back those idle for `limits.lease_idle`, and takes back the unused part of leases that
 //! other edges stopped renewing two ttl ago (they died, or lost the store). At shutdown it gives
 //! back everything requests in flight do not hold, and goes on answering until the process ends.
@@ -9,12 +10,19 @@ use std::time::Instant;
 
 use pingora_core::server::ShutdownWatch;
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinSet;
 
 use crate::plane::DataPlane;
 use crate::quota::month_of;
 use crate::store::{self, LeaseOf, Store};
 
+/// Draws in flight at once, each for another account (the quota book asks once per account
+/// until answered) and each holding only that account's rows. One at a time, a burst over many
+/// accounts queued its draws behind each other past `limits.lease_wait` (FLEET.md).
+pub const DRAWS_AT_ONCE: usize = 4;
+
 /// The leasing task of one edge process.
+#[derive(Clone)]
 pub struct Leasing {
     plane: Arc<DataPlane>,
     store: Store,
@@ -41,12 +49,22 @@ impl Leasing {
         let mut tick = tokio::time::interval(ttl / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
+        let mut draws = JoinSet::new();
         loop {
             tokio::select! {
-                Some(id) = asks.recv() => self.draw(&id).await,
-                _ = tick.tick() => self.keep(stopping).await,
+                Some(id) = asks.recv(), if draws.len() < DRAWS_AT_ONCE => {
+                    let me = self.clone();
+                    draws.spawn(async move { me.draw(&id).await });
+                }
+                Some(_) = draws.join_next() => {}
+                _ = tick.tick() => {
+                    // Renewals and give-backs write several accounts' rows: never beside a draw.
+                    while draws.join_next().await.is_some() {}
+                    self.keep(stopping).await;
+                }
                 _ = shutdown.changed(), if !stopping => {
                     stopping = true;
+                    while draws.join_next().await.is_some() {}
                     self.keep(true).await;
                 }
             }

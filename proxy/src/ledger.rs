@@ -329,9 +329,10 @@ impl SegmentPath {
     }
 }
 
-/// The complete lines of a journal read from offset `start`, parsed, each with its offset. A
-/// torn line (a crash in mid-write, ended by the line break written on recovery) is skipped.
-fn rows_at(start: u64, complete: &[u8]) -> Vec<(u64, UsageRow)> {
+/// The complete lines of a journal read from offset `start` (`complete` ends with a line
+/// break), parsed, each with its offset. A torn line (a crash in mid-write, ended by the line
+/// break written on recovery) is skipped.
+pub fn rows_at(start: u64, complete: &[u8]) -> Vec<(u64, UsageRow)> {
     let mut rows = Vec::new();
     let mut at = start;
     for line in complete.split(|b| *b == b'\n') {
