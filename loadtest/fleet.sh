@@ -10,6 +10,10 @@
 #   BIN=/some/release loadtest/fleet.sh        # the binaries in BIN
 #   STORE_CONNECTIONS=2 loadtest/fleet.sh      # each edge's pool capped (store.max_connections)
 #   REQUEST_ROWS=false loadtest/fleet.sh       # the ledger as rollups only (store.request_rows)
+#   PGBOUNCER=10 EDGES=20 loadtest/fleet.sh    # every edge's pool through PgBouncer in
+#                                              # transaction mode, 10 server connections (its
+#                                              # LISTEN session and migrations straight to
+#                                              # PostgreSQL: store.session_url)
 #   RATE_SECONDS=60 EDGES=3 loadtest/fleet.sh  # also rate accuracy: a 600-a-minute plan
 #                                              # offered 1.5x, 90% through one edge (60 s:
 #                                              # the plan's window is a minute)
@@ -19,7 +23,7 @@
 #   QUOTA=2000 ACCOUNTS=40 EDGES=10 loadtest/fleet.sh  # the same over 40 accounts at once,
 #                                              # each with that quota (leases drawn by every
 #                                              # edge for every account)
-# Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>][-quota<QUOTA>][-rollups].json.
+# Writes loadtest/results/fleet/fleet-<EDGES>-<RATE>[-rpm<RATE_RPM>][-quota<QUOTA>][-accounts<ACCOUNTS>][-rollups][-pgbouncer<N>].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -35,8 +39,23 @@ fi
 DB=moltghost_fleet_$$
 PG=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE $DB"
-drop_db() { cleanup; psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true; }
+stop_bouncer() { [ -z "${PGBOUNCER:-}" ] || kill "$(cat "$WORK/bouncer/pgbouncer.pid" 2>/dev/null)" 2>/dev/null || true; }
+drop_db() { cleanup; stop_bouncer; psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true; }
 trap drop_db EXIT
+
+STORE_URL="$PG/$DB"
+if [ -n "${PGBOUNCER:-}" ]; then
+  B=$WORK/bouncer BPORT=16432
+  mkdir -p "$B"; chmod o+x "$WORK"
+  printf '"postgres" ""\n' > "$B/users.txt"
+  printf '[databases]\n* = host=127.0.0.1 port=5432\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = %s\nunix_socket_dir =\nauth_type = trust\nauth_file = %s/users.txt\nadmin_users = postgres\npool_mode = transaction\ndefault_pool_size = %s\nmax_client_conn = 1000\nlogfile = %s/pgbouncer.log\npidfile = %s/pgbouncer.pid\nignore_startup_parameters = extra_float_digits,options\n' \
+    "$BPORT" "$B" "$PGBOUNCER" "$B" "$B" > "$B/pgbouncer.ini"
+  chown -R postgres "$B"
+  # PgBouncer refuses to run as root.
+  runuser -u postgres -- "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" -d "$B/pgbouncer.ini"
+  wait_port $BPORT
+  STORE_URL="postgres://postgres@127.0.0.1:$BPORT/$DB"
+fi
 
 # A fleet shares its secrets (conf/fleet.toml): keys made through one edge work on every edge.
 MOLTGHOST_KEY_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -48,7 +67,8 @@ EDGES_JSON=""
 for i in $(seq 1 "$N"); do
   port=$((18500 + i)) admin=$((19500 + i))
   { bench_edge_conf $port $admin e$i bench "http://127.0.0.1:$RT_PORT"
-    printf '[store]\nurl = "%s/%s"\n' "$PG" "$DB"
+    printf '[store]\nurl = "%s"\n' "$STORE_URL"
+    [ -z "${PGBOUNCER:-}" ] || printf 'session_url = "%s/%s"\n' "$PG" "$DB"
     [ -z "${STORE_CONNECTIONS:-}" ] || printf 'max_connections = %s\n' "$STORE_CONNECTIONS"
     [ -z "${REQUEST_ROWS:-}" ] || printf 'request_rows = %s\n' "$REQUEST_ROWS"
     printf '[[plans]]\nname = "rated"\nrequests_per_minute = %s\ntokens_per_month = 100000000000\nconcurrent_streams = 1000\n' "${RATE_RPM:-600}"
@@ -61,7 +81,7 @@ for i in $(seq 1 "$N"); do
 done
 echo "== $N edges up on database $DB"
 mkdir -p loadtest/results/fleet
-OUT=loadtest/results/fleet/fleet-$N-${RATE:-200}$([ "${RATE_SECONDS:-0}" = 0 ] || echo "-rpm${RATE_RPM:-600}")$([ "${QUOTA:-0}" = 0 ] || echo "-quota${QUOTA}")$([ "${ACCOUNTS:-1}" = 1 ] || echo "-accounts${ACCOUNTS}")$([ "${REQUEST_ROWS:-true}" = true ] || echo "-rollups").json
+OUT=loadtest/results/fleet/fleet-$N-${RATE:-200}$([ "${RATE_SECONDS:-0}" = 0 ] || echo "-rpm${RATE_RPM:-600}")$([ "${QUOTA:-0}" = 0 ] || echo "-quota${QUOTA}")$([ "${ACCOUNTS:-1}" = 1 ] || echo "-accounts${ACCOUNTS}")$([ "${REQUEST_ROWS:-true}" = true ] || echo "-rollups")$([ -z "${PGBOUNCER:-}" ] || echo "-pgbouncer${PGBOUNCER}").json
 printf '{"edges":[%s],"agent_host":"bench.agent.localhost","agent":"bench","db":"%s","rounds":%s,"rate":%s,"seconds":%s,"settle":2,"upstream":"http://127.0.0.1:%s","rate_rpm":%s,"rate_seconds":%s,"quota":%s,"quota_workers":%s,"accounts":%s}' \
   "$EDGES_JSON" "$DB" "${ROUNDS:-10}" "${RATE:-200}" "${SECONDS_PER_WINDOW:-15}" "$RT_PORT" "${RATE_RPM:-600}" "${RATE_SECONDS:-0}" "${QUOTA:-0}" "${QUOTA_WORKERS:-10}" "${ACCOUNTS:-1}" \
   | python3 loadtest/fleet.py | tee "$OUT"
