@@ -361,12 +361,12 @@ impl Control {
 
     /// One round of [`Control::sync_fleet`].
     pub async fn sync_once(&self, store: &Store) -> Result<(), StoreError> {
-        let writable = self.plane.ledger.recover(store).await;
+        let recovered = self.plane.ledger.recover(store).await;
         self.plane
             .metrics
             .journal_writable
-            .set(i64::from(matches!(writable, Ok(true))));
-        writable?;
+            .set(i64::from(self.plane.ledger.is_writable()));
+        recovered?;
         self.plane.ledger.journal.ship(store).await?;
         // A process this one replaced (an upgrade) or that crashed leaves its journal behind.
         crate::ledger::Journal::ship_orphans(&self.cfg().fixed.edge.data_dir, store).await?;

@@ -138,37 +138,47 @@ impl Ledger {
 
     /// The shipper's part while the journal fails: the kept rows go back into the journal once
     /// it takes writes (after a line break, which ends a torn line), and the edge takes metered
-    /// requests again; until then they go to the store directly. Returns whether the journal is
-    /// writable.
+    /// requests again; until then they go to the store directly. Rows sent directly before are
+    /// retried first; a store out of reach does not keep the journal from coming back. Returns
+    /// whether the journal is writable, or the store's error.
     pub async fn recover(&self, store: &Store) -> Result<bool, StoreError> {
-        self.ship_direct(store, Vec::new()).await?;
-        if self.is_writable() {
-            return Ok(true);
-        }
-        let rest = {
-            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            let probed = self.journal.append_bytes(b"\n").is_ok();
-            let written = if probed {
-                kept.iter()
-                    .take_while(|r| self.journal.append(r).is_ok())
-                    .count()
+        let retried = self.ship_direct(store, Vec::new()).await;
+        if !self.is_writable() {
+            let rest = self.back_to_journal();
+            if retried.is_ok() {
+                self.ship_direct(store, rest).await?;
             } else {
-                0
-            };
-            kept.drain(..written);
-            if probed && kept.is_empty() {
-                // Under the lock, so that no row is kept after this (see `record`).
-                self.failing.store(false, Ordering::Release);
-                tracing::info!(
-                    rows = written,
-                    "usage journal writable again: metered requests are served"
-                );
-                return Ok(true);
+                self.direct
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(rest);
             }
-            std::mem::take(&mut *kept)
+        }
+        retried.map(|()| self.is_writable())
+    }
+
+    /// Moves the kept rows into the journal if it takes writes again, and then turns it back
+    /// on; returns the rows it could not take.
+    fn back_to_journal(&self) -> Vec<UsageRow> {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let probed = self.journal.append_bytes(b"\n").is_ok();
+        let written = if probed {
+            kept.iter()
+                .take_while(|r| self.journal.append(r).is_ok())
+                .count()
+        } else {
+            0
         };
-        self.ship_direct(store, rest).await?;
-        Ok(false)
+        kept.drain(..written);
+        if probed && kept.is_empty() {
+            // Under the lock, so that no row is kept after this (see `record`).
+            self.failing.store(false, Ordering::Release);
+            tracing::info!(
+                rows = written,
+                "usage journal writable again: metered requests are served"
+            );
+        }
+        std::mem::take(&mut *kept)
     }
 
     /// Ships the rows sent directly before and not confirmed, then `more`, as one stream named
