@@ -189,6 +189,7 @@ impl Ledger {
         let Some(first) = rows.first() else {
             return Ok(());
         };
+        // A name apart from the journal segments' (named by their first rows).
         let stream = format!("{}-direct", first.request_id);
         let rows: Vec<(u64, UsageRow)> = (0..).zip(rows).collect();
         let shipment = Shipment {

@@ -1,13 +1,11 @@
 //! The usage ledger in the store. What it writes grows with active keys, not with requests
 //! (issue 18): a shipment from an edge's journal adds to one rollup row per key, agent and
-//! minute ([`usage_rollups`]), moves its journal stream's position forward (which is what makes
+//! minute (`usage_rollups`, migration `0006_usage_rollups.sql`), moves its journal stream's position forward (which is what makes
 //! a replay count nothing twice), and, unless `store.request_rows` is off, appends one narrow
 //! row per request for audit and support, found by the client's `x-request-id`.
 //!
 //! Every read that totals a month (reports, quota pools) reads rollups or running totals, never
 //! the per-request rows.
-//!
-//! [`usage_rollups`]: ../../migrations/0006_usage_rollups.sql
 
 use std::collections::BTreeMap;
 
@@ -96,7 +94,7 @@ pub struct UsageLine {
     pub estimated_requests: u64,
 }
 
-/// Rows per multi-row statement: at most 13 parameters a row, within SQLite's 32,766 and
+/// Rows per multi-row statement: at most 11 parameters a row, within SQLite's 32,766 and
 /// PostgreSQL's 65,535 parameters per statement.
 const CHUNK: usize = 1000;
 
