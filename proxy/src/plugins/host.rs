@@ -198,6 +198,18 @@ struct Exports {
     queue_ready: Option<TypedFunc<(i32, i32), ()>>,
 }
 
+impl Exports {
+    /// The callback of a request phase, if the plugin exports it.
+    fn phase(&self, phase: Phase) -> Option<&TypedFunc<(i32, i32, i32), i32>> {
+        match phase {
+            Phase::RequestHeaders => self.request_headers.as_ref(),
+            Phase::RequestBody => self.request_body.as_ref(),
+            Phase::ResponseHeaders => self.response_headers.as_ref(),
+            Phase::ResponseBody => self.response_body.as_ref(),
+        }
+    }
+}
+
 /// The root context every VM creates first.
 pub const ROOT_CONTEXT: i32 = 1;
 
@@ -557,29 +569,20 @@ impl Vm {
         exchange: &mut Exchange,
         end_of_stream: bool,
     ) -> Result<abi::Action, String> {
-        let (f, size) = match phase {
-            Phase::RequestHeaders => (
-                self.exports.request_headers.clone(),
-                exchange.request_headers.len(),
-            ),
-            Phase::RequestBody => (
-                self.exports.request_body.clone(),
-                exchange.request_body.len(),
-            ),
-            Phase::ResponseHeaders => (
-                self.exports.response_headers.clone(),
-                exchange.response_headers.len(),
-            ),
-            Phase::ResponseBody => (
-                self.exports.response_body.clone(),
-                exchange.response_body.len(),
-            ),
+        let size = match phase {
+            Phase::RequestHeaders => exchange.request_headers.len(),
+            Phase::RequestBody => exchange.request_body.len(),
+            Phase::ResponseHeaders => exchange.response_headers.len(),
+            Phase::ResponseBody => exchange.response_body.len(),
         };
-        let Some(f) = f else {
+        if self.exports.phase(phase).is_none() {
             return Ok(abi::Action::Continue);
-        };
+        }
         self.lend(Some(context), exchange);
         self.arm();
+        // Borrowed, not cloned: a `TypedFunc`'s clone counts references in the engine's type
+        // registry, atomics every worker thread shares, on every call.
+        let f = self.exports.phase(phase).expect("checked above");
         let r = f.call(
             &mut self.store,
             (context, size as i32, i32::from(end_of_stream)),
@@ -594,22 +597,14 @@ impl Vm {
         let mut result = Ok(());
         for step in 0..3 {
             self.arm();
+            let e = &self.exports;
             let r = match step {
-                0 => self
-                    .exports
-                    .log
-                    .clone()
-                    .map(|f| f.call(&mut self.store, context)),
-                1 => self
-                    .exports
+                0 => e.log.as_ref().map(|f| f.call(&mut self.store, context)),
+                1 => e
                     .done
-                    .clone()
+                    .as_ref()
                     .map(|f| f.call(&mut self.store, context).map(|_| ())),
-                _ => self
-                    .exports
-                    .delete
-                    .clone()
-                    .map(|f| f.call(&mut self.store, context)),
+                _ => e.delete.as_ref().map(|f| f.call(&mut self.store, context)),
             };
             if let Some(Err(e)) = r {
                 result = Err(format!("{e:#}"));
@@ -704,7 +699,7 @@ impl Vm {
         self.arm();
         let (root, token) = (ROOT_CONTEXT, token as i32);
         let r = match callback {
-            Callback::Http((h, b, t)) => match self.exports.http_call_response.clone() {
+            Callback::Http((h, b, t)) => match &self.exports.http_call_response {
                 Some(f) => f.call(&mut self.store, (root, token, h, b, t)),
                 None => Ok(()),
             },
@@ -715,7 +710,7 @@ impl Vm {
                     GrpcCallback::InitialMetadata => &self.exports.grpc_initial_metadata,
                     GrpcCallback::TrailingMetadata => &self.exports.grpc_trailing_metadata,
                 };
-                match f.clone() {
+                match f {
                     Some(f) => f.call(&mut self.store, (root, token, n)),
                     None => Ok(()),
                 }
@@ -768,8 +763,9 @@ impl Vm {
 
     /// Tells the root context that shared queue `id` has items (`proxy_on_queue_ready`).
     pub fn queue_ready(&mut self, id: u32) -> Result<(), String> {
-        if let Some(f) = self.exports.queue_ready.clone() {
+        if self.exports.queue_ready.is_some() {
             self.arm();
+            let f = self.exports.queue_ready.as_ref().expect("checked above");
             f.call(&mut self.store, (ROOT_CONTEXT, id as i32))
                 .map_err(|e| format!("{e:#}"))?;
         }
@@ -778,8 +774,9 @@ impl Vm {
 
     /// Delivers a tick to the root context.
     pub fn tick(&mut self) -> Result<(), String> {
-        if let Some(f) = self.exports.tick.clone() {
+        if self.exports.tick.is_some() {
             self.arm();
+            let f = self.exports.tick.as_ref().expect("checked above");
             f.call(&mut self.store, ROOT_CONTEXT)
                 .map_err(|e| format!("{e:#}"))?;
         }
