@@ -5,7 +5,8 @@
 # policy, redaction), all fed one runtime and measured closed loop, one client and sixteen,
 # in interleaved rounds. A plugin's cost is the difference of added latency between targets;
 # the time spent inside plugin calls per request (every phase, context creation and end) is
-# also read from each edge's access log (`plugin_us`) and given as percentiles.
+# also read from each edge's access log (`plugin_us`, and `plugin_us_each` for each plugin)
+# and given as percentiles.
 #
 #   loadtest/plugin_tail.sh                 # 20 s per target and client count
 #   DURATION=40s CLIENTS=1 loadtest/plugin_tail.sh
@@ -39,13 +40,27 @@ bench_edge edge-3plugins 18292 19292 "$ALLOW$TOOLS$REDACT"
 "$BIN/loadtest" --quiet "${TARGETS[@]}" --scenario chat --clients "${CLIENTS:-1,16}" \
   --duration "$DUR" --round 1s --json "$WORK/plugin-tail.json" --markdown "$WORK/plugin-tail.md"
 cat "$WORK/plugin-tail.md"
-echo "Time inside plugin calls per request (access log plugin_us, µs):"
+echo "Time inside plugin calls per request (access log plugin_us, and plugin_us_each for each plugin, µs):"
 for name in edge-1plugin edge-3plugins; do
   python3 - "$WORK/$name.log" "$name" <<'PY'
 import json, sys
-v = sorted(json.loads(l)["fields"]["plugin_us"] for l in open(sys.argv[1]) if '"plugin_us"' in l)
-q = lambda p: v[min(len(v) - 1, int(len(v) * p))]
-print(f"  {sys.argv[2]}: {len(v)} requests, p50 {q(.5)}, p90 {q(.9)}, p99 {q(.99)}, p99.9 {q(.999)}")
+total, each = [], {}
+for line in open(sys.argv[1]):
+    fields = json.loads(line).get("fields", {})
+    if "plugin_us" not in fields:
+        continue
+    total.append(fields["plugin_us"])
+    for part in fields.get("plugin_us_each", "").split(","):
+        if part:
+            name, us = part.rsplit(":", 1)
+            each.setdefault(name, []).append(int(us))
+def show(label, v):
+    v.sort()
+    q = lambda p: v[min(len(v) - 1, int(len(v) * p))]
+    print(f"  {label}: {len(v)} requests, p50 {q(.5)}, p90 {q(.9)}, p99 {q(.99)}, p99.9 {q(.999)}")
+show(sys.argv[2], total)
+for name, v in each.items():
+    show(f"  {name}", v)
 PY
 done
 echo "(results in $WORK)"

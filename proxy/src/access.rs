@@ -60,6 +60,8 @@ pub struct AccessRecord {
     pub plugins: Option<String>,
     /// Time spent in plugins, when plugins ran.
     pub plugin_time: Option<Duration>,
+    /// Time spent in each plugin, `name:µs` comma-separated in the plugins' order.
+    pub plugin_each: Option<String>,
     /// The request's span (W3C Trace Context): its trace (the client's, continued, or a new
     /// one) and the edge's own span id, which the runtime gets as its parent.
     pub trace: TraceParent,
@@ -89,6 +91,7 @@ impl AccessRecord {
             model: None,
             plugins: None,
             plugin_time: None,
+            plugin_each: None,
             trace: TraceParent {
                 trace_id: nonzero(rand::random()),
                 span_id: nonzero(rand::random()),
@@ -154,6 +157,7 @@ impl AccessRecord {
             ttft_us = since(self.first_token, self.started),
             plugins = self.plugins.as_deref(),
             plugin_us = self.plugin_time.map(|t| t.as_micros() as u64),
+            plugin_us_each = self.plugin_each.as_deref(),
             trace_id = %Hex(&self.trace.trace_id),
             span_id = %Hex(&self.trace.span_id),
             parent_span_id = self.trace_parent.as_ref().map(|p| tracing::field::display(Hex(p))),

@@ -46,6 +46,14 @@ async fn the_allowlist_admits_listed_addresses_and_header_values() {
         log.contains("\"plugins\":\"allow\"") || log.contains("\"plugins\":\"allow"),
         "{log}"
     );
+    // So is the time each plugin took, and the metrics count each plugin's requests.
+    assert!(log.contains("\"plugin_us_each\":\"allow:"), "{log}");
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains("moltghost_plugin_request_seconds_count{plugin=\"allow\"} 3\n")
+            && metrics.contains("moltghost_plugin_request_seconds_count{plugin=\"elsewhere\"} 0\n"),
+        "{metrics}"
+    );
     // A client address outside the list (the plugin for init1 wants 10/8; loopback is not).
     let r = s
         .post_as("other", "/v1/chat/completions", Some(&s.key))

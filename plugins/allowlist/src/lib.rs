@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -29,7 +30,7 @@ proxy_wasm::main! {{
 
 #[derive(Default)]
 struct Root {
-    config: Config,
+    config: Rc<Config>,
 }
 
 impl Context for Root {}
@@ -41,7 +42,7 @@ impl RootContext for Root {
         };
         match serde_json::from_slice(&raw) {
             Ok(c) => {
-                self.config = c;
+                self.config = Rc::new(c);
                 true
             }
             Err(e) => {
@@ -63,7 +64,7 @@ impl RootContext for Root {
 }
 
 struct Request {
-    config: Config,
+    config: Rc<Config>,
 }
 
 impl Context for Request {}

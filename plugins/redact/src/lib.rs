@@ -8,6 +8,7 @@
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde::Deserialize;
+use std::rc::Rc;
 
 #[derive(Deserialize, Clone)]
 struct Config {
@@ -41,7 +42,7 @@ proxy_wasm::main! {{
 
 #[derive(Default)]
 struct Root {
-    config: Config,
+    config: Rc<Config>,
 }
 
 impl Context for Root {}
@@ -54,7 +55,7 @@ impl RootContext for Root {
         }
         match serde_json::from_slice(&raw) {
             Ok(c) => {
-                self.config = c;
+                self.config = Rc::new(c);
                 true
             }
             Err(e) => {
@@ -76,7 +77,7 @@ impl RootContext for Root {
 }
 
 struct Answer {
-    config: Config,
+    config: Rc<Config>,
 }
 
 impl Context for Answer {}

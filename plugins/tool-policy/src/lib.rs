@@ -10,6 +10,7 @@
 //! `moltghost.account` and `moltghost.key_id`.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -31,7 +32,7 @@ proxy_wasm::main! {{
 
 #[derive(Default)]
 struct Root {
-    config: Config,
+    config: Rc<Config>,
 }
 
 impl Context for Root {}
@@ -44,7 +45,7 @@ impl RootContext for Root {
         }
         match serde_json::from_slice(&raw) {
             Ok(c) => {
-                self.config = c;
+                self.config = Rc::new(c);
                 true
             }
             Err(e) => {
@@ -66,7 +67,7 @@ impl RootContext for Root {
 }
 
 struct Request {
-    config: Config,
+    config: Rc<Config>,
 }
 
 impl Context for Request {}

@@ -111,6 +111,13 @@ impl RequestCtx {
             run.finish();
             self.record.plugins = Some(run.decisions.join(","));
             self.record.plugin_time = Some(run.spent);
+            let mut each = String::new();
+            for (name, spent) in run.each_spent() {
+                use std::fmt::Write;
+                let comma = if each.is_empty() { "" } else { "," };
+                let _ = write!(each, "{comma}{name}:{}", spent.as_micros());
+            }
+            self.record.plugin_each = Some(each);
         }
     }
 }

@@ -33,6 +33,7 @@ mod resume;
 mod run;
 pub mod shared;
 mod ticks;
+mod timing;
 mod wasi;
 
 pub use headers::{
@@ -174,6 +175,8 @@ pub struct Plugin {
     pub shared: Arc<Shared>,
     /// Calls that trapped or overran, since load.
     pub failures: AtomicU64,
+    /// Time requests spent in it.
+    request_time: timing::RequestTime,
 }
 
 impl Plugin {
@@ -210,6 +213,7 @@ impl Plugin {
             compiled,
             shared,
             failures: AtomicU64::new(0),
+            request_time: timing::RequestTime::default(),
         });
         background::start(&plugin);
         Ok(plugin)
@@ -389,6 +393,10 @@ pub fn prometheus(set: &PluginSet) -> String {
             p.cfg.name,
             p.failures.load(Relaxed)
         );
+    }
+    let _ = writeln!(out, "# HELP moltghost_plugin_request_seconds Time a request spent in each plugin (all its calls: context, phases, log and end)\n# TYPE moltghost_plugin_request_seconds histogram");
+    for p in &set.plugins {
+        p.request_time.render(&p.cfg.name, &mut out);
     }
     let _ = writeln!(out, "# HELP moltghost_plugin_metric Metrics plugins defined (proxy_define_metric), by plugin, name and kind\n# TYPE moltghost_plugin_metric gauge");
     for p in &set.plugins {

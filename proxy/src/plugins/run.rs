@@ -68,6 +68,8 @@ struct Part {
     held: Vec<u8>,
     /// The gRPC streams its contexts opened (they end with the request).
     streams: Option<Streams>,
+    /// Time spent in its calls.
+    spent: Duration,
 }
 
 /// One request's walk through the plugins: contexts in this thread's VMs, the exchange they
@@ -112,6 +114,7 @@ impl PluginRun {
                     context: None,
                     held: Vec::new(),
                     streams: None,
+                    spent: Duration::ZERO,
                 })
                 .collect(),
             exchange: Exchange {
@@ -184,7 +187,9 @@ impl PluginRun {
                 .request_headers
                 .retain(|(k, _)| k != "authorization");
         }
-        self.spent += started.elapsed();
+        let spent = started.elapsed();
+        self.spent += spent;
+        self.parts[k].spent += spent;
         let name = &plugin.cfg.name;
         match outcome {
             Ok(done) => {
@@ -514,23 +519,32 @@ impl PluginRun {
             return;
         }
         self.finished = true;
-        let started = Instant::now();
         let set = self.set.clone();
-        for part in &self.parts {
-            let Some((id, g)) = part.context else {
-                continue;
-            };
+        for part in &mut self.parts {
             let plugin = &set.plugins[part.plugin];
-            let exchange = &mut self.exchange;
-            let streams = part.streams.as_ref().map_or(&[][..], |s| s.opened());
-            on_context_vm(plugin, g, |vm| {
-                // The request's streams end with it (dropped with this run): the VM, which
-                // serves other requests, must not count them any more.
-                vm.forget_streams(streams);
-                vm.finish(id, exchange)
-            });
+            if let Some((id, g)) = part.context {
+                let started = Instant::now();
+                let exchange = &mut self.exchange;
+                let streams = part.streams.as_ref().map_or(&[][..], |s| s.opened());
+                on_context_vm(plugin, g, |vm| {
+                    // The request's streams end with it (dropped with this run): the VM, which
+                    // serves other requests, must not count them any more.
+                    vm.forget_streams(streams);
+                    vm.finish(id, exchange)
+                });
+                let spent = started.elapsed();
+                self.spent += spent;
+                part.spent += spent;
+            }
+            plugin.request_time.observe(part.spent);
         }
-        self.spent += started.elapsed();
+    }
+
+    /// Each active plugin's name and the time this request spent in it, in the plugins' order.
+    pub fn each_spent(&self) -> impl Iterator<Item = (&str, Duration)> + '_ {
+        self.parts
+            .iter()
+            .map(|p| (self.set.plugins[p.plugin].cfg.name.as_str(), p.spent))
     }
 }
 
