@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allowlist_admits_listed_addresses_and_header_values() {
     let s = Stack::start(&format!(
-        "{}{}",
+        "{}{}{}",
         plugin(
             "allow",
             "allowlist",
@@ -22,6 +22,7 @@ async fn the_allowlist_admits_listed_addresses_and_header_values() {
             "allowlist",
             "agents = [\"other\"]\nconfig = { addresses = [\"10.0.0.0/8\"] }"
         ),
+        plugin("after", "redact", "agents = [\"abc123\"]"),
     ))
     .await;
     s.admin_post(
@@ -46,14 +47,17 @@ async fn the_allowlist_admits_listed_addresses_and_header_values() {
         log.contains("\"plugins\":\"allow\"") || log.contains("\"plugins\":\"allow"),
         "{log}"
     );
-    // So is the time each plugin took, and the metrics count each plugin's requests.
+    // So is the time each plugin took, and the metrics count each plugin's requests: the one
+    // after the allow-list only where the allow-list let the request through.
     assert!(log.contains("\"plugin_us_each\":\"allow:"), "{log}");
     let metrics = s.metrics().await;
-    assert!(
-        metrics.contains("moltghost_plugin_request_seconds_count{plugin=\"allow\"} 3\n")
-            && metrics.contains("moltghost_plugin_request_seconds_count{plugin=\"elsewhere\"} 0\n"),
-        "{metrics}"
-    );
+    let count = |p: &str| format!("moltghost_plugin_request_seconds_count{{plugin=\"{p}\"}}");
+    for (p, n) in [("allow", 3), ("after", 1), ("elsewhere", 0)] {
+        assert!(
+            metrics.contains(&format!("{} {n}\n", count(p))),
+            "{p}: {metrics}"
+        );
+    }
     // A client address outside the list (the plugin for init1 wants 10/8; loopback is not).
     let r = s
         .post_as("other", "/v1/chat/completions", Some(&s.key))

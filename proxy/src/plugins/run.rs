@@ -536,7 +536,10 @@ impl PluginRun {
                 self.spent += spent;
                 part.spent += spent;
             }
-            plugin.request_time.observe(part.spent);
+            // A plugin the request never reached (an earlier one answered) is not counted.
+            if part.context.is_some() || !part.spent.is_zero() {
+                plugin.request_time.observe(part.spent);
+            }
         }
     }
 
