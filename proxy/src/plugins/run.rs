@@ -152,7 +152,8 @@ impl PluginRun {
             return Ok(None);
         }
         let started = Instant::now();
-        let plugin = self.set.plugins[self.parts[k].plugin].clone();
+        // Borrowed from the set, not cloned: an `Arc`'s count is a line both workers share.
+        let plugin = &self.set.plugins[self.parts[k].plugin];
         let exchange = &mut self.exchange;
         let shown = plugin.cfg.sees_authorization && !self.authorization.is_empty();
         if shown {
@@ -162,7 +163,7 @@ impl PluginRun {
         }
         let context = &mut self.parts[k].context;
         let mut created = false;
-        let outcome = with_vm(&plugin, |vm, generation| {
+        let outcome = with_vm(plugin, |vm, generation| {
             let id = match *context {
                 Some((id, g)) if g == generation => id,
                 // Its VM was rebuilt since: the context is gone with it.
@@ -180,7 +181,7 @@ impl PluginRun {
             r.map(|v| (v, outbox))
         });
         if created {
-            ticks::start_here(&plugin);
+            ticks::start_here(plugin);
         }
         if shown {
             exchange
@@ -467,7 +468,8 @@ impl PluginRun {
         }
         let mut data = chunk;
         for k in 0..self.parts.len() {
-            let plugin = self.set.plugins[self.parts[k].plugin].clone();
+            let plugin = &self.set.plugins[self.parts[k].plugin];
+            let limit = plugin.cfg.buffer_bytes;
             if !plugin.compiled.sees_response_body {
                 continue;
             }
@@ -489,12 +491,12 @@ impl PluginRun {
                     self.wait_resumed(k).await?;
                     continue;
                 }
-                if data.len() > plugin.cfg.buffer_bytes {
-                    self.decisions
-                        .push(format!("{}:buffer_full", plugin.cfg.name));
+                if data.len() > limit {
+                    let name = self.set.plugins[self.parts[k].plugin].cfg.name.clone();
+                    self.decisions.push(format!("{name}:buffer_full"));
                     return Err(Verdict::BufferFull {
-                        plugin: plugin.cfg.name.clone(),
-                        limit: plugin.cfg.buffer_bytes,
+                        plugin: name,
+                        limit,
                     });
                 }
                 self.parts[k].held = data.into();
@@ -519,9 +521,8 @@ impl PluginRun {
             return;
         }
         self.finished = true;
-        let set = self.set.clone();
         for part in &mut self.parts {
-            let plugin = &set.plugins[part.plugin];
+            let plugin = &self.set.plugins[part.plugin];
             if let Some((id, g)) = part.context {
                 let started = Instant::now();
                 let exchange = &mut self.exchange;
