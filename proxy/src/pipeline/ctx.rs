@@ -110,7 +110,7 @@ impl RequestCtx {
         if let Some(run) = self.plugins.as_mut() {
             run.finish();
             self.record.plugins = Some(run.decisions.join(","));
-            self.record.plugin_time = Some(run.spent);
+            self.record.plugin_time = Some(run.spent());
             let mut each = String::new();
             for (name, spent) in run.each_spent() {
                 use std::fmt::Write;

@@ -96,8 +96,6 @@ pub struct PluginRun {
     fixed_length: bool,
     /// `plugin:decision` for the access log.
     pub decisions: Vec<String>,
-    /// Time spent in plugin calls.
-    pub spent: Duration,
     finished: bool,
 }
 
@@ -126,7 +124,6 @@ impl PluginRun {
             holds_header: false,
             fixed_length: false,
             decisions: Vec::new(),
-            spent: Duration::ZERO,
             finished: false,
         }
     }
@@ -188,9 +185,7 @@ impl PluginRun {
                 .request_headers
                 .retain(|(k, _)| k != "authorization");
         }
-        let spent = started.elapsed();
-        self.spent += spent;
-        self.parts[k].spent += spent;
+        self.parts[k].spent += started.elapsed();
         let name = &plugin.cfg.name;
         match outcome {
             Ok(done) => {
@@ -533,15 +528,18 @@ impl PluginRun {
                     vm.forget_streams(streams);
                     vm.finish(id, exchange)
                 });
-                let spent = started.elapsed();
-                self.spent += spent;
-                part.spent += spent;
+                part.spent += started.elapsed();
             }
             // A plugin the request never reached (an earlier one answered) is not counted.
             if part.context.is_some() || !part.spent.is_zero() {
                 plugin.request_time.observe(part.spent);
             }
         }
+    }
+
+    /// Time this request spent in plugin calls, every plugin's.
+    pub fn spent(&self) -> Duration {
+        self.parts.iter().map(|p| p.spent).sum()
     }
 
     /// Each active plugin's name and the time this request spent in it, in the plugins' order.
@@ -584,7 +582,7 @@ impl std::fmt::Debug for PluginRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PluginRun")
             .field("decisions", &self.decisions)
-            .field("spent", &self.spent)
+            .field("spent", &self.spent())
             .finish()
     }
 }
